@@ -1,0 +1,560 @@
+//! The [`Orchestrator`] facade: validates input and applies policy (approvals, retries, encryption) over
+//! any [`Store`], and implements [`AgentApi`] in-process.
+
+use crate::agent::{AgentApi, AnswerValue, Assignment, ClaimRequest};
+use crate::clock::{Clock, SystemClock};
+use crate::config::OrchestratorConfig;
+use crate::crypto::SealedValue;
+use crate::domain::*;
+use crate::error::{Error, StoreError};
+use crate::ids::*;
+use crate::recipe::{parse_recipe, InputKind, RecipeSpec};
+use crate::retry::RetryOverrides;
+use crate::rules;
+use crate::state::WorkItemState;
+use crate::store::*;
+use async_trait::async_trait;
+use chrono::Duration;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// Input of [`Orchestrator::create_work_item`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWorkItem {
+    /// The project.
+    pub project_id: Option<ProjectId>,
+    /// Title (required).
+    pub title: String,
+    /// Description.
+    #[serde(default)]
+    pub description: String,
+    /// Recipe.
+    #[serde(default)]
+    pub recipe_id: Option<RecipeId>,
+    /// Required agent capabilities.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Priority (higher first).
+    #[serde(default)]
+    pub priority: i32,
+    /// Retry overrides.
+    #[serde(default)]
+    pub retry: RetryOverrides,
+    /// Idempotency key (unique per project).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Keep it as a draft (not submitted for approval).
+    #[serde(default)]
+    pub draft: bool,
+    /// Enqueue right away (only when no approval is needed).
+    #[serde(default)]
+    pub enqueue: Option<EnqueueOptions>,
+}
+
+/// Input of [`Orchestrator::update_work_item`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateWorkItem {
+    /// New title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// New description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// New recipe (`null` detaches when `detach_recipe` is set).
+    #[serde(default)]
+    pub recipe_id: Option<RecipeId>,
+    /// Detach the recipe.
+    #[serde(default)]
+    pub detach_recipe: bool,
+    /// New labels.
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
+    /// New priority.
+    #[serde(default)]
+    pub priority: Option<i32>,
+}
+
+/// Input of a requeue.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequeueRequest {
+    /// Wait this many seconds first.
+    #[serde(default)]
+    pub delay_seconds: u64,
+    /// Add the retry policy's backoff for the item's attempts so far.
+    #[serde(default)]
+    pub backoff: bool,
+}
+
+/// The orchestrator: policy over a store.
+#[derive(Clone)]
+pub struct Orchestrator {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: Arc<OrchestratorConfig>,
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+fn check_text(field: &str, v: &str, max: usize, required: bool) -> Result<()> {
+    if required && v.trim().is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if v.chars().count() > max {
+        return Err(Error::invalid(field, format!("at most {max} characters")));
+    }
+    Ok(())
+}
+
+fn check_labels(labels: &[String]) -> Result<()> {
+    if labels.len() > rules::MAX_LABELS {
+        return Err(Error::invalid("labels", format!("at most {} labels", rules::MAX_LABELS)));
+    }
+    for (i, l) in labels.iter().enumerate() {
+        if l.trim().is_empty() || l.len() > 100 {
+            return Err(Error::invalid(format!("labels[{i}]"), "labels are 1..=100 characters"));
+        }
+    }
+    Ok(())
+}
+
+fn check_questions(qs: &[NewInfoRequest]) -> Result<()> {
+    if qs.is_empty() || qs.len() > 100 {
+        return Err(Error::invalid("questions", "between 1 and 100 questions"));
+    }
+    for (i, q) in qs.iter().enumerate() {
+        check_text(&format!("questions[{i}].key"), &q.key, 200, true)?;
+        check_text(&format!("questions[{i}].prompt"), &q.prompt, 10_000, true)?;
+        match q.kind {
+            InputKind::Choice if q.choices.is_empty() => {
+                return Err(Error::invalid(format!("questions[{i}].choices"), "a choice question needs choices"));
+            }
+            InputKind::Text | InputKind::Secret if !q.choices.is_empty() => {
+                return Err(Error::invalid(format!("questions[{i}].choices"), "only choice questions have choices"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+impl Orchestrator {
+    /// A facade over `store` with the system clock.
+    pub fn new(store: Arc<dyn Store>, config: OrchestratorConfig) -> Self {
+        Self::with_clock(store, config, Arc::new(SystemClock))
+    }
+
+    /// A facade with a specific clock (tests use [`crate::ManualClock`]).
+    pub fn with_clock(store: Arc<dyn Store>, config: OrchestratorConfig, clock: Arc<dyn Clock>) -> Self {
+        Orchestrator { store, clock, config: Arc::new(config) }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OrchestratorConfig {
+        &self.config
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
+    }
+
+    // ---- projects and visions ----
+
+    /// Creates a project.
+    pub async fn create_project(&self, name: &str, description: &str) -> Result<Project> {
+        check_text("name", name, 200, true)?;
+        check_text("description", description, rules::MAX_TEXT_LEN, false)?;
+        Ok(self
+            .store
+            .project_create(NewProject { id: ProjectId::new(), name: name.trim().to_string(), description: description.to_string(), now: self.now() })
+            .await?)
+    }
+
+    /// Updates a project's name or description.
+    pub async fn update_project(&self, id: ProjectId, name: Option<String>, description: Option<String>) -> Result<Project> {
+        if let Some(n) = &name {
+            check_text("name", n, 200, true)?;
+        }
+        if let Some(d) = &description {
+            check_text("description", d, rules::MAX_TEXT_LEN, false)?;
+        }
+        Ok(self.store.project_update(ProjectUpdate { id, name: name.map(|n| n.trim().to_string()), description, now: self.now() }).await?)
+    }
+
+    /// Writes a new vision version.
+    pub async fn put_vision(&self, project_id: ProjectId, text: &str, author: Option<String>) -> Result<Vision> {
+        check_text("text", text, rules::MAX_TEXT_LEN, true)?;
+        Ok(self.store.vision_put(VisionPut { project_id, text: text.to_string(), author, now: self.now() }).await?)
+    }
+
+    // ---- requirements and approvals ----
+
+    /// Proposes requirements; under the approval policy a pending approval request is created.
+    pub async fn propose_requirements(
+        &self,
+        project_id: ProjectId,
+        title: &str,
+        requirements: Vec<RequirementSpec>,
+        proposed_by: Option<String>,
+    ) -> Result<(RequirementsDraft, Option<ApprovalRequest>)> {
+        check_text("title", title, rules::MAX_TITLE_LEN, true)?;
+        if requirements.is_empty() || requirements.len() > 1000 {
+            return Err(Error::invalid("requirements", "between 1 and 1000 requirements"));
+        }
+        for (i, r) in requirements.iter().enumerate() {
+            check_text(&format!("requirements[{i}].title"), &r.title, rules::MAX_TITLE_LEN, true)?;
+            check_text(&format!("requirements[{i}].description"), &r.description, rules::MAX_TEXT_LEN, false)?;
+            check_labels(&r.labels)?;
+        }
+        Ok(self
+            .store
+            .draft_create(NewDraft {
+                id: DraftId::new(),
+                project_id,
+                title: title.to_string(),
+                requirements,
+                proposed_by,
+                require_approval: self.config.require_approval,
+                now: self.now(),
+            })
+            .await?)
+    }
+
+    /// Approves or rejects a requirements draft (approving creates its work items).
+    pub async fn decide_draft(&self, id: DraftId, decision: Decision, by: &str, reason: Option<String>) -> Result<DecisionOutcome> {
+        check_text("decided_by", by, 200, true)?;
+        Ok(self.store.draft_decide(id, Decide { decision, decided_by: by.to_string(), reason, now: self.now() }).await?)
+    }
+
+    /// Approves or rejects an approval request.
+    pub async fn decide_approval(&self, id: ApprovalId, decision: Decision, by: &str, reason: Option<String>) -> Result<DecisionOutcome> {
+        check_text("decided_by", by, 200, true)?;
+        Ok(self.store.approval_decide(id, Decide { decision, decided_by: by.to_string(), reason, now: self.now() }).await?)
+    }
+
+    // ---- recipes ----
+
+    /// Parses and validates a recipe without saving it.
+    pub fn validate_recipe(&self, yaml: &str) -> Result<RecipeSpec> {
+        Ok(parse_recipe(yaml)?)
+    }
+
+    /// Parses, validates and stores a recipe.
+    pub async fn create_recipe(&self, project_id: Option<ProjectId>, yaml: &str) -> Result<ToolRecipe> {
+        let spec = parse_recipe(yaml)?;
+        Ok(self.store.recipe_create(NewRecipe { id: RecipeId::new(), project_id, yaml: yaml.to_string(), spec, now: self.now() }).await?)
+    }
+
+    /// Attaches a recipe to a work item (an edit: under the approval policy it needs a new approval).
+    pub async fn attach_recipe(&self, work_item_id: WorkItemId, recipe_id: RecipeId) -> Result<WorkItemChanged> {
+        self.update_work_item(work_item_id, UpdateWorkItem { recipe_id: Some(recipe_id), ..Default::default() }).await
+    }
+
+    // ---- work items ----
+
+    fn new_work_item(&self, c: CreateWorkItem) -> Result<NewWorkItem> {
+        let project_id = c.project_id.ok_or_else(|| Error::invalid("project_id", "required"))?;
+        check_text("title", &c.title, rules::MAX_TITLE_LEN, true)?;
+        check_text("description", &c.description, rules::MAX_TEXT_LEN, false)?;
+        check_labels(&c.labels)?;
+        if let Some(k) = &c.idempotency_key {
+            check_text("idempotency_key", k, 200, true)?;
+        }
+        self.config.retry.with_overrides(&c.retry)?;
+        let state = if c.draft {
+            WorkItemState::Draft
+        } else if self.config.require_approval {
+            WorkItemState::AwaitingApproval
+        } else {
+            WorkItemState::Ready
+        };
+        if c.enqueue.is_some() && state != WorkItemState::Ready {
+            return Err(Error::Store(StoreError::conflict("the work item needs approval before it can be enqueued")));
+        }
+        if let Some(e) = &c.enqueue {
+            if e.depends_on.len() > rules::MAX_DEPENDENCIES {
+                return Err(Error::invalid("depends_on", format!("at most {} dependencies", rules::MAX_DEPENDENCIES)));
+            }
+        }
+        Ok(NewWorkItem {
+            id: WorkItemId::new(),
+            project_id,
+            title: c.title,
+            description: c.description,
+            recipe_id: c.recipe_id,
+            labels: c.labels,
+            priority: c.priority,
+            retry: c.retry,
+            idempotency_key: c.idempotency_key,
+            state,
+            enqueue: c.enqueue,
+        })
+    }
+
+    /// Creates a work item (awaiting approval under the policy, else ready; enqueued when asked).
+    pub async fn create_work_item(&self, c: CreateWorkItem) -> Result<WorkItemCreated> {
+        let mut v = self.create_work_items(vec![c]).await?;
+        v.pop().ok_or_else(|| Error::Store(StoreError::conflict("no work item created")))
+    }
+
+    /// Creates work items in one unit (all or none).
+    pub async fn create_work_items(&self, items: Vec<CreateWorkItem>) -> Result<Vec<WorkItemCreated>> {
+        let items = items.into_iter().map(|c| self.new_work_item(c)).collect::<Result<Vec<_>>>()?;
+        Ok(self.store.work_items_create(items, self.now()).await?)
+    }
+
+    /// Edits a work item.
+    pub async fn update_work_item(&self, id: WorkItemId, u: UpdateWorkItem) -> Result<WorkItemChanged> {
+        if let Some(t) = &u.title {
+            check_text("title", t, rules::MAX_TITLE_LEN, true)?;
+        }
+        if let Some(d) = &u.description {
+            check_text("description", d, rules::MAX_TEXT_LEN, false)?;
+        }
+        if let Some(l) = &u.labels {
+            check_labels(l)?;
+        }
+        let recipe_id = if u.detach_recipe { Some(None) } else { u.recipe_id.map(Some) };
+        Ok(self
+            .store
+            .work_item_update(WorkItemUpdate {
+                id,
+                title: u.title,
+                description: u.description,
+                recipe_id,
+                labels: u.labels,
+                priority: u.priority,
+                require_approval: self.config.require_approval,
+                now: self.now(),
+            })
+            .await?)
+    }
+
+    /// Submits a draft work item (for approval under the policy).
+    pub async fn submit_work_item(&self, id: WorkItemId) -> Result<WorkItemChanged> {
+        Ok(self.store.work_item_submit(id, self.config.require_approval, self.now()).await?)
+    }
+
+    /// Sets per-item retry overrides (validated against the defaults).
+    pub async fn set_retry_policy(&self, id: WorkItemId, retry: RetryOverrides) -> Result<WorkItem> {
+        self.config.retry.with_overrides(&retry)?;
+        Ok(self.store.work_item_set_policy(id, retry, self.now()).await?)
+    }
+
+    /// Cancels a work item.
+    pub async fn cancel_work_item(&self, id: WorkItemId, reason: Option<String>) -> Result<WorkItem> {
+        let reason = reason.unwrap_or_else(|| "cancelled".to_string());
+        Ok(self.store.work_item_cancel(id, Cancel { reason, now: self.now() }).await?)
+    }
+
+    fn requeue_at(&self, item: &WorkItem, r: &RequeueRequest) -> Result<Requeue> {
+        if r.delay_seconds > 30 * 24 * 3600 {
+            return Err(Error::invalid("delay_seconds", "at most 30 days"));
+        }
+        let now = self.now();
+        let mut delay = Duration::seconds(r.delay_seconds as i64);
+        if r.backoff {
+            let policy = self.config.retry.with_overrides(&item.retry)?;
+            delay += policy.backoff_delay(item.attempts.max(1), crate::retry::jitter_unit());
+        }
+        Ok(Requeue { run_at: now + delay, reason: "requeued".into(), now })
+    }
+
+    /// Requeues a work item after `delay_seconds` (plus backoff when asked).
+    pub async fn requeue_work_item(&self, id: WorkItemId, r: RequeueRequest) -> Result<WorkItem> {
+        let item = self.store.work_item_get(id).await?;
+        let rq = self.requeue_at(&item, &r)?;
+        Ok(self.store.work_item_requeue(id, rq).await?)
+    }
+
+    /// Requeues a run's work item (cancelling the run if still active).
+    pub async fn requeue_run(&self, id: RunId, r: RequeueRequest) -> Result<WorkItem> {
+        let run = self.store.run_get(id).await?;
+        let item = self.store.work_item_get(run.work_item_id).await?;
+        let rq = self.requeue_at(&item, &r)?;
+        Ok(self.store.run_requeue(id, rq).await?)
+    }
+
+    /// Cancels a run and its work item.
+    pub async fn cancel_run(&self, id: RunId, reason: Option<String>) -> Result<Run> {
+        let reason = reason.unwrap_or_else(|| "cancelled".to_string());
+        Ok(self.store.run_cancel(id, Cancel { reason, now: self.now() }).await?)
+    }
+
+    // ---- scheduler ----
+
+    /// Enqueues one work item.
+    pub async fn enqueue(&self, id: WorkItemId, options: EnqueueOptions) -> Result<ScheduledTask> {
+        let mut v = self.enqueue_many(vec![Enqueue { work_item_id: id, options }]).await?;
+        v.pop().ok_or_else(|| Error::Store(StoreError::conflict("nothing enqueued")))
+    }
+
+    /// Enqueues work items in one unit.
+    pub async fn enqueue_many(&self, items: Vec<Enqueue>) -> Result<Vec<ScheduledTask>> {
+        for e in &items {
+            if e.options.depends_on.len() > rules::MAX_DEPENDENCIES {
+                return Err(Error::invalid("depends_on", format!("at most {} dependencies", rules::MAX_DEPENDENCIES)));
+            }
+        }
+        Ok(self.store.enqueue_many(items, self.now()).await?)
+    }
+
+    /// Promotes due retries and reaps expired leases.
+    pub async fn tick(&self) -> Result<TickReport> {
+        Ok(self.store.tick(Tick { retry_defaults: self.config.retry.clone(), limit: 10_000, now: self.now() }).await?)
+    }
+
+    // ---- info requests ----
+
+    /// Answers a pending info request: validated for its kind and encrypted at rest.
+    pub async fn answer_info_request(&self, id: InfoRequestId, value: &str, answered_by: &str) -> Result<InfoAnswered> {
+        check_text("answered_by", answered_by, 200, true)?;
+        check_text("value", value, 64 * 1024, false)?;
+        let req = self.store.info_request_get(id).await?;
+        if req.state != InfoRequestState::Pending {
+            return Err(Error::Store(StoreError::conflict(format!("info request {id} is {}", req.state.as_str()))));
+        }
+        if req.kind == InputKind::Choice && !req.choices.iter().any(|c| c == value) {
+            return Err(Error::invalid("value", format!("must be one of: {}", req.choices.join(", "))));
+        }
+        let answer = match &self.config.keyring {
+            Some(k) => k.seal(value.as_bytes(), id.0.as_bytes())?,
+            None if req.kind == InputKind::Secret => return Err(Error::EncryptionKeyMissing),
+            None => SealedValue::plain(value.as_bytes()),
+        };
+        Ok(self.store.info_request_answer(InfoAnswer { id, answer, answered_by: answered_by.to_string(), now: self.now() }).await?)
+    }
+
+    /// Decrypts a stored answer (for admins and the asking run's agent only).
+    pub fn reveal_answer(&self, req: &InfoRequest) -> Result<Option<String>> {
+        let Some(sealed) = &req.answer else { return Ok(None) };
+        let bytes = match &self.config.keyring {
+            Some(k) => k.open(sealed, req.id.0.as_bytes())?,
+            None if !sealed.is_encrypted() => sealed.ciphertext.clone(),
+            None => return Err(Error::EncryptionKeyMissing),
+        };
+        String::from_utf8(bytes).map(Some).map_err(|_| Error::invalid("answer", "stored answer is not UTF-8"))
+    }
+
+    async fn assignment(&self, claimed: ClaimedRun) -> Result<Assignment> {
+        let recipe = match claimed.work_item.recipe_id {
+            Some(r) => Some(self.store.recipe_get(r).await?.spec),
+            None => None,
+        };
+        let mut answers = BTreeMap::new();
+        if claimed.resumed {
+            let now = self.now();
+            for r in self.store.info_answers_for_run(claimed.run.id, claimed.lease.token, now).await? {
+                if let Some(v) = self.reveal_answer(&r)? {
+                    answers.insert(r.key.clone(), AnswerValue { value: v, secret: r.kind == InputKind::Secret });
+                }
+            }
+        }
+        Ok(Assignment { claimed, recipe, answers })
+    }
+}
+
+#[async_trait]
+impl AgentApi for Orchestrator {
+    async fn claim(&self, req: ClaimRequest) -> Result<Vec<Assignment>> {
+        check_text("agent_id", &req.agent_id, 200, true)?;
+        if req.max == 0 || req.max > Page::MAX_LIMIT {
+            return Err(Error::invalid("max", format!("between 1 and {}", Page::MAX_LIMIT)));
+        }
+        let ttl = match req.lease_ttl_seconds {
+            Some(s) => {
+                let d = Duration::seconds(s.min(i64::MAX as u64) as i64);
+                if s == 0 || d > self.config.max_lease_ttl {
+                    return Err(Error::invalid("lease_ttl_seconds", format!("between 1 and {}", self.config.max_lease_ttl.num_seconds())));
+                }
+                d
+            }
+            None => self.config.lease_ttl,
+        };
+        let claimed = self
+            .store
+            .runs_claim(Claim { agent_id: req.agent_id, capabilities: req.capabilities, limit: req.max, lease_ttl: ttl, now: self.now() })
+            .await?;
+        let mut out = Vec::with_capacity(claimed.len());
+        for c in claimed {
+            out.push(self.assignment(c).await?);
+        }
+        Ok(out)
+    }
+
+    async fn wait_for_work(&self, timeout: std::time::Duration) -> bool {
+        let n = self.store.notifier();
+        n.wait_changed(n.generation(), timeout).await
+    }
+
+    async fn heartbeat(&self, run_id: RunId, token: u64) -> Result<Lease> {
+        Ok(self.store.lease_renew(LeaseRenew { run_id, token, ttl: self.config.lease_ttl, now: self.now() }).await?)
+    }
+
+    async fn start(&self, run_id: RunId, token: u64) -> Result<Run> {
+        Ok(self.store.run_start(RunStart { run_id, token, now: self.now() }).await?)
+    }
+
+    async fn append_logs(&self, run_id: RunId, token: u64, mut lines: Vec<NewLogLine>) -> Result<u64> {
+        if lines.len() > 10_000 {
+            return Err(Error::invalid("lines", "at most 10000 lines per call"));
+        }
+        for l in &mut lines {
+            if l.line.len() > rules::MAX_LOG_LINE_LEN {
+                let mut cut = rules::MAX_LOG_LINE_LEN;
+                while !l.line.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                l.line.truncate(cut);
+                l.line.push_str(" [truncated]");
+            }
+        }
+        Ok(self.store.logs_append(LogAppend { run_id, token, lines, now: self.now() }).await?)
+    }
+
+    async fn record_steps(&self, run_id: RunId, token: u64, events: Vec<NewStepEvent>) -> Result<Vec<StepEvent>> {
+        if events.len() > 1000 {
+            return Err(Error::invalid("events", "at most 1000 events per call"));
+        }
+        Ok(self.store.step_events_append(StepEventsAppend { run_id, token, events, now: self.now() }).await?)
+    }
+
+    async fn ask(&self, run_id: RunId, token: u64, questions: Vec<NewInfoRequest>) -> Result<Vec<InfoRequest>> {
+        check_questions(&questions)?;
+        Ok(self.store.info_requests_create(InfoAsk { run_id, token, questions, now: self.now() }).await?)
+    }
+
+    async fn complete(&self, run_id: RunId, token: u64, outcome: RunOutcome, usage: Option<Usage>) -> Result<CompletionResult> {
+        let mut v = self
+            .store
+            .runs_complete_many(CompleteMany {
+                completions: vec![RunCompletion { run_id, token, outcome, usage }],
+                retry_defaults: self.config.retry.clone(),
+                now: self.now(),
+            })
+            .await?;
+        match v.pop() {
+            Some(r) => Ok(r?),
+            None => Err(Error::Store(StoreError::conflict("no completion result"))),
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Rules every backend applies identically, as pure functions. Stores call these inside their units of
+//! work so that the decisions (claimability, fencing, retries, conversions) are written once, here.
+
+use crate::domain::{Lease, RequirementsDraft, Run, WorkItem};
+use crate::error::StoreError;
+use crate::ids::{ProjectId, RunId, WorkItemId};
+use crate::retry::{jitter_unit, FailureKind, RetryDecision, RetryOverrides, RetryPolicy};
+use crate::state::{RunState, WorkItemState};
+use crate::store::NewWorkItem;
+use chrono::{DateTime, Duration, Utc};
+use std::collections::{HashMap, HashSet};
+
+/// Maximum length of a title.
+pub const MAX_TITLE_LEN: usize = 500;
+/// Maximum length of a description or vision text.
+pub const MAX_TEXT_LEN: usize = 100_000;
+/// Maximum number of labels on a work item.
+pub const MAX_LABELS: usize = 32;
+/// Maximum number of dependencies of a work item.
+pub const MAX_DEPENDENCIES: usize = 256;
+/// Maximum length of one log line (longer lines are truncated by the facade).
+pub const MAX_LOG_LINE_LEN: usize = 16 * 1024;
+
+/// Whether an item in `state` with `pending` unfinished dependencies and `run_at` may be claimed at `now`.
+pub fn is_claimable(state: WorkItemState, pending: u32, run_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+    matches!(state, WorkItemState::Queued | WorkItemState::Retrying) && pending == 0 && run_at.is_none_or(|t| t <= now)
+}
+
+/// Whether an agent with `capabilities` may take an item with `labels` (every label is a capability).
+pub fn labels_match(labels: &[String], capabilities: &[String]) -> bool {
+    labels.iter().all(|l| capabilities.iter().any(|c| c == l))
+}
+
+/// Checks that `token` is the run's current lease and that it has not expired.
+pub fn check_fence(run: &Run, token: u64, now: DateTime<Utc>) -> Result<(), StoreError> {
+    if run.lease_token != token {
+        return Err(StoreError::lease_lost(run.id, "stale fencing token: the run was reclaimed"));
+    }
+    if !run.state.holds_lease() {
+        return Err(StoreError::lease_lost(run.id, format!("run is {}", run.state)));
+    }
+    match run.lease_expires_at {
+        Some(t) if t > now => Ok(()),
+        _ => Err(StoreError::lease_lost(run.id, "lease expired")),
+    }
+}
+
+/// The lease a claim or renewal grants.
+pub fn lease_for(run_id: RunId, token: u64, now: DateTime<Utc>, ttl: Duration) -> Lease {
+    Lease { run_id, token, expires_at: now + ttl }
+}
+
+/// What follows a failed attempt of a work item: its next state and, when retrying, the next attempt time.
+pub fn after_failure(
+    defaults: &RetryPolicy,
+    overrides: &RetryOverrides,
+    attempts: u32,
+    kind: FailureKind,
+    now: DateTime<Utc>,
+) -> (WorkItemState, Option<DateTime<Utc>>) {
+    let policy = defaults.with_overrides(overrides).unwrap_or_else(|_| defaults.clone());
+    match policy.decide(attempts.max(1), kind, jitter_unit()) {
+        RetryDecision::Retry { delay, .. } => (WorkItemState::Retrying, Some(now + delay)),
+        RetryDecision::GiveUp { .. } => (WorkItemState::Failed, None),
+    }
+}
+
+/// A new run for a claim.
+pub fn new_run(item: &WorkItem, agent_id: &str, attempt: u32, lease: &Lease, now: DateTime<Utc>) -> Run {
+    Run {
+        id: lease.run_id,
+        work_item_id: item.id,
+        project_id: item.project_id,
+        attempt,
+        agent_id: agent_id.to_string(),
+        state: RunState::Claimed,
+        lease_token: lease.token,
+        lease_expires_at: Some(lease.expires_at),
+        heartbeat_at: Some(now),
+        claimed_at: now,
+        started_at: None,
+        finished_at: None,
+        exit_code: None,
+        error: None,
+        failure_kind: None,
+        usage: Default::default(),
+        last_completed_step: None,
+    }
+}
+
+/// A new work item from creation parameters (state and queue fields as given).
+pub fn new_work_item(p: &NewWorkItem, now: DateTime<Utc>) -> WorkItem {
+    let mut w = WorkItem {
+        id: p.id,
+        project_id: p.project_id,
+        title: p.title.clone(),
+        description: p.description.clone(),
+        recipe_id: p.recipe_id,
+        labels: p.labels.clone(),
+        state: p.state,
+        priority: p.priority,
+        dependencies: Vec::new(),
+        retry: p.retry.clone(),
+        idempotency_key: p.idempotency_key.clone(),
+        content_hash: String::new(),
+        approval_id: None,
+        draft_id: None,
+        blocked_reason: None,
+        attempts: 0,
+        current_run_id: None,
+        run_at: None,
+        last_error: None,
+        created_at: now,
+        updated_at: now,
+        enqueued_at: None,
+    };
+    w.content_hash = w.compute_content_hash();
+    w
+}
+
+/// The work items an approved draft creates (state `ready`, not enqueued).
+pub fn draft_work_items(draft: &RequirementsDraft, now: DateTime<Utc>) -> Vec<WorkItem> {
+    draft
+        .requirements
+        .iter()
+        .map(|r| {
+            let mut w = new_work_item(
+                &NewWorkItem {
+                    id: WorkItemId::new(),
+                    project_id: draft.project_id,
+                    title: r.title.clone(),
+                    description: r.description.clone(),
+                    recipe_id: r.recipe_id,
+                    labels: r.labels.clone(),
+                    priority: r.priority,
+                    retry: RetryOverrides::default(),
+                    idempotency_key: None,
+                    state: WorkItemState::Ready,
+                    enqueue: None,
+                },
+                now,
+            );
+            w.draft_id = Some(draft.id);
+            w
+        })
+        .collect()
+}
+
+/// Checks that adding the edges `item -> deps` keeps the dependency graph acyclic. `deps_of` returns the
+/// current dependencies of an item. Returns the cycle (starting and ending at `item`) when one would form.
+pub fn find_cycle(
+    item: WorkItemId,
+    deps: &[WorkItemId],
+    mut deps_of: impl FnMut(WorkItemId) -> Vec<WorkItemId>,
+) -> Option<Vec<WorkItemId>> {
+    // DFS from each new dependency looking for `item`, remembering parents to report the path.
+    let mut parent: HashMap<WorkItemId, WorkItemId> = HashMap::new();
+    let mut seen: HashSet<WorkItemId> = HashSet::new();
+    let mut stack: Vec<WorkItemId> = Vec::new();
+    for d in deps {
+        if *d == item {
+            return Some(vec![item, item]);
+        }
+        if seen.insert(*d) {
+            parent.insert(*d, item);
+            stack.push(*d);
+        }
+    }
+    while let Some(n) = stack.pop() {
+        for m in deps_of(n) {
+            if m == item {
+                let mut chain = vec![n];
+                let mut cur = n;
+                while let Some(p) = parent.get(&cur) {
+                    if *p == item {
+                        break;
+                    }
+                    chain.push(*p);
+                    cur = *p;
+                }
+                chain.reverse();
+                let mut path = Vec::with_capacity(chain.len() + 2);
+                path.push(item);
+                path.extend(chain);
+                path.push(item);
+                return Some(path);
+            }
+            if seen.insert(m) {
+                parent.insert(m, n);
+                stack.push(m);
+            }
+        }
+    }
+    None
+}
+
+/// The error for a cycle found by [`find_cycle`].
+pub fn cycle_error(cycle: &[WorkItemId]) -> StoreError {
+    let path: Vec<String> = cycle.iter().map(|i| i.to_string()).collect();
+    StoreError::invalid("depends_on", format!("dependency cycle: {}", path.join(" -> ")))
+}
+
+/// The error for a dependency that does not exist (or belongs to another project).
+pub fn unknown_dependency(dep: WorkItemId, project: ProjectId) -> StoreError {
+    StoreError::invalid("depends_on", format!("unknown dependency `{dep}` (not a work item of project `{project}`)"))
+}
+
+/// The reason recorded on an item blocked by `dep`.
+pub fn blocked_reason(dep: WorkItemId, dep_state: WorkItemState) -> String {
+    format!("dependency {dep} is {dep_state}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cycle_detection() {
+        let a = WorkItemId::new();
+        let b = WorkItemId::new();
+        let c = WorkItemId::new();
+        // b -> a, c -> b; adding a -> c closes a cycle.
+        let graph: HashMap<WorkItemId, Vec<WorkItemId>> = [(b, vec![a]), (c, vec![b])].into_iter().collect();
+        let cyc = find_cycle(a, &[c], |n| graph.get(&n).cloned().unwrap_or_default()).unwrap();
+        assert_eq!(cyc.first(), Some(&a));
+        assert_eq!(cyc.last(), Some(&a));
+        assert!(cyc.contains(&b) && cyc.contains(&c));
+        assert!(find_cycle(c, &[a], |n| graph.get(&n).cloned().unwrap_or_default()).is_none());
+        assert_eq!(find_cycle(a, &[a], |_| vec![]), Some(vec![a, a]));
+    }
+
+    #[test]
+    fn label_matching() {
+        let caps = vec!["linux".to_string(), "gpu".to_string()];
+        assert!(labels_match(&[], &caps));
+        assert!(labels_match(&["gpu".to_string()], &caps));
+        assert!(!labels_match(&["macos".to_string()], &caps));
+    }
+}
