@@ -1,7 +1,6 @@
 //! The conformance cases. Each takes a fresh, empty store.
 
 use super::Harness;
-use crate::domain::*;
 use crate::error::StoreError;
 use crate::state::*;
 use crate::store::*;

@@ -11,6 +11,8 @@
 //! ```
 
 pub mod cases;
+pub mod cases_flow;
+pub mod cases_sched;
 pub mod model;
 
 use crate::agent::{AgentApi, Assignment, ClaimRequest};
@@ -121,12 +123,14 @@ impl Harness {
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($factory:expr) => {
-        $crate::__conformance_cases!(@emit $factory;
+        $crate::__conformance_cases!(@emit $factory, cases;
             project_crud,
             vision_versions,
             project_delete_refused_while_active,
             model_random_operations,
         );
+        $crate::__sched_cases!($factory);
+        $crate::__flow_cases!($factory);
     };
 }
 
@@ -134,13 +138,13 @@ macro_rules! store_conformance_tests {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_cases {
-    (@emit $factory:expr; $($case:ident),* $(,)?) => {
+    (@emit $factory:expr, $module:ident; $($case:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
                 let factory = $factory;
                 let store: ::std::sync::Arc<dyn $crate::Store> = factory().await;
-                $crate::testing::cases::$case(store).await;
+                $crate::testing::$module::$case(store).await;
             }
         )*
     };
