@@ -78,36 +78,61 @@ macro_rules! uuid_conv {
         }
     )*};
 }
-uuid_conv!(ProjectId, DraftId, WorkItemId, RunId, ApprovalId, RecipeId, InfoRequestId);
+uuid_conv!(
+    ProjectId,
+    DraftId,
+    WorkItemId,
+    RunId,
+    ApprovalId,
+    RecipeId,
+    InfoRequestId
+);
 
 impl State {
     fn item(&self, id: WorkItemId) -> StoreResult<&WorkItem> {
-        self.items.get(&id).ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
+        self.items
+            .get(&id)
+            .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
     }
 
     fn item_mut(&mut self, id: WorkItemId) -> StoreResult<&mut WorkItem> {
-        self.items.get_mut(&id).ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
+        self.items
+            .get_mut(&id)
+            .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
     }
 
     fn run(&self, id: RunId) -> StoreResult<&Run> {
-        self.runs.get(&id).ok_or_else(|| StoreError::not_found(EntityKind::Run, id))
+        self.runs
+            .get(&id)
+            .ok_or_else(|| StoreError::not_found(EntityKind::Run, id))
     }
 
     fn pending(&self, item: &WorkItem) -> u32 {
         item.dependencies
             .iter()
-            .filter(|d| self.items.get(d).is_none_or(|x| x.state != WorkItemState::Succeeded))
+            .filter(|d| {
+                self.items
+                    .get(d)
+                    .is_none_or(|x| x.state != WorkItemState::Succeeded)
+            })
             .count() as u32
     }
 
     fn blocking_dep(&self, item: &WorkItem) -> Option<(WorkItemId, WorkItemState)> {
         item.dependencies.iter().find_map(|d| {
-            self.items.get(d).filter(|x| x.state.blocks_dependents()).map(|x| (x.id, x.state))
+            self.items
+                .get(d)
+                .filter(|x| x.state.blocks_dependents())
+                .map(|x| (x.id, x.state))
         })
     }
 
     fn ready_key(item: &WorkItem) -> ReadyKey {
-        (Reverse(item.priority), item.run_at.unwrap_or(item.created_at), item.id)
+        (
+            Reverse(item.priority),
+            item.run_at.unwrap_or(item.created_at),
+            item.id,
+        )
     }
 
     fn unindex(&mut self, id: WorkItemId) {
@@ -119,9 +144,12 @@ impl State {
 
     /// Puts the item in the ready index when it is claimable except for time.
     fn reindex(&mut self, id: WorkItemId) {
-        let Some(item) = self.items.get(&id) else { return };
+        let Some(item) = self.items.get(&id) else {
+            return;
+        };
         let k = Self::ready_key(item);
-        let eligible = matches!(item.state, WorkItemState::Queued | WorkItemState::Retrying) && self.pending(item) == 0;
+        let eligible = matches!(item.state, WorkItemState::Queued | WorkItemState::Retrying)
+            && self.pending(item) == 0;
         if eligible {
             self.ready.insert(k);
         } else {
@@ -129,7 +157,12 @@ impl State {
         }
     }
 
-    fn set_state(&mut self, id: WorkItemId, to: WorkItemState, now: DateTime<Utc>) -> StoreResult<()> {
+    fn set_state(
+        &mut self,
+        id: WorkItemId,
+        to: WorkItemState,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
         self.unindex(id);
         let item = self.item_mut(id)?;
         item.state = item.state.transition(to)?;
@@ -138,7 +171,13 @@ impl State {
         Ok(())
     }
 
-    fn new_approval(&mut self, project_id: ProjectId, subject: ApprovalSubject, hash: &str, now: DateTime<Utc>) -> ApprovalRequest {
+    fn new_approval(
+        &mut self,
+        project_id: ProjectId,
+        subject: ApprovalSubject,
+        hash: &str,
+        now: DateTime<Utc>,
+    ) -> ApprovalRequest {
         let a = ApprovalRequest {
             id: ApprovalId::new(),
             project_id,
@@ -168,8 +207,12 @@ impl State {
         let deps = self.dependents.get(&id).cloned().unwrap_or_default();
         let mut released = Vec::new();
         for d in deps {
-            let Some(item) = self.items.get(&d) else { continue };
-            if matches!(item.state, WorkItemState::Queued | WorkItemState::Retrying) && self.pending(item) == 0 {
+            let Some(item) = self.items.get(&d) else {
+                continue;
+            };
+            if matches!(item.state, WorkItemState::Queued | WorkItemState::Retrying)
+                && self.pending(item) == 0
+            {
                 self.reindex(d);
                 released.push(d);
             }
@@ -187,7 +230,9 @@ impl State {
                 None => continue,
             };
             for d in self.dependents.get(&cur).cloned().unwrap_or_default() {
-                let Some(item) = self.items.get(&d) else { continue };
+                let Some(item) = self.items.get(&d) else {
+                    continue;
+                };
                 if matches!(item.state, WorkItemState::Queued | WorkItemState::Retrying) {
                     self.unindex(d);
                     if let Some(item) = self.items.get_mut(&d) {
@@ -209,7 +254,9 @@ impl State {
         let mut stack = vec![id];
         while let Some(cur) = stack.pop() {
             for d in self.dependents.get(&cur).cloned().unwrap_or_default() {
-                let Some(item) = self.items.get(&d) else { continue };
+                let Some(item) = self.items.get(&d) else {
+                    continue;
+                };
                 match item.state {
                     WorkItemState::Blocked if self.blocking_dep(item).is_none() => {
                         if let Some(item) = self.items.get_mut(&d) {
@@ -220,6 +267,15 @@ impl State {
                         }
                         self.reindex(d);
                         stack.push(d);
+                    }
+                    WorkItemState::Blocked => {
+                        // Still blocked by another dependency: name that one.
+                        let reason = self
+                            .blocking_dep(item)
+                            .map(|(b, s)| rules::blocked_reason(b, s));
+                        if let Some(item) = self.items.get_mut(&d) {
+                            item.blocked_reason = reason;
+                        }
                     }
                     WorkItemState::Queued | WorkItemState::Retrying => self.reindex(d),
                     _ => {}
@@ -238,24 +294,49 @@ impl State {
         now: DateTime<Utc>,
     ) -> StoreResult<(WorkItemState, Option<DateTime<Utc>>, Vec<WorkItemId>)> {
         let item = self.item(id)?;
-        let (next, retry_at) = rules::after_failure(defaults, &item.retry, item.attempts, kind, now);
+        let (mut next, mut retry_at) =
+            rules::after_failure(defaults, &item.retry, item.attempts, kind, now);
+        // A retry can never run while a dependency will not succeed (it failed or was cancelled after
+        // this attempt was claimed): the item is blocked instead, like any queued item in that case.
+        let blocking = if next == WorkItemState::Retrying {
+            self.blocking_dep(item)
+        } else {
+            None
+        };
         self.unindex(id);
         let item = self.item_mut(id)?;
         item.state = item.state.transition(next)?;
+        if let Some((d, s)) = blocking {
+            item.state = item.state.transition(WorkItemState::Blocked)?;
+            item.blocked_reason = Some(rules::blocked_reason(d, s));
+            (next, retry_at) = (WorkItemState::Blocked, None);
+        }
         item.last_error = Some(error.to_string());
         item.updated_at = now;
         item.run_at = retry_at;
         self.reindex(id);
-        let blocked = if next == WorkItemState::Failed { self.block_dependents(id, now) } else { Vec::new() };
+        let blocked = if next.blocks_dependents() {
+            self.block_dependents(id, now)
+        } else {
+            Vec::new()
+        };
         Ok((next, retry_at, blocked))
     }
 
-    fn cancel_item(&mut self, id: WorkItemId, reason: &str, now: DateTime<Utc>) -> StoreResult<WorkItem> {
+    fn cancel_item(
+        &mut self,
+        id: WorkItemId,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<WorkItem> {
         let item = self.item(id)?.clone();
         item.state.transition(WorkItemState::Cancelled)?;
         if let Some(run_id) = item.current_run_id {
             if let Some(run) = self.runs.get_mut(&run_id) {
-                if matches!(run.state, RunState::Claimed | RunState::Running | RunState::WaitingInput) {
+                if matches!(
+                    run.state,
+                    RunState::Claimed | RunState::Running | RunState::WaitingInput
+                ) {
                     run.state = RunState::Cancelled;
                     run.error = Some(reason.to_string());
                     run.finished_at = Some(now);
@@ -282,7 +363,10 @@ impl State {
     fn requeue_item(&mut self, id: WorkItemId, r: &Requeue) -> StoreResult<WorkItem> {
         let item = self.item(id)?.clone();
         if !item.state.is_requeueable() && !item.state.has_active_run() {
-            return Err(item.state.transition(WorkItemState::Queued).unwrap_err_or_conflict());
+            return Err(item
+                .state
+                .transition(WorkItemState::Queued)
+                .unwrap_err_or_conflict());
         }
         let was = item.state;
         self.unindex(id);
@@ -306,12 +390,27 @@ impl State {
         if was.blocks_dependents() || was == WorkItemState::Succeeded {
             self.unblock_dependents(id, r.now);
         }
+        if blocking.is_some() {
+            // Requeued behind a dependency that will not succeed (e.g. a succeeded item whose dependency
+            // was cancelled since): the items waiting on it are blocked with it.
+            self.block_dependents(id, r.now);
+        }
         Ok(self.item(id)?.clone())
     }
 
-    fn decide(&mut self, approval_id: Option<ApprovalId>, draft_id: Option<DraftId>, d: &Decide) -> StoreResult<DecisionOutcome> {
+    fn decide(
+        &mut self,
+        approval_id: Option<ApprovalId>,
+        draft_id: Option<DraftId>,
+        d: &Decide,
+    ) -> StoreResult<DecisionOutcome> {
         let approval = match approval_id {
-            Some(id) => Some(self.approvals.get(&id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::ApprovalRequest, id))?),
+            Some(id) => Some(
+                self.approvals
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| StoreError::not_found(EntityKind::ApprovalRequest, id))?,
+            ),
             None => None,
         };
         let to_approval = match d.decision {
@@ -326,10 +425,18 @@ impl State {
             (None, Some(did)) => ApprovalSubject::RequirementsDraft(did),
             (None, None) => return Err(StoreError::invalid("id", "nothing to decide")),
         };
-        let mut out = DecisionOutcome { approval: None, draft: None, work_items: Vec::new() };
+        let mut out = DecisionOutcome {
+            approval: None,
+            draft: None,
+            work_items: Vec::new(),
+        };
         match subject {
             ApprovalSubject::RequirementsDraft(did) => {
-                let draft = self.drafts.get(&did).cloned().ok_or_else(|| StoreError::not_found(EntityKind::RequirementsDraft, did))?;
+                let draft = self
+                    .drafts
+                    .get(&did)
+                    .cloned()
+                    .ok_or_else(|| StoreError::not_found(EntityKind::RequirementsDraft, did))?;
                 let to = match d.decision {
                     Decision::Approve => DraftState::Approved,
                     Decision::Reject => DraftState::Rejected,
@@ -337,11 +444,17 @@ impl State {
                 draft.state.transition(to)?;
                 if let Some(a) = &approval {
                     if a.content_hash != draft.content_hash {
-                        return Err(StoreError::conflict("the draft changed after this approval was requested"));
+                        return Err(StoreError::conflict(
+                            "the draft changed after this approval was requested",
+                        ));
                     }
                 }
                 // A draft under the approval policy is decided through its pending approval request.
-                let pending = self.approvals.values().find(|a| a.subject == subject && a.state == ApprovalState::Pending).map(|a| a.id);
+                let pending = self
+                    .approvals
+                    .values()
+                    .find(|a| a.subject == subject && a.state == ApprovalState::Pending)
+                    .map(|a| a.id);
                 let approval_id = approval.as_ref().map(|a| a.id).or(pending);
                 let mut items = Vec::new();
                 if d.decision == Decision::Approve {
@@ -350,21 +463,29 @@ impl State {
                         self.items.insert(w.id, w.clone());
                     }
                 }
-                let dr = self.drafts.get_mut(&did).ok_or_else(|| StoreError::not_found(EntityKind::RequirementsDraft, did))?;
+                let dr = self
+                    .drafts
+                    .get_mut(&did)
+                    .ok_or_else(|| StoreError::not_found(EntityKind::RequirementsDraft, did))?;
                 dr.state = to;
                 dr.decided_at = Some(d.now);
                 dr.work_item_ids = items.iter().map(|w| w.id).collect();
                 out.draft = Some(dr.clone());
                 out.work_items = items;
                 if let Some(aid) = approval_id {
-                    out.approval = Some(self.record_decision(aid, to_approval, d));
+                    out.approval = Some(self.record_decision(aid, to_approval, d)?);
                 }
             }
             ApprovalSubject::WorkItem(wid) => {
-                let a = approval.ok_or_else(|| StoreError::invalid("id", "work items are decided through approvals"))?;
+                let a = approval.ok_or_else(|| {
+                    StoreError::invalid("id", "work items are decided through approvals")
+                })?;
                 let item = self.item(wid)?.clone();
                 if item.state != WorkItemState::AwaitingApproval || item.approval_id != Some(a.id) {
-                    return Err(StoreError::conflict(format!("work item {wid} is {} and not waiting for this approval", item.state)));
+                    return Err(StoreError::conflict(format!(
+                        "work item {wid} is {} and not waiting for this approval",
+                        item.state
+                    )));
                 }
                 if item.content_hash != a.content_hash {
                     return Err(StoreError::conflict("the work item changed after this approval was requested; a new approval is needed"));
@@ -374,36 +495,50 @@ impl State {
                     Decision::Reject => WorkItemState::Draft,
                 };
                 self.set_state(wid, to, d.now)?;
-                out.approval = Some(self.record_decision(a.id, to_approval, d));
+                out.approval = Some(self.record_decision(a.id, to_approval, d)?);
                 out.work_items.push(self.item(wid)?.clone());
             }
         }
         Ok(out)
     }
 
-    fn record_decision(&mut self, id: ApprovalId, to: ApprovalState, d: &Decide) -> ApprovalRequest {
-        match self.approvals.get_mut(&id) {
-            Some(a) => {
-                a.state = to;
-                a.decided_by = Some(d.decided_by.clone());
-                a.decided_at = Some(d.now);
-                a.reason = d.reason.clone();
-                a.clone()
-            }
-            None => unreachable_approval(id),
-        }
+    fn record_decision(
+        &mut self,
+        id: ApprovalId,
+        to: ApprovalState,
+        d: &Decide,
+    ) -> StoreResult<ApprovalRequest> {
+        let a = self
+            .approvals
+            .get_mut(&id)
+            .ok_or_else(|| StoreError::not_found(EntityKind::ApprovalRequest, id))?;
+        a.state = to;
+        a.decided_by = Some(d.decided_by.clone());
+        a.decided_at = Some(d.now);
+        a.reason = d.reason.clone();
+        Ok(a.clone())
     }
 
-    fn enqueue_checked(&mut self, items: &[Enqueue], now: DateTime<Utc>) -> StoreResult<Vec<ScheduledTask>> {
+    fn enqueue_checked(
+        &mut self,
+        items: &[Enqueue],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<ScheduledTask>> {
         // Validate everything against the current graph plus the batch's own new edges, then apply.
         let mut extra: HashMap<WorkItemId, Vec<WorkItemId>> = HashMap::new();
         for e in items {
             let item = self.item(e.work_item_id)?;
             if item.state != WorkItemState::Ready {
-                return Err(item.state.transition(WorkItemState::Queued).unwrap_err_or_conflict());
+                return Err(item
+                    .state
+                    .transition(WorkItemState::Queued)
+                    .unwrap_err_or_conflict());
             }
             if e.options.depends_on.len() + item.dependencies.len() > rules::MAX_DEPENDENCIES {
-                return Err(StoreError::invalid("depends_on", format!("at most {} dependencies", rules::MAX_DEPENDENCIES)));
+                return Err(StoreError::invalid(
+                    "depends_on",
+                    format!("at most {} dependencies", rules::MAX_DEPENDENCIES),
+                ));
             }
             for dep in &e.options.depends_on {
                 match self.items.get(dep) {
@@ -412,7 +547,11 @@ impl State {
                 }
             }
             let cyc = rules::find_cycle(e.work_item_id, &e.options.depends_on, |n| {
-                let mut v = self.items.get(&n).map(|i| i.dependencies.clone()).unwrap_or_default();
+                let mut v = self
+                    .items
+                    .get(&n)
+                    .map(|i| i.dependencies.clone())
+                    .unwrap_or_default();
                 if let Some(x) = extra.get(&n) {
                     v.extend(x.iter().copied());
                 }
@@ -421,7 +560,10 @@ impl State {
             if let Some(c) = cyc {
                 return Err(rules::cycle_error(&c));
             }
-            extra.entry(e.work_item_id).or_default().extend(e.options.depends_on.iter().copied());
+            extra
+                .entry(e.work_item_id)
+                .or_default()
+                .extend(e.options.depends_on.iter().copied());
         }
         let mut out = Vec::with_capacity(items.len());
         for e in items {
@@ -452,6 +594,8 @@ impl State {
                     let it = self.item_mut(id)?;
                     it.state = WorkItemState::Blocked;
                     it.blocked_reason = Some(rules::blocked_reason(d, s));
+                    // Items already waiting on this one can no longer run either.
+                    self.block_dependents(id, now);
                 }
                 None => self.set_state(id, WorkItemState::Queued, now)?,
             }
@@ -471,29 +615,60 @@ impl State {
             .collect();
         let mut out = Vec::new();
         for rid in expired {
-            let run = self.runs.get_mut(&rid).ok_or_else(|| StoreError::not_found(EntityKind::Run, rid))?;
+            let run = self
+                .runs
+                .get_mut(&rid)
+                .ok_or_else(|| StoreError::not_found(EntityKind::Run, rid))?;
             run.state = RunState::Lost;
             run.error = Some("lease expired".into());
             run.failure_kind = Some(FailureKind::Retryable);
             run.finished_at = Some(t.now);
             run.lease_expires_at = None;
             let wid = run.work_item_id;
-            let (state, retry_at, _) = self.fail_item(wid, FailureKind::Retryable, "lease expired", &t.retry_defaults, t.now)?;
-            out.push(ReapedRun { run_id: rid, work_item_id: wid, work_item_state: state, retry_at });
+            let (state, retry_at, _) = self.fail_item(
+                wid,
+                FailureKind::Retryable,
+                "lease expired",
+                &t.retry_defaults,
+                t.now,
+            )?;
+            out.push(ReapedRun {
+                run_id: rid,
+                work_item_id: wid,
+                work_item_state: state,
+                retry_at,
+            });
         }
         Ok(out)
     }
 
-    fn complete_one(&mut self, c: &RunCompletion, defaults: &crate::retry::RetryPolicy, now: DateTime<Utc>) -> StoreResult<CompletionResult> {
+    fn complete_one(
+        &mut self,
+        c: &RunCompletion,
+        defaults: &crate::retry::RetryPolicy,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CompletionResult> {
         let run = self.run(c.run_id)?;
         rules::check_fence(run, c.token, now)?;
         let wid = run.work_item_id;
         let (run_to, error, exit_code, kind) = match &c.outcome {
             RunOutcome::Succeeded { exit_code } => (RunState::Succeeded, None, *exit_code, None),
-            RunOutcome::Failed { error, exit_code, kind } => (RunState::Failed, Some(error.clone()), *exit_code, Some(*kind)),
+            RunOutcome::Failed {
+                error,
+                exit_code,
+                kind,
+            } => (
+                RunState::Failed,
+                Some(error.clone()),
+                *exit_code,
+                Some(*kind),
+            ),
         };
         run.state.transition(run_to)?;
-        let run = self.runs.get_mut(&c.run_id).ok_or_else(|| StoreError::not_found(EntityKind::Run, c.run_id))?;
+        let run = self
+            .runs
+            .get_mut(&c.run_id)
+            .ok_or_else(|| StoreError::not_found(EntityKind::Run, c.run_id))?;
         run.state = run_to;
         run.finished_at = Some(now);
         run.lease_expires_at = None;
@@ -504,7 +679,13 @@ impl State {
             run.usage = u.clone();
         }
         let run = run.clone();
-        let mut res = CompletionResult { run, work_item_state: WorkItemState::Succeeded, retry_at: None, released: Vec::new(), blocked: Vec::new() };
+        let mut res = CompletionResult {
+            run,
+            work_item_state: WorkItemState::Succeeded,
+            retry_at: None,
+            released: Vec::new(),
+            blocked: Vec::new(),
+        };
         match kind {
             None => {
                 self.set_state(wid, WorkItemState::Succeeded, now)?;
@@ -514,7 +695,8 @@ impl State {
                 res.released = self.release_dependents(wid);
             }
             Some(k) => {
-                let (state, retry_at, blocked) = self.fail_item(wid, k, error.as_deref().unwrap_or("failed"), defaults, now)?;
+                let (state, retry_at, blocked) =
+                    self.fail_item(wid, k, error.as_deref().unwrap_or("failed"), defaults, now)?;
                 res.work_item_state = state;
                 res.retry_at = retry_at;
                 res.blocked = blocked;
@@ -528,11 +710,6 @@ impl State {
         rules::check_fence(run, token, now)?;
         Ok(run)
     }
-}
-
-fn unreachable_approval(id: ApprovalId) -> ApprovalRequest {
-    // Only reached if an approval vanished inside one locked operation, which cannot happen.
-    panic!("approval {id} vanished while locked")
 }
 
 trait TransitionResultExt {
@@ -560,26 +737,45 @@ impl Store for MemoryStore {
 
     async fn project_create(&self, p: NewProject) -> StoreResult<Project> {
         let mut s = self.lock();
-        let pr = Project { id: p.id, name: p.name, description: p.description, created_at: p.now, updated_at: p.now };
+        let pr = Project {
+            id: p.id,
+            name: p.name,
+            description: p.description,
+            created_at: p.now,
+            updated_at: p.now,
+        };
         if s.projects.contains_key(&pr.id) {
-            return Err(StoreError::Duplicate { entity: EntityKind::Project, key: pr.id.to_string() });
+            return Err(StoreError::Duplicate {
+                entity: EntityKind::Project,
+                key: pr.id.to_string(),
+            });
         }
         s.projects.insert(pr.id, pr.clone());
         Ok(pr)
     }
 
     async fn project_get(&self, id: ProjectId) -> StoreResult<Project> {
-        self.lock().projects.get(&id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::Project, id))
+        self.lock()
+            .projects
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| StoreError::not_found(EntityKind::Project, id))
     }
 
     async fn project_list(&self, page: Page) -> StoreResult<Vec<Project>> {
         let s = self.lock();
-        Ok(page_iter(&s.projects, &page).take(page.effective_limit()).cloned().collect())
+        Ok(page_iter(&s.projects, &page)
+            .take(page.effective_limit())
+            .cloned()
+            .collect())
     }
 
     async fn project_update(&self, p: ProjectUpdate) -> StoreResult<Project> {
         let mut s = self.lock();
-        let pr = s.projects.get_mut(&p.id).ok_or_else(|| StoreError::not_found(EntityKind::Project, p.id))?;
+        let pr = s
+            .projects
+            .get_mut(&p.id)
+            .ok_or_else(|| StoreError::not_found(EntityKind::Project, p.id))?;
         if let Some(n) = p.name {
             pr.name = n;
         }
@@ -597,18 +793,37 @@ impl Store for MemoryStore {
         }
         if let Some(busy) = s.items.values().find(|w| {
             w.project_id == id
-                && matches!(w.state, WorkItemState::Queued | WorkItemState::Running | WorkItemState::WaitingInput | WorkItemState::Retrying)
+                && matches!(
+                    w.state,
+                    WorkItemState::Queued
+                        | WorkItemState::Running
+                        | WorkItemState::WaitingInput
+                        | WorkItemState::Retrying
+                )
         }) {
-            return Err(StoreError::conflict(format!("project has active work item {} ({}); cancel it first", busy.id, busy.state)));
+            return Err(StoreError::conflict(format!(
+                "project has active work item {} ({}); cancel it first",
+                busy.id, busy.state
+            )));
         }
-        let item_ids: Vec<WorkItemId> = s.items.values().filter(|w| w.project_id == id).map(|w| w.id).collect();
+        let item_ids: Vec<WorkItemId> = s
+            .items
+            .values()
+            .filter(|w| w.project_id == id)
+            .map(|w| w.id)
+            .collect();
         for wid in &item_ids {
             s.unindex(*wid);
             s.items.remove(wid);
             s.dependents.remove(wid);
         }
         s.idempotency.retain(|(p, _), _| *p != id);
-        let run_ids: Vec<RunId> = s.runs.values().filter(|r| r.project_id == id).map(|r| r.id).collect();
+        let run_ids: Vec<RunId> = s
+            .runs
+            .values()
+            .filter(|r| r.project_id == id)
+            .map(|r| r.id)
+            .collect();
         for rid in &run_ids {
             s.runs.remove(rid);
             s.logs.remove(rid);
@@ -630,7 +845,13 @@ impl Store for MemoryStore {
             return Err(StoreError::not_found(EntityKind::Project, p.project_id));
         }
         let versions = s.visions.entry(p.project_id).or_default();
-        let v = Vision { project_id: p.project_id, version: versions.len() as u32 + 1, text: p.text, author: p.author, created_at: p.now };
+        let v = Vision {
+            project_id: p.project_id,
+            version: versions.len() as u32 + 1,
+            text: p.text,
+            author: p.author,
+            created_at: p.now,
+        };
         versions.push(v.clone());
         Ok(v)
     }
@@ -645,7 +866,15 @@ impl Store for MemoryStore {
             None => versions.and_then(|v| v.last()),
             Some(n) => versions.and_then(|v| v.iter().find(|x| x.version == n)),
         };
-        v.cloned().ok_or_else(|| StoreError::not_found(EntityKind::Vision, format!("{project_id}@{}", version.map_or("latest".to_string(), |n| n.to_string()))))
+        v.cloned().ok_or_else(|| {
+            StoreError::not_found(
+                EntityKind::Vision,
+                format!(
+                    "{project_id}@{}",
+                    version.map_or("latest".to_string(), |n| n.to_string())
+                ),
+            )
+        })
     }
 
     async fn vision_list(&self, project_id: ProjectId) -> StoreResult<Vec<Vision>> {
@@ -656,7 +885,10 @@ impl Store for MemoryStore {
         Ok(s.visions.get(&project_id).cloned().unwrap_or_default())
     }
 
-    async fn draft_create(&self, p: NewDraft) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)> {
+    async fn draft_create(
+        &self,
+        p: NewDraft,
+    ) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)> {
         let mut s = self.lock();
         if !s.projects.contains_key(&p.project_id) {
             return Err(StoreError::not_found(EntityKind::Project, p.project_id));
@@ -664,7 +896,10 @@ impl Store for MemoryStore {
         for (i, r) in p.requirements.iter().enumerate() {
             if let Some(rid) = r.recipe_id {
                 if !s.recipes.contains_key(&rid) {
-                    return Err(StoreError::invalid(format!("requirements[{i}].recipe_id"), format!("unknown recipe `{rid}`")));
+                    return Err(StoreError::invalid(
+                        format!("requirements[{i}].recipe_id"),
+                        format!("unknown recipe `{rid}`"),
+                    ));
                 }
             }
         }
@@ -682,20 +917,39 @@ impl Store for MemoryStore {
             decided_at: None,
         };
         s.drafts.insert(d.id, d.clone());
-        let a = p.require_approval.then(|| s.new_approval(d.project_id, ApprovalSubject::RequirementsDraft(d.id), &hash, p.now));
+        let a = p.require_approval.then(|| {
+            s.new_approval(
+                d.project_id,
+                ApprovalSubject::RequirementsDraft(d.id),
+                &hash,
+                p.now,
+            )
+        });
         Ok((d, a))
     }
 
     async fn draft_get(&self, id: DraftId) -> StoreResult<RequirementsDraft> {
-        self.lock().drafts.get(&id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::RequirementsDraft, id))
+        self.lock()
+            .drafts
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| StoreError::not_found(EntityKind::RequirementsDraft, id))
     }
 
-    async fn draft_list(&self, project_id: ProjectId, page: Page) -> StoreResult<Vec<RequirementsDraft>> {
+    async fn draft_list(
+        &self,
+        project_id: ProjectId,
+        page: Page,
+    ) -> StoreResult<Vec<RequirementsDraft>> {
         let s = self.lock();
         if !s.projects.contains_key(&project_id) {
             return Err(StoreError::not_found(EntityKind::Project, project_id));
         }
-        Ok(page_iter(&s.drafts, &page).filter(|d| d.project_id == project_id).take(page.effective_limit()).cloned().collect())
+        Ok(page_iter(&s.drafts, &page)
+            .filter(|d| d.project_id == project_id)
+            .take(page.effective_limit())
+            .cloned()
+            .collect())
     }
 
     async fn draft_decide(&self, id: DraftId, d: Decide) -> StoreResult<DecisionOutcome> {
@@ -704,13 +958,20 @@ impl Store for MemoryStore {
     }
 
     async fn approval_get(&self, id: ApprovalId) -> StoreResult<ApprovalRequest> {
-        self.lock().approvals.get(&id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::ApprovalRequest, id))
+        self.lock()
+            .approvals
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| StoreError::not_found(EntityKind::ApprovalRequest, id))
     }
 
     async fn approval_list(&self, f: ApprovalFilter) -> StoreResult<Vec<ApprovalRequest>> {
         let s = self.lock();
         Ok(page_iter(&s.approvals, &f.page)
-            .filter(|a| f.state.is_none_or(|st| a.state == st) && f.project_id.is_none_or(|p| a.project_id == p))
+            .filter(|a| {
+                f.state.is_none_or(|st| a.state == st)
+                    && f.project_id.is_none_or(|p| a.project_id == p)
+            })
             .take(f.page.effective_limit())
             .cloned()
             .collect())
@@ -728,21 +989,39 @@ impl Store for MemoryStore {
                 return Err(StoreError::not_found(EntityKind::Project, pid));
             }
         }
-        let r = ToolRecipe { id: p.id, project_id: p.project_id, name: p.spec.name.clone(), yaml: p.yaml, spec: p.spec, created_at: p.now };
+        let r = ToolRecipe {
+            id: p.id,
+            project_id: p.project_id,
+            name: p.spec.name.clone(),
+            yaml: p.yaml,
+            spec: p.spec,
+            created_at: p.now,
+        };
         s.recipes.insert(r.id, r.clone());
         Ok(r)
     }
 
     async fn recipe_get(&self, id: RecipeId) -> StoreResult<ToolRecipe> {
-        self.lock().recipes.get(&id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::ToolRecipe, id))
+        self.lock()
+            .recipes
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| StoreError::not_found(EntityKind::ToolRecipe, id))
     }
 
     async fn recipe_list(&self, page: Page) -> StoreResult<Vec<ToolRecipe>> {
         let s = self.lock();
-        Ok(page_iter(&s.recipes, &page).take(page.effective_limit()).cloned().collect())
+        Ok(page_iter(&s.recipes, &page)
+            .take(page.effective_limit())
+            .cloned()
+            .collect())
     }
 
-    async fn work_items_create(&self, items: Vec<NewWorkItem>, now: DateTime<Utc>) -> StoreResult<Vec<WorkItemCreated>> {
+    async fn work_items_create(
+        &self,
+        items: Vec<NewWorkItem>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<WorkItemCreated>> {
         let mut s = self.lock();
         // Validate the whole batch first (all or none).
         let mut batch_ids: HashMap<WorkItemId, ProjectId> = HashMap::new();
@@ -754,14 +1033,26 @@ impl Store for MemoryStore {
             }
             if let Some(rid) = p.recipe_id {
                 if !s.recipes.contains_key(&rid) {
-                    return Err(StoreError::invalid("recipe_id", format!("unknown recipe `{rid}`")));
+                    return Err(StoreError::invalid(
+                        "recipe_id",
+                        format!("unknown recipe `{rid}`"),
+                    ));
                 }
             }
-            if !matches!(p.state, WorkItemState::Draft | WorkItemState::AwaitingApproval | WorkItemState::Ready) {
-                return Err(StoreError::invalid("state", format!("a work item cannot be created as {}", p.state)));
+            if !matches!(
+                p.state,
+                WorkItemState::Draft | WorkItemState::AwaitingApproval | WorkItemState::Ready
+            ) {
+                return Err(StoreError::invalid(
+                    "state",
+                    format!("a work item cannot be created as {}", p.state),
+                ));
             }
             if p.enqueue.is_some() && p.state != WorkItemState::Ready {
-                return Err(StoreError::conflict(format!("work item {} needs approval before it can be enqueued", p.id)));
+                return Err(StoreError::conflict(format!(
+                    "work item {} needs approval before it can be enqueued",
+                    p.id
+                )));
             }
             let candidate = rules::new_work_item(p, now);
             let mut found = None;
@@ -770,26 +1061,39 @@ impl Store for MemoryStore {
                 if let Some(id) = s.idempotency.get(&key) {
                     let ex = s.item(*id)?;
                     if ex.content_hash != candidate.content_hash {
-                        return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: k.clone() });
+                        return Err(StoreError::Duplicate {
+                            entity: EntityKind::WorkItem,
+                            key: k.clone(),
+                        });
                     }
                     found = Some(ex.clone());
                 } else if batch_keys.insert(key, i).is_some() {
-                    return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: k.clone() });
+                    return Err(StoreError::Duplicate {
+                        entity: EntityKind::WorkItem,
+                        key: k.clone(),
+                    });
                 }
             }
             if found.is_none() {
                 if s.items.contains_key(&p.id) || batch_ids.insert(p.id, p.project_id).is_some() {
-                    return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: p.id.to_string() });
+                    return Err(StoreError::Duplicate {
+                        entity: EntityKind::WorkItem,
+                        key: p.id.to_string(),
+                    });
                 }
                 if let Some(e) = &p.enqueue {
                     for dep in &e.depends_on {
-                        let ok = s.items.get(dep).map(|d| d.project_id) == Some(p.project_id) || batch_ids.get(dep) == Some(&p.project_id) && *dep != p.id;
+                        let ok = s.items.get(dep).map(|d| d.project_id) == Some(p.project_id)
+                            || batch_ids.get(dep) == Some(&p.project_id) && *dep != p.id;
                         if !ok {
                             return Err(rules::unknown_dependency(*dep, p.project_id));
                         }
                     }
                     if e.depends_on.len() > rules::MAX_DEPENDENCIES {
-                        return Err(StoreError::invalid("depends_on", format!("at most {} dependencies", rules::MAX_DEPENDENCIES)));
+                        return Err(StoreError::invalid(
+                            "depends_on",
+                            format!("at most {} dependencies", rules::MAX_DEPENDENCIES),
+                        ));
                     }
                 }
             }
@@ -800,21 +1104,41 @@ impl Store for MemoryStore {
         let mut enqueues = Vec::new();
         for (p, ex) in items.into_iter().zip(existing) {
             if let Some(w) = ex {
-                out.push(WorkItemCreated { work_item: w, created: false, approval: None });
+                out.push(WorkItemCreated {
+                    work_item: w,
+                    created: false,
+                    approval: None,
+                });
                 continue;
             }
             let mut w = rules::new_work_item(&p, now);
-            let approval = (p.state == WorkItemState::AwaitingApproval)
-                .then(|| s.new_approval(w.project_id, ApprovalSubject::WorkItem(w.id), &w.content_hash, now));
+            let approval = (p.state == WorkItemState::AwaitingApproval).then(|| {
+                s.new_approval(
+                    w.project_id,
+                    ApprovalSubject::WorkItem(w.id),
+                    &w.content_hash,
+                    now,
+                )
+            });
             w.approval_id = approval.as_ref().map(|a| a.id);
             if let Some(k) = &p.idempotency_key {
                 s.idempotency.insert((p.project_id, k.clone()), w.id);
             }
             s.items.insert(w.id, w.clone());
             if let Some(e) = p.enqueue {
-                enqueues.push((out.len(), Enqueue { work_item_id: w.id, options: e }));
+                enqueues.push((
+                    out.len(),
+                    Enqueue {
+                        work_item_id: w.id,
+                        options: e,
+                    },
+                ));
             }
-            out.push(WorkItemCreated { work_item: w, created: true, approval });
+            out.push(WorkItemCreated {
+                work_item: w,
+                created: true,
+                approval,
+            });
         }
         if !enqueues.is_empty() {
             let list: Vec<Enqueue> = enqueues.iter().map(|(_, e)| e.clone()).collect();
@@ -849,16 +1173,25 @@ impl Store for MemoryStore {
     async fn work_item_update(&self, p: WorkItemUpdate) -> StoreResult<WorkItemChanged> {
         let mut s = self.lock();
         let item = s.item(p.id)?.clone();
-        let content_change = p.title.is_some() || p.description.is_some() || p.recipe_id.is_some() || p.labels.is_some();
+        let content_change = p.title.is_some()
+            || p.description.is_some()
+            || p.recipe_id.is_some()
+            || p.labels.is_some();
         if content_change && !item.state.is_editable() {
             return Err(StoreError::conflict(format!("work item {} is {}; its content can be edited only in draft, awaiting_approval or ready", item.id, item.state)));
         }
         if p.priority.is_some() && item.state.is_finished() {
-            return Err(StoreError::conflict(format!("work item {} is {}", item.id, item.state)));
+            return Err(StoreError::conflict(format!(
+                "work item {} is {}",
+                item.id, item.state
+            )));
         }
         if let Some(Some(rid)) = p.recipe_id {
             if !s.recipes.contains_key(&rid) {
-                return Err(StoreError::invalid("recipe_id", format!("unknown recipe `{rid}`")));
+                return Err(StoreError::invalid(
+                    "recipe_id",
+                    format!("unknown recipe `{rid}`"),
+                ));
             }
         }
         s.unindex(p.id);
@@ -881,36 +1214,77 @@ impl Store for MemoryStore {
         new_item.content_hash = new_item.compute_content_hash();
         new_item.updated_at = p.now;
         let mut approval = None;
-        if new_item.content_hash != item.content_hash && p.require_approval && matches!(item.state, WorkItemState::Ready | WorkItemState::AwaitingApproval) {
+        if new_item.content_hash != item.content_hash
+            && p.require_approval
+            && matches!(
+                item.state,
+                WorkItemState::Ready | WorkItemState::AwaitingApproval
+            )
+        {
             s.supersede_pending(item.approval_id, p.now);
-            let a = s.new_approval(item.project_id, ApprovalSubject::WorkItem(item.id), &new_item.content_hash, p.now);
+            let a = s.new_approval(
+                item.project_id,
+                ApprovalSubject::WorkItem(item.id),
+                &new_item.content_hash,
+                p.now,
+            );
             new_item.approval_id = Some(a.id);
             new_item.state = WorkItemState::AwaitingApproval;
             approval = Some(a);
         }
         s.items.insert(p.id, new_item.clone());
         s.reindex(p.id);
-        Ok(WorkItemChanged { work_item: new_item, approval })
+        Ok(WorkItemChanged {
+            work_item: new_item,
+            approval,
+        })
     }
 
-    async fn work_item_submit(&self, id: WorkItemId, require_approval: bool, now: DateTime<Utc>) -> StoreResult<WorkItemChanged> {
+    async fn work_item_submit(
+        &self,
+        id: WorkItemId,
+        require_approval: bool,
+        now: DateTime<Utc>,
+    ) -> StoreResult<WorkItemChanged> {
         let mut s = self.lock();
         let item = s.item(id)?.clone();
-        let to = if require_approval { WorkItemState::AwaitingApproval } else { WorkItemState::Ready };
+        let to = if require_approval {
+            WorkItemState::AwaitingApproval
+        } else {
+            WorkItemState::Ready
+        };
         if item.state != WorkItemState::Draft {
-            return Err(item.state.transition(to).err().map(StoreError::from).unwrap_or_else(|| StoreError::conflict(format!("work item is {}", item.state))));
+            return Err(item
+                .state
+                .transition(to)
+                .err()
+                .map(StoreError::from)
+                .unwrap_or_else(|| StoreError::conflict(format!("work item is {}", item.state))));
         }
         s.set_state(id, to, now)?;
         let mut approval = None;
         if require_approval {
-            let a = s.new_approval(item.project_id, ApprovalSubject::WorkItem(id), &item.content_hash, now);
+            let a = s.new_approval(
+                item.project_id,
+                ApprovalSubject::WorkItem(id),
+                &item.content_hash,
+                now,
+            );
             s.item_mut(id)?.approval_id = Some(a.id);
             approval = Some(a);
         }
-        Ok(WorkItemChanged { work_item: s.item(id)?.clone(), approval })
+        Ok(WorkItemChanged {
+            work_item: s.item(id)?.clone(),
+            approval,
+        })
     }
 
-    async fn work_item_set_policy(&self, id: WorkItemId, retry: RetryOverrides, now: DateTime<Utc>) -> StoreResult<WorkItem> {
+    async fn work_item_set_policy(
+        &self,
+        id: WorkItemId,
+        retry: RetryOverrides,
+        now: DateTime<Utc>,
+    ) -> StoreResult<WorkItem> {
         let mut s = self.lock();
         let it = s.item_mut(id)?;
         it.retry = retry;
@@ -927,7 +1301,9 @@ impl Store for MemoryStore {
         let mut s = self.lock();
         let item = s.item(id)?;
         if item.state.has_active_run() {
-            return Err(StoreError::conflict(format!("work item {id} has an active run; requeue the run or cancel the item")));
+            return Err(StoreError::conflict(format!(
+                "work item {id} has an active run; requeue the run or cancel the item"
+            )));
         }
         let out = s.requeue_item(id, &r)?;
         drop(s);
@@ -935,7 +1311,11 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
-    async fn enqueue_many(&self, items: Vec<Enqueue>, now: DateTime<Utc>) -> StoreResult<Vec<ScheduledTask>> {
+    async fn enqueue_many(
+        &self,
+        items: Vec<Enqueue>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<ScheduledTask>> {
         let out = self.lock().enqueue_checked(&items, now)?;
         self.notifier.notify();
         Ok(out)
@@ -953,8 +1333,10 @@ impl Store for MemoryStore {
             .items
             .values()
             .filter(|w| {
-                matches!(w.state, WorkItemState::Queued | WorkItemState::Retrying | WorkItemState::Blocked)
-                    && f.project_id.is_none_or(|p| w.project_id == p)
+                matches!(
+                    w.state,
+                    WorkItemState::Queued | WorkItemState::Retrying | WorkItemState::Blocked
+                ) && f.project_id.is_none_or(|p| w.project_id == p)
             })
             .collect();
         v.sort_by_key(|w| State::ready_key(w));
@@ -962,7 +1344,11 @@ impl Store for MemoryStore {
             Some(a) => v.iter().position(|w| w.id.0 == a).map_or(0, |i| i + 1),
             None => 0,
         };
-        Ok(v.into_iter().skip(start).take(f.page.effective_limit()).map(|w| w.scheduled_task(s.pending(w))).collect())
+        Ok(v.into_iter()
+            .skip(start)
+            .take(f.page.effective_limit())
+            .map(|w| w.scheduled_task(s.pending(w)))
+            .collect())
     }
 
     async fn tick(&self, t: Tick) -> StoreResult<TickReport> {
@@ -979,10 +1365,17 @@ impl Store for MemoryStore {
         }
         let reaped = s.reap(&t)?;
         drop(s);
-        if !due.is_empty() || reaped.iter().any(|r| r.work_item_state == WorkItemState::Retrying) {
+        if !due.is_empty()
+            || reaped
+                .iter()
+                .any(|r| r.work_item_state == WorkItemState::Retrying)
+        {
             self.notifier.notify();
         }
-        Ok(TickReport { promoted: due, reaped })
+        Ok(TickReport {
+            promoted: due,
+            reaped,
+        })
     }
 
     async fn leases_reap_expired(&self, t: Tick) -> StoreResult<Vec<ReapedRun>> {
@@ -1004,7 +1397,9 @@ impl Store for MemoryStore {
             if k.1 > c.now {
                 continue;
             }
-            let Some(item) = s.items.get(&k.2) else { continue };
+            let Some(item) = s.items.get(&k.2) else {
+                continue;
+            };
             if rules::labels_match(&item.labels, &c.capabilities) {
                 picked.push(*k);
             }
@@ -1014,11 +1409,18 @@ impl Store for MemoryStore {
             s.ready.remove(&k);
             let id = k.2;
             let item = s.item(id)?.clone();
-            let resume = item.current_run_id.and_then(|r| s.runs.get(&r)).filter(|r| r.state == RunState::WaitingInput).map(|r| (r.id, r.lease_token));
+            let resume = item
+                .current_run_id
+                .and_then(|r| s.runs.get(&r))
+                .filter(|r| r.state == RunState::WaitingInput)
+                .map(|r| (r.id, r.lease_token));
             let (run, resumed) = match resume {
                 Some((rid, tok)) => {
                     let lease = rules::lease_for(rid, tok + 1, c.now, c.lease_ttl);
-                    let run = s.runs.get_mut(&rid).ok_or_else(|| StoreError::not_found(EntityKind::Run, rid))?;
+                    let run = s
+                        .runs
+                        .get_mut(&rid)
+                        .ok_or_else(|| StoreError::not_found(EntityKind::Run, rid))?;
                     run.state = RunState::Claimed;
                     run.agent_id = c.agent_id.clone();
                     run.lease_token = lease.token;
@@ -1041,8 +1443,17 @@ impl Store for MemoryStore {
             }
             it.updated_at = c.now;
             let work_item = it.clone();
-            let lease = Lease { run_id: run.id, token: run.lease_token, expires_at: run.lease_expires_at.unwrap_or(c.now) };
-            out.push(ClaimedRun { run, lease, work_item, resumed });
+            let lease = Lease {
+                run_id: run.id,
+                token: run.lease_token,
+                expires_at: run.lease_expires_at.unwrap_or(c.now),
+            };
+            out.push(ClaimedRun {
+                run,
+                lease,
+                work_item,
+                resumed,
+            });
         }
         Ok(out)
     }
@@ -1050,7 +1461,10 @@ impl Store for MemoryStore {
     async fn lease_renew(&self, p: LeaseRenew) -> StoreResult<Lease> {
         let mut s = self.lock();
         s.fenced_run(p.run_id, p.token, p.now)?;
-        let run = s.runs.get_mut(&p.run_id).ok_or_else(|| StoreError::not_found(EntityKind::Run, p.run_id))?;
+        let run = s
+            .runs
+            .get_mut(&p.run_id)
+            .ok_or_else(|| StoreError::not_found(EntityKind::Run, p.run_id))?;
         let lease = rules::lease_for(run.id, run.lease_token, p.now, p.ttl);
         run.lease_expires_at = Some(lease.expires_at);
         run.heartbeat_at = Some(p.now);
@@ -1064,17 +1478,30 @@ impl Store for MemoryStore {
             return Ok(run.clone());
         }
         run.state.transition(RunState::Running)?;
-        let run = s.runs.get_mut(&p.run_id).ok_or_else(|| StoreError::not_found(EntityKind::Run, p.run_id))?;
+        let run = s
+            .runs
+            .get_mut(&p.run_id)
+            .ok_or_else(|| StoreError::not_found(EntityKind::Run, p.run_id))?;
         run.state = RunState::Running;
         run.started_at.get_or_insert(p.now);
         Ok(run.clone())
     }
 
-    async fn runs_complete_many(&self, p: CompleteMany) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
+    async fn runs_complete_many(
+        &self,
+        p: CompleteMany,
+    ) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
         let mut s = self.lock();
-        let out: Vec<StoreResult<CompletionResult>> = p.completions.iter().map(|c| s.complete_one(c, &p.retry_defaults, p.now)).collect();
+        let out: Vec<StoreResult<CompletionResult>> = p
+            .completions
+            .iter()
+            .map(|c| s.complete_one(c, &p.retry_defaults, p.now))
+            .collect();
         drop(s);
-        if out.iter().any(|r| r.as_ref().is_ok_and(|c| !c.released.is_empty() || c.retry_at.is_some_and(|t| t <= p.now))) {
+        if out.iter().any(|r| {
+            r.as_ref()
+                .is_ok_and(|c| !c.released.is_empty() || c.retry_at.is_some_and(|t| t <= p.now))
+        }) {
             self.notifier.notify();
         }
         Ok(out)
@@ -1105,7 +1532,10 @@ impl Store for MemoryStore {
         if item.current_run_id == Some(id) && item.state.can_transition(WorkItemState::Cancelled) {
             s.cancel_item(run.work_item_id, &c.reason, c.now)?;
         }
-        let r = s.runs.get_mut(&id).ok_or_else(|| StoreError::not_found(EntityKind::Run, id))?;
+        let r = s
+            .runs
+            .get_mut(&id)
+            .ok_or_else(|| StoreError::not_found(EntityKind::Run, id))?;
         if r.state != RunState::Cancelled {
             r.state = RunState::Cancelled;
             r.error = Some(c.reason.clone());
@@ -1119,9 +1549,15 @@ impl Store for MemoryStore {
         let mut s = self.lock();
         let run = s.run(id)?.clone();
         let item = s.item(run.work_item_id)?.clone();
-        let active = matches!(run.state, RunState::Claimed | RunState::Running | RunState::WaitingInput);
+        let active = matches!(
+            run.state,
+            RunState::Claimed | RunState::Running | RunState::WaitingInput
+        );
         if active {
-            let rr = s.runs.get_mut(&id).ok_or_else(|| StoreError::not_found(EntityKind::Run, id))?;
+            let rr = s
+                .runs
+                .get_mut(&id)
+                .ok_or_else(|| StoreError::not_found(EntityKind::Run, id))?;
             rr.state = RunState::Cancelled;
             rr.error = Some(r.reason.clone());
             rr.finished_at = Some(r.now);
@@ -1134,7 +1570,10 @@ impl Store for MemoryStore {
                 }
             }
         } else if item.current_run_id != Some(id) && item.state.has_active_run() {
-            return Err(StoreError::conflict(format!("work item {} has a newer active run", item.id)));
+            return Err(StoreError::conflict(format!(
+                "work item {} has a newer active run",
+                item.id
+            )));
         }
         let out = s.requeue_item(item.id, &r)?;
         drop(s);
@@ -1150,35 +1589,57 @@ impl Store for MemoryStore {
         logs.reserve(p.lines.len());
         for l in p.lines {
             seq += 1;
-            logs.push(LogEntry { run_id: p.run_id, seq, stream: l.stream, line: l.line, at: p.now });
+            logs.push(LogEntry {
+                run_id: p.run_id,
+                seq,
+                stream: l.stream,
+                line: l.line,
+                at: p.now,
+            });
         }
         Ok(seq)
     }
 
-    async fn logs_read_after(&self, run_id: RunId, after: u64, limit: u32) -> StoreResult<Vec<LogEntry>> {
+    async fn logs_read_after(
+        &self,
+        run_id: RunId,
+        after: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<LogEntry>> {
         let s = self.lock();
         s.run(run_id)?;
         let logs = s.logs.get(&run_id).map(|v| v.as_slice()).unwrap_or(&[]);
         // seq n sits at index n-1.
         let start = (after as usize).min(logs.len());
-        Ok(logs[start..].iter().take(limit.clamp(1, 10_000) as usize).cloned().collect())
+        Ok(logs[start..]
+            .iter()
+            .take(limit.clamp(1, 10_000) as usize)
+            .cloned()
+            .collect())
     }
 
     async fn step_events_append(&self, p: StepEventsAppend) -> StoreResult<Vec<StepEvent>> {
         let mut s = self.lock();
         s.fenced_run(p.run_id, p.token, p.now)?;
         let events = s.events.entry(p.run_id).or_default();
-        let mut seq = events.last().map_or(0, |l| l.seq);
+        let first = events.last().map_or(0, |l| l.seq) + 1;
         let mut out = Vec::with_capacity(p.events.len());
         let mut last_done: Option<u32> = None;
-        for e in p.events {
-            seq += 1;
+        for (seq, e) in (first..).zip(p.events) {
             if e.kind == StepEventKind::Succeeded {
                 if let Some(i) = e.step_index {
                     last_done = Some(last_done.map_or(i, |x| x.max(i)));
                 }
             }
-            let ev = StepEvent { run_id: p.run_id, seq, step_index: e.step_index, kind: e.kind, name: e.name, detail: e.detail, at: p.now };
+            let ev = StepEvent {
+                run_id: p.run_id,
+                seq,
+                step_index: e.step_index,
+                kind: e.kind,
+                name: e.name,
+                detail: e.detail,
+                at: p.now,
+            };
             events.push(ev.clone());
             out.push(ev);
         }
@@ -1190,12 +1651,21 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
-    async fn step_events_read_after(&self, run_id: RunId, after: u64, limit: u32) -> StoreResult<Vec<StepEvent>> {
+    async fn step_events_read_after(
+        &self,
+        run_id: RunId,
+        after: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<StepEvent>> {
         let s = self.lock();
         s.run(run_id)?;
         let ev = s.events.get(&run_id).map(|v| v.as_slice()).unwrap_or(&[]);
         let start = (after as usize).min(ev.len());
-        Ok(ev[start..].iter().take(limit.clamp(1, 10_000) as usize).cloned().collect())
+        Ok(ev[start..]
+            .iter()
+            .take(limit.clamp(1, 10_000) as usize)
+            .cloned()
+            .collect())
     }
 
     async fn info_requests_create(&self, p: InfoAsk) -> StoreResult<Vec<InfoRequest>> {
@@ -1229,7 +1699,10 @@ impl Store for MemoryStore {
             s.info_by_run.entry(run.id).or_default().push(r.id);
             out.push(r);
         }
-        let r = s.runs.get_mut(&run.id).ok_or_else(|| StoreError::not_found(EntityKind::Run, run.id))?;
+        let r = s
+            .runs
+            .get_mut(&run.id)
+            .ok_or_else(|| StoreError::not_found(EntityKind::Run, run.id))?;
         r.state = RunState::WaitingInput;
         r.lease_expires_at = None;
         s.set_state(wid, WorkItemState::WaitingInput, p.now)?;
@@ -1237,7 +1710,11 @@ impl Store for MemoryStore {
     }
 
     async fn info_request_get(&self, id: InfoRequestId) -> StoreResult<InfoRequest> {
-        self.lock().info.get(&id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, id))
+        self.lock()
+            .info
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, id))
     }
 
     async fn info_request_list(&self, f: InfoRequestFilter) -> StoreResult<Vec<InfoRequest>> {
@@ -1255,11 +1732,22 @@ impl Store for MemoryStore {
 
     async fn info_request_answer(&self, p: InfoAnswer) -> StoreResult<InfoAnswered> {
         let mut s = self.lock();
-        let req = s.info.get(&p.id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, p.id))?;
+        let req = s
+            .info
+            .get(&p.id)
+            .cloned()
+            .ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, p.id))?;
         if req.state != InfoRequestState::Pending {
-            return Err(StoreError::conflict(format!("info request {} is {}", p.id, req.state.as_str())));
+            return Err(StoreError::conflict(format!(
+                "info request {} is {}",
+                p.id,
+                req.state.as_str()
+            )));
         }
-        let r = s.info.get_mut(&p.id).ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, p.id))?;
+        let r = s
+            .info
+            .get_mut(&p.id)
+            .ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, p.id))?;
         r.state = InfoRequestState::Answered;
         r.answer = Some(p.answer);
         r.answered_at = Some(p.now);
@@ -1268,7 +1756,13 @@ impl Store for MemoryStore {
         let all_answered = s
             .info_by_run
             .get(&req.run_id)
-            .map(|ids| ids.iter().all(|i| s.info.get(i).is_none_or(|x| x.state != InfoRequestState::Pending)))
+            .map(|ids| {
+                ids.iter().all(|i| {
+                    s.info
+                        .get(i)
+                        .is_none_or(|x| x.state != InfoRequestState::Pending)
+                })
+            })
             .unwrap_or(true);
         let mut resumed = false;
         if all_answered && s.item(req.work_item_id)?.state == WorkItemState::WaitingInput {
@@ -1287,23 +1781,41 @@ impl Store for MemoryStore {
         Ok(InfoAnswered { request, resumed })
     }
 
-    async fn info_answers_for_run(&self, run_id: RunId, token: u64, now: DateTime<Utc>) -> StoreResult<Vec<InfoRequest>> {
+    async fn info_answers_for_run(
+        &self,
+        run_id: RunId,
+        token: u64,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<InfoRequest>> {
         let s = self.lock();
         s.fenced_run(run_id, token, now)?;
-        Ok(s.info_by_run.get(&run_id).map(|ids| ids.iter().filter_map(|i| s.info.get(i).cloned()).collect()).unwrap_or_default())
+        Ok(s.info_by_run
+            .get(&run_id)
+            .map(|ids| ids.iter().filter_map(|i| s.info.get(i).cloned()).collect())
+            .unwrap_or_default())
     }
 
     async fn stats(&self) -> StoreResult<QueueStats> {
         let s = self.lock();
         let mut st = QueueStats::zeroed();
         for w in s.items.values() {
-            *st.work_items.entry(w.state.as_str().to_string()).or_default() += 1;
+            *st.work_items
+                .entry(w.state.as_str().to_string())
+                .or_default() += 1;
         }
         for r in s.runs.values() {
             *st.runs.entry(r.state.as_str().to_string()).or_default() += 1;
         }
-        st.pending_info_requests = s.info.values().filter(|r| r.state == InfoRequestState::Pending).count() as u64;
-        st.pending_approvals = s.approvals.values().filter(|a| a.state == ApprovalState::Pending).count() as u64;
+        st.pending_info_requests = s
+            .info
+            .values()
+            .filter(|r| r.state == InfoRequestState::Pending)
+            .count() as u64;
+        st.pending_approvals = s
+            .approvals
+            .values()
+            .filter(|a| a.state == ApprovalState::Pending)
+            .count() as u64;
         Ok(st)
     }
 }

@@ -49,6 +49,12 @@ pub const MAX_TIMEOUT_SECS: u64 = 86_400;
 /// more were found.
 pub const MAX_REPORTED_ERRORS: usize = 100;
 
+/// Maximum nesting of `[`/`{`, counted naively over the whole document
+/// (brackets inside scalars and comments count too). No valid recipe comes
+/// close; the YAML parser's work grows with the square of the flow nesting,
+/// so deeper documents are rejected before parsing.
+const MAX_BRACKET_DEPTH: usize = 256;
+
 /// How many `[` positions [`parse_plan_json`] tries as the start of a JSON
 /// array before giving up (bounds the work on adversarial input).
 const MAX_PLAN_CANDIDATES: usize = 256;
@@ -126,7 +132,9 @@ pub enum InputKind {
 }
 
 /// One command to run. Serializes as an object (skipping empty/`None`
-/// fields); deserializes from a string (the command) or an object.
+/// fields); deserializes from a string (the command) or an object, in YAML
+/// and in JSON. A bare YAML scalar that reads as something else than a
+/// string (`true`, `42`, `~`) is rejected: quote it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StepSpec {
     /// Optional display name.
@@ -393,8 +401,7 @@ fn push_issue(out: &mut Vec<Issue>, base: &[Seg], tail: &[Seg], message: String)
 /// Keys that can be written after a `.` without ambiguity.
 fn is_plain_key(k: &str) -> bool {
     !k.is_empty()
-        && k
-            .chars()
+        && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
@@ -491,7 +498,12 @@ fn cwd_problem(cwd: &str) -> Option<String> {
 fn recipe_issues(spec: &RecipeSpec) -> Vec<Issue> {
     let mut out = Vec::new();
     if spec.name.trim().is_empty() {
-        push_issue(&mut out, &[], &[key("name")], "name must not be blank".into());
+        push_issue(
+            &mut out,
+            &[],
+            &[key("name")],
+            "name must not be blank".into(),
+        );
     } else {
         let chars = spec.name.chars().count();
         if chars > MAX_NAME_CHARS {
@@ -649,6 +661,9 @@ pub fn parse_recipe(yaml: &str) -> Result<RecipeSpec, RecipeErrors> {
             yaml.len()
         ))));
     }
+    if let Some(error) = bracket_depth_error(yaml) {
+        return Err(RecipeErrors::one(error));
+    }
     // Syntax first, so that a truncated document reports the syntax error
     // rather than a consequence of it (such as a missing field).
     match serde_yaml_ng::from_str::<Option<IgnoredAny>>(yaml) {
@@ -695,6 +710,38 @@ pub fn parse_recipe(yaml: &str) -> Result<RecipeSpec, RecipeErrors> {
         )));
     }
     Err(RecipeErrors(errors))
+}
+
+/// Rejects documents whose (naively counted) bracket nesting exceeds
+/// [`MAX_BRACKET_DEPTH`], pointing at the first bracket too deep.
+fn bracket_depth_error(yaml: &str) -> Option<RecipeError> {
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 1usize);
+    for c in yaml.chars() {
+        match c {
+            '[' | '{' => {
+                depth += 1;
+                if depth > MAX_BRACKET_DEPTH {
+                    return Some(RecipeError {
+                        path: String::new(),
+                        line: Some(line),
+                        column: Some(column),
+                        message: format!(
+                            "brackets are nested too deeply (more than {MAX_BRACKET_DEPTH} levels)"
+                        ),
+                    });
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if c == '\n' {
+            line += 1;
+            column = 1;
+        } else {
+            column += 1;
+        }
+    }
+    None
 }
 
 fn is_end_of_stream(e: &serde_yaml_ng::Error) -> bool {
@@ -789,9 +836,14 @@ fn yaml_schema_error(e: &serde_path_to_error::Error<serde_yaml_ng::Error>) -> Re
             message = stripped.to_owned();
         }
     }
-    let prefix = format!("{}: ", yaml_style_path(&segs));
-    if let Some(stripped) = message.strip_prefix(&prefix) {
-        message = stripped.to_owned();
+    // The error may have been raised at an ancestor of the tracked path
+    // (e.g. an unknown field is reported by its mapping).
+    for n in (1..=segs.len()).rev() {
+        let prefix = format!("{}: ", yaml_style_path(&segs[..n]));
+        if let Some(stripped) = message.strip_prefix(&prefix) {
+            message = stripped.to_owned();
+            break;
+        }
     }
     RecipeError {
         path: schema_path(segs, &message),
@@ -919,7 +971,11 @@ impl<'de> DeserializeSeed<'de> for NodeSeed<'_, '_> {
                 // A scalar (or tagged) node: everything wanted here or below
                 // resolves to it.
                 Some(text) => {
-                    fill(results, &wants, here.or_else(|| probe_loc(&text)).or(fallback));
+                    fill(
+                        results,
+                        &wants,
+                        here.or_else(|| probe_loc(&text)).or(fallback),
+                    );
                     Ok(())
                 }
                 None => Err(e),
@@ -1015,10 +1071,7 @@ impl<'de> Visitor<'de> for NodeVisitor<'_, '_, '_> {
         let mut node_loc = self.here;
         loop {
             let mut key_text: Option<String> = None;
-            let Some(key_loc) = map.next_key_seed(KeySeed {
-                out: &mut key_text,
-            })?
-            else {
+            let Some(key_loc) = map.next_key_seed(KeySeed { out: &mut key_text })? else {
                 break;
             };
             if node_loc.is_none() {
@@ -1109,7 +1162,8 @@ impl<'de> Visitor<'de> for KeyVisitor<'_> {
 ///
 /// Surrounding prose and Markdown fences are tolerated: the answer is
 /// scanned for top-level JSON arrays and the first one that is a valid,
-/// non-empty list of steps wins. Otherwise the problems of the most
+/// non-empty list of steps wins, arrays inside ```` ``` ```` fences being
+/// tried before the others. Otherwise the problems of the most
 /// plausible candidate (the longest array) are returned, with paths relative
 /// to the array (`"[1].timeout"`) and, for JSON and schema errors, the
 /// line/column in `text`. An empty array, no array at all, or an answer
@@ -1133,9 +1187,11 @@ pub fn parse_plan_json(text: &str) -> Result<Vec<StepSpec>, RecipeErrors> {
         let Some(slice) = text.get(start..) else {
             break;
         };
-        let mut stream = serde_json::Deserializer::from_str(slice).into_iter::<IgnoredAny>();
+        // `Value` (unlike `IgnoredAny`) enforces serde_json's recursion
+        // limit, so deeply nested garbage fails fast.
+        let mut stream = serde_json::Deserializer::from_str(slice).into_iter::<serde_json::Value>();
         match stream.next() {
-            Some(Ok(IgnoredAny)) => {
+            Some(Ok(_)) => {
                 let end = start + stream.byte_offset();
                 arrays.push((start, end));
                 pos = end;
@@ -1149,6 +1205,13 @@ pub fn parse_plan_json(text: &str) -> Result<Vec<StepSpec>, RecipeErrors> {
             None => break,
         }
     }
+
+    // Arrays inside ``` fences are the likeliest answer: try them first.
+    let fences: Vec<(usize, usize)> = {
+        let marks: Vec<usize> = text.match_indices("```").map(|(i, _)| i).collect();
+        marks.chunks_exact(2).map(|p| (p[0] + 3, p[1])).collect()
+    };
+    arrays.sort_by_key(|(start, _)| !fences.iter().any(|(a, b)| (*a..*b).contains(start)));
 
     let mut best_failure: Option<(usize, Vec<RecipeError>)> = None;
     let mut saw_empty = false;
@@ -1188,7 +1251,10 @@ pub fn parse_plan_json(text: &str) -> Result<Vec<StepSpec>, RecipeErrors> {
     }
     Err(RecipeErrors::one(match first_syntax {
         Some(mut e) => {
-            e.message = format!("no valid JSON array found in the planner answer: {}", e.message);
+            e.message = format!(
+                "no valid JSON array found in the planner answer: {}",
+                e.message
+            );
             e
         }
         None => RecipeError::document("no JSON array found in the planner answer"),
@@ -1267,25 +1333,717 @@ mod tests {
         errors.into_iter().next().unwrap()
     }
 
+    /// (path, line) of every error, in order.
+    fn paths_lines(errors: &[RecipeError]) -> Vec<(String, Option<usize>)> {
+        errors.iter().map(|e| (e.path.clone(), e.line)).collect()
+    }
+
+    const FULL: &str = r#"name: build-and-test
+description: Build it
+inputs:
+  - name: GITHUB_TOKEN
+    prompt: "Token to push"
+    kind: secret
+  - name: TARGET
+    kind: choice
+    choices: [debug, release]
+    default: debug
+    required: false
+  - name: NOTE
+steps:
+  - echo hello
+  - name: test
+    run: cargo test
+    env: {RUST_LOG: debug}
+    timeout: 600
+    cwd: sub/dir
+"#;
+
     #[test]
-    fn debug_print() {
-        for y in [
-            "name: x\nsteps:\n  - run: a\n    colour: red\n",
-            "name: x\nsteps:\n  - run: a\n    timeout: abc\n",
-            "name: x\nsteps:\n  - name: a\n",
-            "name: x\nbogus: 1\nsteps: [a]\n",
-            "[]",
-            "name: x\nsteps: [a]\ninputs:\n  - name: A\n    kind: bogus\n",
-            "name: x\nsteps:\n  - run: a\n    env: {A: 1, A: 2}\n",
-            "name: x\nsteps: [a]\nname: y\n",
-            "name: [x\n",
-            "name: x\n\tsteps: []\n",
+    fn parses_full_recipe() {
+        let spec = parse_recipe(FULL).unwrap();
+        assert_eq!(spec.name, "build-and-test");
+        assert_eq!(spec.description.as_deref(), Some("Build it"));
+        assert_eq!(spec.inputs.len(), 3);
+        let token = &spec.inputs[0];
+        assert_eq!(token.name, "GITHUB_TOKEN");
+        assert_eq!(token.kind, InputKind::Secret);
+        assert_eq!(token.display_prompt(), "Token to push");
+        assert!(token.required);
+        let target = &spec.inputs[1];
+        assert_eq!(target.kind, InputKind::Choice);
+        assert_eq!(target.choices, ["debug", "release"]);
+        assert_eq!(target.default.as_deref(), Some("debug"));
+        assert!(!target.required);
+        let note = &spec.inputs[2];
+        assert_eq!(note.kind, InputKind::Text);
+        assert_eq!(note.display_prompt(), "NOTE");
+        assert!(note.required);
+        assert_eq!(spec.steps[0], StepSpec::command("echo hello"));
+        let test = &spec.steps[1];
+        assert_eq!(test.name.as_deref(), Some("test"));
+        assert_eq!(test.run, "cargo test");
+        assert_eq!(test.env.get("RUST_LOG").map(String::as_str), Some("debug"));
+        assert_eq!(test.timeout, Some(600));
+        assert_eq!(test.cwd.as_deref(), Some("sub/dir"));
+        assert_eq!(validate_recipe(&spec), Ok(()));
+    }
+
+    #[test]
+    fn roundtrips_through_yaml_and_json() {
+        let spec = parse_recipe(FULL).unwrap();
+        let yaml = serde_yaml_ng::to_string(&spec).unwrap();
+        assert_eq!(parse_recipe(&yaml).unwrap(), spec);
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<RecipeSpec>(&json).unwrap(), spec);
+        // Steps serialize as objects without empty fields.
+        assert_eq!(
+            serde_json::to_value(StepSpec::command("ls")).unwrap(),
+            serde_json::json!({"run": "ls"})
+        );
+    }
+
+    #[test]
+    fn string_steps_and_minimal_recipe() {
+        let spec =
+            parse_recipe("name: x\nsteps:\n  - cargo build\n  - 'true'\n  - \"a: b\"\n").unwrap();
+        assert!(spec.inputs.is_empty());
+        assert_eq!(spec.description, None);
+        let runs: Vec<_> = spec.steps.iter().map(|s| s.run.as_str()).collect();
+        assert_eq!(runs, ["cargo build", "true", "a: b"]);
+        assert!(spec
+            .steps
+            .iter()
+            .all(|s| s.env.is_empty() && s.timeout.is_none()));
+        // Flow style, null env.
+        let spec = parse_recipe("{name: x, steps: [a, {run: b, env: ~}]}").unwrap();
+        assert_eq!(spec.steps, [StepSpec::command("a"), StepSpec::command("b")]);
+    }
+
+    #[test]
+    fn step_spec_from_string_or_object_in_json_and_yaml() {
+        let steps: Vec<StepSpec> = serde_json::from_str(
+            r#"["ls", {"run": "make", "env": {"A": "1"}, "timeout": 5, "cwd": "x", "name": "n"}]"#,
+        )
+        .unwrap();
+        assert_eq!(steps[0], StepSpec::command("ls"));
+        assert_eq!(steps[1].env["A"], "1");
+        assert_eq!(steps[1].timeout, Some(5));
+        let steps: Vec<StepSpec> =
+            serde_yaml_ng::from_str("- ls\n- run: make\n  cwd: x\n").unwrap();
+        assert_eq!(steps[0], StepSpec::command("ls"));
+        assert_eq!(steps[1].cwd.as_deref(), Some("x"));
+        assert!(serde_json::from_str::<StepSpec>("42").is_err());
+        assert!(serde_json::from_str::<StepSpec>("null").is_err());
+        assert!(serde_json::from_str::<StepSpec>(r#"{"run": "a", "x": 1}"#).is_err());
+    }
+
+    #[test]
+    fn reports_all_semantic_errors_with_lines() {
+        let yaml = r#"name: "   "
+inputs:
+  - name: 1BAD
+    kind: choice
+  - name: OK
+    choices: [a]
+  - name: OK
+    kind: secret
+    default: x
+  - name: PICK
+    kind: choice
+    choices: [a, b]
+    default: c
+steps:
+  - ""
+  - run: "  "
+    env: {GOOD: 1, BAD-KEY: 2, "a.b": 3}
+    timeout: 0
+    cwd: /abs
+  - run: x
+    timeout: 86401
+    cwd: a/../b
+  - run: y
+    cwd: ""
+  - run: z
+    cwd: 'C:\x'
+"#;
+        let errors = errs(yaml);
+        let expected: Vec<(String, Option<usize>)> = [
+            ("name", 1),
+            ("inputs[0].name", 3),
+            ("inputs[0].choices", 3),
+            ("inputs[1].choices", 6),
+            ("inputs[2].name", 7),
+            ("inputs[2].default", 9),
+            ("inputs[3].default", 13),
+            ("steps[0].run", 15),
+            ("steps[1].run", 16),
+            ("steps[1].env.BAD-KEY", 17),
+            ("steps[1].env[\"a.b\"]", 17),
+            ("steps[1].timeout", 18),
+            ("steps[1].cwd", 19),
+            ("steps[2].timeout", 21),
+            ("steps[2].cwd", 22),
+            ("steps[3].cwd", 24),
+            ("steps[4].cwd", 26),
+        ]
+        .into_iter()
+        .map(|(p, l)| (p.to_owned(), Some(l)))
+        .collect();
+        assert_eq!(paths_lines(&errors), expected, "{errors:#?}");
+        // Columns point at the key (or the node for string steps).
+        let col = |path: &str| errors.iter().find(|e| e.path == path).unwrap().column;
+        assert_eq!(col("name"), Some(1));
+        assert_eq!(col("inputs[0].choices"), Some(5));
+        assert_eq!(col("steps[0].run"), Some(5));
+        assert_eq!(col("steps[1].timeout"), Some(5));
+        assert_eq!(col("steps[1].env.BAD-KEY"), Some(20));
+        assert!(errors.iter().all(|e| e.column.is_some()));
+        // Messages say what is wrong.
+        let msg = |path: &str| {
+            errors
+                .iter()
+                .find(|e| e.path == path)
+                .unwrap()
+                .message
+                .clone()
+        };
+        assert!(msg("name").contains("blank"));
+        assert!(msg("inputs[2].name").contains("duplicate"));
+        assert!(msg("inputs[2].default").contains("secret"));
+        assert!(msg("inputs[3].default").contains("not one of the choices"));
+        assert!(msg("steps[1].timeout").contains("between 1 and 86400"));
+        assert!(msg("steps[2].cwd").contains(".."));
+        assert!(msg("steps[1].cwd").contains("relative"));
+        assert!(msg("steps[3].cwd").contains("empty"));
+
+        // validate_recipe finds the same problems, without lines.
+        let spec: RecipeSpec = serde_yaml_ng::from_str(yaml).unwrap();
+        let RecipeErrors(plain) = validate_recipe(&spec).unwrap_err();
+        assert_eq!(
+            plain.iter().map(|e| e.path.clone()).collect::<Vec<_>>(),
+            errors.iter().map(|e| e.path.clone()).collect::<Vec<_>>()
+        );
+        assert!(plain.iter().all(|e| e.line.is_none() && e.column.is_none()));
+    }
+
+    #[test]
+    fn name_rules() {
+        let e = one_err("name: ''\nsteps: [a]\n");
+        assert_eq!((e.path.as_str(), e.line), ("name", Some(1)));
+        let long = "n".repeat(MAX_NAME_CHARS + 1);
+        let e = one_err(&format!("steps: [a]\nname: {long}\n"));
+        assert_eq!((e.path.as_str(), e.line), ("name", Some(2)));
+        assert!(e.message.contains("at most 200"), "{}", e.message);
+        // 200 multi-byte characters are fine.
+        parse_recipe(&format!(
+            "name: {}\nsteps: [a]\n",
+            "é".repeat(MAX_NAME_CHARS)
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn input_rules() {
+        let e = one_err("name: x\nsteps: [a]\ninputs:\n  - name: has space\n");
+        assert_eq!((e.path.as_str(), e.line), ("inputs[0].name", Some(4)));
+        let e = one_err("name: x\nsteps: [a]\ninputs:\n  - {name: A, kind: choice, choices: []}\n");
+        assert_eq!((e.path.as_str(), e.line), ("inputs[0].choices", Some(4)));
+        let e = one_err("name: x\nsteps: [a]\ninputs:\n  - name: A\n    choices: [a]\n");
+        assert_eq!((e.path.as_str(), e.line), ("inputs[0].choices", Some(5)));
+        let e = one_err(
+            "name: x\nsteps: [a]\ninputs:\n  - name: A\n    kind: secret\n    default: ''\n",
+        );
+        assert_eq!((e.path.as_str(), e.line), ("inputs[0].default", Some(6)));
+        let e = one_err(
+            "name: x\nsteps: [a]\ninputs:\n  - name: A\n    kind: choice\n    choices: [a]\n    default: b\n",
+        );
+        assert_eq!((e.path.as_str(), e.line), ("inputs[0].default", Some(7)));
+        let errors = errs("name: x\nsteps: [a]\ninputs:\n  - name: A\n  - name: B\n  - name: A\n");
+        assert_eq!(
+            paths_lines(&errors),
+            [("inputs[2].name".to_owned(), Some(6))]
+        );
+        assert!(errors[0].message.contains("inputs[0]"));
+        // Valid variants.
+        parse_recipe("name: x\nsteps: [a]\ninputs:\n  - {name: _a1, kind: text, default: d}\n  - {name: B, kind: choice, choices: [b]}\n")
+            .unwrap();
+    }
+
+    #[test]
+    fn step_count_rules() {
+        let e = one_err("name: x\nsteps: []\n");
+        assert_eq!((e.path.as_str(), e.line), ("steps", Some(2)));
+        let e = one_err("name: x\nsteps:\n");
+        assert_eq!((e.path.as_str(), e.line), ("steps", Some(2)));
+        let many = format!("name: x\nsteps:\n{}", "  - a\n".repeat(MAX_STEPS + 1));
+        let e = one_err(&many);
+        assert_eq!((e.path.as_str(), e.line), ("steps", Some(2)));
+        let ok = format!("name: x\nsteps:\n{}", "  - a\n".repeat(MAX_STEPS));
+        assert_eq!(parse_recipe(&ok).unwrap().steps.len(), MAX_STEPS);
+    }
+
+    #[test]
+    fn step_validate_uses_prefix() {
+        let mut step = StepSpec::command(" ");
+        step.timeout = Some(0);
+        step.env.insert("9X".into(), "v".into());
+        step.cwd = Some("../up".into());
+        let paths: Vec<_> = step
+            .validate("steps[2]")
+            .into_iter()
+            .map(|e| e.path)
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "steps[2].run",
+                "steps[2].env.9X",
+                "steps[2].timeout",
+                "steps[2].cwd"
+            ]
+        );
+        let paths: Vec<_> = step.validate("").into_iter().map(|e| e.path).collect();
+        assert_eq!(paths[0], "run");
+        assert!(StepSpec::command("ok").validate("x").is_empty());
+    }
+
+    #[test]
+    fn semantic_errors_in_flow_style_and_aliases_are_located() {
+        let errors = errs("name: x\nsteps: [a, {run: b, timeout: 0}]\n");
+        assert_eq!(
+            paths_lines(&errors),
+            [("steps[1].timeout".to_owned(), Some(2))]
+        );
+        assert_eq!(errors[0].column, Some(21));
+        let yaml = "name: x\ndefaults: &d\n  run: a\n";
+        assert!(parse_recipe(yaml).is_err());
+        let yaml = "name: x\nsteps:\n  - &s {run: ' ', cwd: /x}\n  - *s\n";
+        let errors = errs(yaml);
+        assert_eq!(
+            paths_lines(&errors),
+            [
+                ("steps[0].run".to_owned(), Some(3)),
+                ("steps[0].cwd".to_owned(), Some(3)),
+                ("steps[1].run".to_owned(), Some(3)),
+                ("steps[1].cwd".to_owned(), Some(3)),
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_have_path_and_line() {
+        let e = one_err("name: x\nbogus: 1\nsteps: [a]\n");
+        assert_eq!(
+            (e.path.as_str(), e.line, e.column),
+            ("bogus", Some(2), Some(1))
+        );
+        assert!(
+            e.message.starts_with("unknown field `bogus`"),
+            "{}",
+            e.message
+        );
+        let e = one_err("name: x\nsteps:\n  - run: a\n    colour: red\n");
+        assert_eq!(
+            (e.path.as_str(), e.line, e.column),
+            ("steps[0].colour", Some(4), Some(5))
+        );
+        assert!(
+            e.message.starts_with("unknown field `colour`"),
+            "{}",
+            e.message
+        );
+        let e = one_err("name: x\nsteps: [a]\ninputs:\n  - name: A\n    secret: true\n");
+        assert_eq!((e.path.as_str(), e.line), ("inputs[0].secret", Some(5)));
+    }
+
+    #[test]
+    fn wrong_types_and_missing_fields() {
+        let cases: &[(&str, &str, usize)] = &[
+            (
+                "name: x\nsteps:\n  - run: a\n    timeout: abc\n",
+                "steps[0].timeout",
+                4,
+            ),
+            (
+                "name: x\nsteps:\n  - run: a\n    timeout: -5\n",
+                "steps[0].timeout",
+                4,
+            ),
+            (
+                "name: x\nsteps:\n  - run: a\n    timeout: 99999999999999999999999\n",
+                "steps[0].timeout",
+                4,
+            ),
+            ("name: x\nsteps: hello\n", "steps", 2),
+            ("name: x\nsteps: [a]\ninputs: 5\n", "inputs", 3),
+            (
+                "name: x\nsteps: [a]\ninputs:\n  - name: A\n    kind: bogus\n",
+                "inputs[0].kind",
+                5,
+            ),
+            (
+                "name: x\nsteps: [a]\ninputs:\n  - name: A\n    required: maybe\n",
+                "inputs[0].required",
+                5,
+            ),
+            ("name: x\nsteps:\n  - a\n  - true\n", "steps[1]", 4),
+            ("name: x\nsteps:\n  - a\n  - [b]\n", "steps[1]", 4),
+            (
+                "name: x\nsteps:\n  - run: a\n    env: [A]\n",
+                "steps[0].env",
+                4,
+            ),
+            (
+                "name: x\nsteps:\n  - run: a\n    env:\n      A: [1]\n",
+                "steps[0].env.A",
+                5,
+            ),
+            ("name: [x]\nsteps: [a]\n", "name", 1),
+            ("name: x\nsteps:\n  - name: a\n", "steps[0].run", 3),
+            ("steps: [a]\n", "name", 1),
+            ("name: x\n", "steps", 1),
+            (
+                "name: x\nsteps:\n  - run: a\n    env: {A: 1, A: 2}\n",
+                "steps[0].env.A",
+                4,
+            ),
+            ("name: x\nsteps: [a]\nname: y\n", "name", 1),
+            ("[]", "", 1),
+            ("hello", "", 1),
+        ];
+        for (yaml, path, line) in cases {
+            let e = one_err(yaml);
+            assert_eq!(
+                (e.path.as_str(), e.line),
+                (*path, Some(*line)),
+                "{yaml:?}: {e:?}"
+            );
+            assert!(e.column.is_some(), "{yaml:?}");
+            assert!(!e.message.contains(" at line "), "{e:?}");
+            assert!(!e.message.starts_with(path) || path.is_empty(), "{e:?}");
+        }
+        let e = one_err("name: x\nsteps:\n  - run: a\n    env: {A: 1, A: 2}\n");
+        assert_eq!(e.message, "duplicate environment variable `A`");
+        assert_eq!(e.column, Some(17));
+        let e = one_err("name: x\nsteps:\n  - name: a\n");
+        assert_eq!(e.message, "missing field `run`");
+        let e = one_err("name: x\nsteps:\n  - a\n  - true\n");
+        assert!(
+            e.message
+                .contains("expected a command string or a step mapping"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn syntax_errors_have_line_and_column() {
+        let e = one_err("name: [x\nsteps: [a]\n");
+        assert_eq!(e.path, "");
+        assert!(e.line.is_some() && e.column.is_some());
+        assert!(e.message.starts_with("invalid YAML: "), "{}", e.message);
+        let e = one_err("name: x\nsteps:\n  - a\n\t- b\n");
+        assert_eq!((e.line, e.column), (Some(4), Some(1)), "{e:?}");
+        let e = one_err("name: x\nsteps: [a]\n  bad: indentation\n");
+        assert_eq!(e.line, Some(3), "{e:?}");
+        let e = one_err("name: \"unterminated\nsteps: [a]\n");
+        assert!(e.line.is_some());
+        // Syntax errors win over what the truncated document would produce.
+        let e = one_err("name: x\nsteps:\n  - run: a\n    timeout: 0\n  - {\n");
+        assert!(e.message.starts_with("invalid YAML"), "{e:?}");
+    }
+
+    #[test]
+    fn document_level_errors() {
+        for doc in ["", "   \n", "# only a comment\n", "~", "null"] {
+            let e = one_err(doc);
+            assert_eq!(e.path, "");
+            assert!(e.message.contains("empty"), "{doc:?}: {e:?}");
+        }
+        let big = format!("name: x\nsteps: [a]\n#{}\n", "x".repeat(MAX_DOCUMENT_BYTES));
+        let e = one_err(&big);
+        assert!(e.message.contains("too large"), "{e:?}");
+        let e = one_err("name: x\nsteps: [a]\n---\nname: y\n");
+        assert!(e.message.contains("more than one document"), "{e:?}");
+    }
+
+    #[test]
+    fn deep_nesting_is_rejected_early() {
+        let deep = format!("name: x\nsteps: {}", "{a: ".repeat(10_000));
+        let started = std::time::Instant::now();
+        let e = one_err(&deep);
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert!(e.message.contains("nested too deeply"), "{e:?}");
+        assert_eq!(
+            (e.line, e.column),
+            (Some(2), Some(8 + 4 * MAX_BRACKET_DEPTH))
+        );
+        // Balanced brackets in commands are fine, however many.
+        let cmd = "[[ -f x ]] && ".repeat(1000);
+        parse_recipe(&format!("name: x\nsteps:\n  - '{cmd}true'\n")).unwrap();
+    }
+
+    #[test]
+    fn many_errors_are_capped_and_fast() {
+        let mut yaml = String::from("name: x\nsteps:\n");
+        for _ in 0..MAX_STEPS {
+            yaml.push_str("  - {run: ' ', timeout: 0, cwd: /x}\n");
+        }
+        let started = std::time::Instant::now();
+        let errors = errs(&yaml);
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        assert_eq!(errors.len(), MAX_REPORTED_ERRORS + 1);
+        assert!(errors[..MAX_REPORTED_ERRORS]
+            .iter()
+            .all(|e| e.line.is_some()));
+        assert_eq!(errors[MAX_REPORTED_ERRORS].path, "");
+        assert!(errors[MAX_REPORTED_ERRORS].message.contains("2900 more"));
+    }
+
+    #[test]
+    fn display_lists_one_error_per_line() {
+        let errors = RecipeErrors(vec![
+            RecipeError {
+                path: "steps[1].timeout".into(),
+                line: Some(4),
+                column: Some(5),
+                message: "bad".into(),
+            },
+            RecipeError::document("worse"),
+        ]);
+        assert_eq!(
+            errors.to_string(),
+            "steps[1].timeout (line 4, column 5): bad\n<document>: worse"
+        );
+        let e = parse_recipe("name: x\nsteps: []\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "steps (line 2, column 1): a recipe needs at least one step"
+        );
+    }
+
+    #[test]
+    fn plan_plain_array() {
+        let steps = parse_plan_json(
+            r#"["cargo build", {"name": "t", "run": "cargo test", "timeout": 60}]"#,
+        )
+        .unwrap();
+        assert_eq!(steps.len(), 2);
+        assert_eq!(steps[0], StepSpec::command("cargo build"));
+        assert_eq!(steps[1].timeout, Some(60));
+        assert_eq!(steps[1].name.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn plan_with_fences_and_prose() {
+        let text = "Sure! Here is the plan:\n```json\n[\n  \"make\",\n  {\"run\": \"make test\"}\n]\n```\nLet me know [if] you need more.";
+        let steps = parse_plan_json(text).unwrap();
+        assert_eq!(
+            steps,
+            [StepSpec::command("make"), StepSpec::command("make test")]
+        );
+        let steps = parse_plan_json("Steps [see below], option [1]: [\"a\"] and [\"b\"]").unwrap();
+        assert_eq!(steps, [StepSpec::command("a")]);
+        let steps = parse_plan_json(r#"{"steps": ["x", "y"]}"#).unwrap();
+        assert_eq!(steps.len(), 2);
+        let text = "I will run [\"echo hi\"] first.\n```json\n[\"make\", \"make test\"]\n```\n";
+        assert_eq!(parse_plan_json(text).unwrap().len(), 2);
+        let steps = parse_plan_json("Empty first [] then [\"z\"]").unwrap();
+        assert_eq!(steps, [StepSpec::command("z")]);
+    }
+
+    #[test]
+    fn plan_errors() {
+        let e = parse_plan_json("I cannot help with that.").unwrap_err();
+        assert!(e.0[0].message.contains("no JSON array"), "{e}");
+        let e = parse_plan_json("").unwrap_err();
+        assert!(e.0[0].message.contains("no JSON array"), "{e}");
+        let e = parse_plan_json("```json\n[]\n```").unwrap_err();
+        assert!(e.0[0].message.contains("no steps"), "{e}");
+        let e = parse_plan_json("plan:\n[\"a\", {\"run\": \"b\",\n \"bogus\": 1}]").unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert_eq!(e.0[0].path, "[1].bogus");
+        assert_eq!(e.0[0].line, Some(3), "{e:?}");
+        assert!(e.0[0].message.starts_with("unknown field `bogus`"), "{e}");
+        let e = parse_plan_json("x [\"a\",\n  {\"run\": \"b\", \"timeout\": \"10\"}]").unwrap_err();
+        assert_eq!(e.0[0].path, "[1].timeout");
+        assert_eq!(e.0[0].line, Some(2));
+        let e = parse_plan_json(r#"[{"timeout": 1}]"#).unwrap_err();
+        assert_eq!(e.0[0].path, "[0].run");
+        let e = parse_plan_json(r#"[" ", {"run": "a", "cwd": "/etc"}]"#).unwrap_err();
+        let paths: Vec<_> = e.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["[0].run", "[1].cwd"]);
+        let e = parse_plan_json("[1, 2]").unwrap_err();
+        assert_eq!(e.0[0].path, "[0]");
+        let e = parse_plan_json("here: [\"a\", \"b\"").unwrap_err();
+        assert!(e.0[0].message.contains("no valid JSON array"), "{e}");
+        assert_eq!(e.0[0].line, Some(1));
+        let too_many = serde_json::to_string(&vec!["a"; MAX_STEPS + 1]).unwrap();
+        let e = parse_plan_json(&too_many).unwrap_err();
+        assert!(e.0[0].message.contains("at most 1000"), "{e}");
+        let e = parse_plan_json(&" ".repeat(MAX_DOCUMENT_BYTES + 1)).unwrap_err();
+        assert!(e.0[0].message.contains("too large"), "{e}");
+    }
+
+    fn nasty_inputs() -> Vec<String> {
+        let mut v: Vec<String> = [
             "",
-            "# c\n",
             "~",
-            "a: 1\n---\nb: 2\n",
+            "[]",
+            "{}",
+            "null",
+            "---",
+            "...",
+            "- a",
+            "name:",
+            "steps:",
+            ":",
+            "?",
+            "&a",
+            "*a",
+            "!foo bar",
+            "!!binary aGk=",
+            "name: !foo x\nsteps: [!bar a]",
+            "name: x\nsteps: !tag [a]",
+            "name: x\nsteps: [a]\ninputs: !t [{name: A}]",
+            "name: x\nsteps: [{run: a, env: !e {A: b}}]",
+            "\t",
+            "\tname: x",
+            "name:\tx",
+            "\u{feff}name: x\nsteps: [a]",
+            "\0",
+            "name: \"\\xff\\ud800\\U0010FFFF\"\nsteps: [a]",
+            "name: \"\\uDC00\"",
+            "name: x\nsteps: [*a]",
+            "a: &a [*a]",
+            "<<: {a: 1}",
+            "name: x\nsteps: [a]\n<<: {b: 1}",
+            "name: x\nsteps:\n  - <<: {run: a}\n",
+            "name: 1e999\nsteps: [-1e999]",
+            "name: 0x\nsteps: [0o9]",
+            "name: x\nsteps:\n  - run: a\n    timeout: 18446744073709551616",
+            "name: x\nsteps:\n  - run: a\n    timeout: -0",
+            "? [a]\n: b",
+            "name: x\nsteps:\n  - run: a\n    env: {[a]: b}",
+            "name: x\nsteps:\n  - {? [a] : b}",
+            "name: x\nsteps: [' ']\ninputs: [{name: ' ', kind: choice}]",
+            "%YAML 1.2\n---\nname: x\nsteps: [a]",
+            "%TAG ! tag:x,2000:\n---\n!a b",
+            "name: x\nsteps: [a]\n---",
+            "'",
+            "\"",
+            "{",
+            "[",
+            "]",
+            "}",
+            "- - - - -",
+            "name: >\n  folded\nsteps: |\n  literal",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.push("[".repeat(100_000));
+        v.push("{a: ".repeat(20_000));
+        v.push(format!("name: x\nsteps: {}", "[".repeat(5_000)));
+        v.push(format!("name: x\nsteps: [{}]", "{run: ".repeat(5_000)));
+        let mut block = String::from("name: x\nsteps:\n");
+        for depth in 0..300 {
+            block.push_str(&" ".repeat(depth * 2));
+            block.push_str("- \n");
+        }
+        v.push(block);
+        // Billion laughs.
+        let mut laughs = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let prev = format!("*a{}", i - 1);
+            laughs.push_str(&format!("a{i}: &a{i} [{}]\n", vec![prev; 10].join(", ")));
+        }
+        v.push(laughs.clone());
+        v.push(format!("{laughs}name: x\nsteps: *a9\n"));
+        v.push(format!("name: x\nsteps: [{}]", "a, ".repeat(60_000)));
+        v.push("9".repeat(10_000));
+        v.push(format!(
+            "name: x\nsteps:\n  - run: a\n    timeout: {}",
+            "9".repeat(5_000)
+        ));
+        v
+    }
+
+    #[test]
+    fn never_panics_on_nasty_inputs() {
+        for input in nasty_inputs() {
+            let _ = parse_recipe(&input);
+            let _ = parse_plan_json(&input);
+            let json_ish = input.replace('\'', "\"");
+            let _ = parse_plan_json(&json_ish);
+        }
+        for input in [
+            "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
+            "[\"\\ud800\"]",
+            "[\"\\u0000\", 1e999]",
+            "[{\"run\": \"a\", \"env\": null, \"timeout\": null, \"cwd\": null, \"name\": null}]",
         ] {
-            eprintln!("{y:?} => {:#?}", parse_recipe(y));
+            let _ = parse_plan_json(input);
+        }
+        let deep_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(parse_plan_json(&deep_json).is_err());
+        let quotes = "[\"".repeat(60_000);
+        assert!(parse_plan_json(&quotes).is_err());
+    }
+
+    #[test]
+    fn every_error_is_well_formed() {
+        for input in nasty_inputs() {
+            if let Err(RecipeErrors(errors)) = parse_recipe(&input) {
+                assert!(!errors.is_empty());
+                for e in errors {
+                    assert!(!e.message.is_empty());
+                    assert!(e.line.is_none_or(|l| l >= 1));
+                    assert!(e.column.is_none_or(|c| c >= 1));
+                    assert!(!e.message.contains(PROBE));
+                }
+            }
+        }
+    }
+
+    mod props {
+        use super::super::*;
+        use super::FULL;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn parse_recipe_never_panics(s in "\\PC{0,200}") {
+                let _ = parse_recipe(&s);
+            }
+
+            #[test]
+            fn parse_recipe_never_panics_on_yamlish(
+                s in "[a-z \\n\\t:\\-\\[\\]{}&*!|>'\"#,?%@`~0-9]{0,200}"
+            ) {
+                let _ = parse_recipe(&s);
+                let _ = parse_plan_json(&s);
+            }
+
+            #[test]
+            fn parse_plan_json_never_panics(s in "\\PC{0,200}") {
+                let _ = parse_plan_json(&s);
+            }
+
+            #[test]
+            fn mutated_recipes_never_panic(cut in 0usize..400, insert in "[\\PC]{0,3}") {
+                let mut doc: String = FULL.chars().collect();
+                let mut at = cut.min(doc.len());
+                while !doc.is_char_boundary(at) { at -= 1; }
+                doc.insert_str(at, &insert);
+                if let Err(RecipeErrors(errors)) = parse_recipe(&doc) {
+                    prop_assert!(!errors.is_empty());
+                }
+                let _ = parse_recipe(&doc[..at]);
+            }
         }
     }
 }

@@ -1,0 +1,734 @@
+//! # orchestrator-sqlite
+//!
+//! The embedded default [`Store`] on SQLite (rusqlite, bundled).
+//!
+//! - One writer thread owns the write connection and takes commands over a channel with replies. It
+//!   runs every command that is waiting in one `BEGIN IMMEDIATE` transaction (group commit), each
+//!   inside its own savepoint so a failing command rolls back alone, and replies after `COMMIT`.
+//! - Reads run on a few read-only connections in `spawn_blocking` (WAL lets them run beside the writer).
+//! - No rusqlite call ever runs on an async worker thread.
+//! - WAL, `busy_timeout`, `synchronous=NORMAL` (or `FULL` by option), embedded versioned migrations.
+
+#![forbid(unsafe_code)]
+
+mod ops;
+mod rows;
+mod schema;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use orchestrator_core::domain::*;
+use orchestrator_core::error::{StoreError, StoreResult};
+use orchestrator_core::ids::*;
+use orchestrator_core::retry::RetryOverrides;
+use orchestrator_core::store::*;
+use orchestrator_core::Notifier;
+use rusqlite::{Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+pub use schema::latest_version as schema_version;
+
+/// How durable a commit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// `synchronous=NORMAL`: durable against process crashes; a power loss may lose the last commits.
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: durable against power loss, slower.
+    Full,
+}
+
+/// Options of [`SqliteStore::open`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Commit durability.
+    pub synchronous: Synchronous,
+    /// How long a writer waits for a lock held by another process.
+    pub busy_timeout: std::time::Duration,
+    /// Read-only connections for concurrent reads (file databases only).
+    pub read_connections: usize,
+    /// Most commands committed together in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            synchronous: Synchronous::Normal,
+            busy_timeout: std::time::Duration::from_secs(5),
+            read_connections: 4,
+            max_batch: 512,
+        }
+    }
+}
+
+/// Why a database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The directory that should hold the database does not exist.
+    #[error("cannot open SQLite database `{path}`: directory `{dir}` does not exist")]
+    MissingDirectory {
+        /// The database path.
+        path: PathBuf,
+        /// The missing directory.
+        dir: PathBuf,
+    },
+    /// The file exists but is not a SQLite database.
+    #[error("`{path}` is not a SQLite database (or it is encrypted or corrupt)")]
+    NotADatabase {
+        /// The database path.
+        path: PathBuf,
+    },
+    /// The file or its directory cannot be written.
+    #[error("SQLite database `{path}` is read-only: {message}")]
+    ReadOnly {
+        /// The database path.
+        path: PathBuf,
+        /// Detail.
+        message: String,
+    },
+    /// A newer build wrote this database.
+    #[error("SQLite database `{path}` has schema version {found}, newer than this build supports ({supported}); upgrade the orchestrator")]
+    NewerSchema {
+        /// The database path.
+        path: PathBuf,
+        /// Version found.
+        found: i64,
+        /// Latest version this build knows.
+        supported: i64,
+    },
+    /// Anything else SQLite reported.
+    #[error("cannot open SQLite database `{path}`: {message}")]
+    Sqlite {
+        /// The database path.
+        path: PathBuf,
+        /// Detail.
+        message: String,
+    },
+}
+
+type Reply = Box<dyn FnOnce(Option<String>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> (bool, bool, Reply) + Send>;
+
+enum Readers {
+    /// Read-only connections for a file database.
+    Pool {
+        path: PathBuf,
+        idle: Mutex<Vec<Connection>>,
+        max_idle: usize,
+    },
+    /// `:memory:`: reads go through the writer.
+    Writer,
+}
+
+/// The SQLite store. Cheap to share behind an `Arc`; dropping the last handle stops the writer thread
+/// after it finishes the commands already sent.
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Job>,
+    readers: Arc<Readers>,
+    notifier: Notifier,
+    path: Option<PathBuf>,
+    // Keeps a temporary directory alive for stores made by `open_temp`.
+    _temp: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_open_err(path: &Path, e: rusqlite::Error) -> OpenError {
+    use rusqlite::ErrorCode;
+    if let rusqlite::Error::SqliteFailure(f, msg) = &e {
+        let message = msg.clone().unwrap_or_else(|| f.to_string());
+        match f.code {
+            ErrorCode::NotADatabase => {
+                return OpenError::NotADatabase {
+                    path: path.to_path_buf(),
+                }
+            }
+            ErrorCode::ReadOnly => {
+                return OpenError::ReadOnly {
+                    path: path.to_path_buf(),
+                    message,
+                }
+            }
+            ErrorCode::CannotOpen => {
+                if let Some(dir) = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+                {
+                    return OpenError::MissingDirectory {
+                        path: path.to_path_buf(),
+                        dir: dir.to_path_buf(),
+                    };
+                }
+                return OpenError::Sqlite {
+                    path: path.to_path_buf(),
+                    message,
+                };
+            }
+            _ => {
+                return OpenError::Sqlite {
+                    path: path.to_path_buf(),
+                    message,
+                }
+            }
+        }
+    }
+    OpenError::Sqlite {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn configure_writer(conn: &Connection, opts: &SqliteOptions, memory: bool) -> rusqlite::Result<()> {
+    conn.busy_timeout(opts.busy_timeout)?;
+    if !memory {
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY),
+                Some(format!("could not switch to WAL (journal_mode is {mode})")),
+            ));
+        }
+    }
+    let sync = match opts.synchronous {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -65536;"
+    ))?;
+    ops::register_functions(conn)?;
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
+    let found: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| map_open_err(path, e))?;
+    let supported = schema::latest_version();
+    if found > supported {
+        return Err(OpenError::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+            supported,
+        });
+    }
+    if found == supported {
+        return Ok(());
+    }
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| map_open_err(path, e))?;
+    for (i, m) in schema::MIGRATIONS.iter().enumerate().skip(found as usize) {
+        tx.execute_batch(m).map_err(|e| map_open_err(path, e))?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(|e| map_open_err(path, e))?;
+    }
+    tx.commit().map_err(|e| map_open_err(path, e))
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) a database file and applies pending migrations.
+    pub fn open(path: impl AsRef<Path>, opts: SqliteOptions) -> Result<SqliteStore, OpenError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                return Err(OpenError::MissingDirectory {
+                    path: path.clone(),
+                    dir: dir.to_path_buf(),
+                });
+            }
+        }
+        let mut conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+        )
+        .map_err(|e| map_open_err(&path, e))?;
+        configure_writer(&conn, &opts, false).map_err(|e| map_open_err(&path, e))?;
+        migrate(&mut conn, &path)?;
+        let readers = Readers::Pool {
+            path: path.clone(),
+            idle: Mutex::new(Vec::new()),
+            max_idle: opts.read_connections.max(1),
+        };
+        Ok(Self::start(conn, readers, opts, Some(path)))
+    }
+
+    /// An in-memory database (for tests): nothing is persisted.
+    pub fn open_in_memory() -> Result<SqliteStore, OpenError> {
+        let path = PathBuf::from(":memory:");
+        let opts = SqliteOptions::default();
+        let mut conn = Connection::open_in_memory().map_err(|e| map_open_err(&path, e))?;
+        configure_writer(&conn, &opts, true).map_err(|e| map_open_err(&path, e))?;
+        migrate(&mut conn, &path)?;
+        Ok(Self::start(conn, Readers::Writer, opts, None))
+    }
+
+    /// The database file (None for `:memory:`).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Keeps `guard` (e.g. a temporary directory) alive as long as the store.
+    pub fn with_guard(mut self, guard: impl std::any::Any + Send + Sync) -> Self {
+        self._temp = Some(Box::new(guard));
+        self
+    }
+
+    fn start(
+        conn: Connection,
+        readers: Readers,
+        opts: SqliteOptions,
+        path: Option<PathBuf>,
+    ) -> SqliteStore {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let notifier = Notifier::new();
+        let n2 = notifier.clone();
+        let max_batch = opts.max_batch.max(1);
+        let spawned = std::thread::Builder::new()
+            .name("orchestrator-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, n2, max_batch));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start the SQLite writer thread");
+        }
+        SqliteStore {
+            jobs: tx,
+            readers: Arc::new(readers),
+            notifier,
+            path,
+            _temp: None,
+        }
+    }
+
+    /// Runs `f` in the writer's transaction (inside its own savepoint); replies after commit. The bool
+    /// returned by `f` says whether claimers should be woken.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<(R, bool)> + Send + 'static,
+    ) -> StoreResult<R> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<StoreResult<R>>();
+        let job: Job = Box::new(move |c: &Connection| match f(c) {
+            Ok((r, notify)) => {
+                let reply: Reply = Box::new(move |commit_err: Option<String>| {
+                    let _ = tx.send(match commit_err {
+                        None => Ok(r),
+                        Some(m) => Err(StoreError::Unavailable {
+                            retryable: true,
+                            message: m,
+                        }),
+                    });
+                });
+                (true, notify, reply)
+            }
+            Err(e) => {
+                let reply: Reply = Box::new(move |_| {
+                    let _ = tx.send(Err(e));
+                });
+                (false, false, reply)
+            }
+        });
+        self.jobs.send(job).map_err(|_| StoreError::Unavailable {
+            retryable: false,
+            message: "the SQLite writer thread has stopped".into(),
+        })?;
+        rx.await.map_err(|_| StoreError::Unavailable {
+            retryable: true,
+            message: "the SQLite writer could not run the command (see the log)".into(),
+        })?
+    }
+
+    /// Runs a read on a read-only connection (or through the writer for `:memory:`).
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        match &*self.readers {
+            Readers::Writer => self.write(move |c| f(c).map(|r| (r, false))).await,
+            Readers::Pool { .. } => {
+                let readers = self.readers.clone();
+                tokio::task::spawn_blocking(move || {
+                    let Readers::Pool {
+                        path,
+                        idle,
+                        max_idle,
+                    } = &*readers
+                    else {
+                        return Err(StoreError::conflict("reader pool missing"));
+                    };
+                    let conn = idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                    let conn = match conn {
+                        Some(c) => c,
+                        None => open_reader(path)?,
+                    };
+                    let out = f(&conn);
+                    let mut g = idle.lock().unwrap_or_else(|p| p.into_inner());
+                    if g.len() < *max_idle {
+                        g.push(conn);
+                    }
+                    out
+                })
+                .await
+                .map_err(StoreError::backend)?
+            }
+        }
+    }
+}
+
+fn open_reader(path: &Path) -> StoreResult<Connection> {
+    let c = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
+    )
+    .map_err(ops::map_err)?;
+    c.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(ops::map_err)?;
+    ops::register_functions(&c).map_err(ops::map_err)?;
+    Ok(c)
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    notifier: Notifier,
+    max_batch: usize,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut conn, batch, &notifier);
+    }
+}
+
+fn run_batch(conn: &mut Connection, batch: Vec<Job>, notifier: &Notifier) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let msg = format!("could not begin a write transaction: {e}");
+        for job in batch {
+            // Run nothing: reply with the error by running the job on a failed path is not possible, so
+            // drop it; the caller sees the writer dropped the command.
+            drop(job);
+        }
+        tracing::error!("{msg}");
+        return;
+    }
+    let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+    let mut notify = false;
+    for job in batch {
+        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            tracing::error!(error = %e, "savepoint failed");
+            drop(job);
+            continue;
+        }
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)));
+        match res {
+            Ok((ok, n, reply)) => {
+                let end = if ok {
+                    conn.execute_batch("RELEASE job")
+                } else {
+                    conn.execute_batch("ROLLBACK TO job; RELEASE job")
+                };
+                if let Err(e) = end {
+                    tracing::error!(error = %e, "savepoint release failed");
+                }
+                notify |= ok && n;
+                replies.push(reply);
+            }
+            Err(_) => {
+                let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                tracing::error!("a SQLite command panicked; it was rolled back");
+            }
+        }
+    }
+    match conn.execute_batch("COMMIT") {
+        Ok(()) => {
+            // Wake claimers before replying, so a caller that sees its reply also sees the signal.
+            if notify {
+                notifier.notify();
+            }
+            for r in replies {
+                r(None);
+            }
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            let msg = format!("commit failed: {e}");
+            for r in replies {
+                r(Some(msg.clone()));
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.read(|c| {
+            c.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(ops::map_err)
+        })
+        .await
+    }
+
+    async fn project_create(&self, p: NewProject) -> StoreResult<Project> {
+        self.write(move |c| ops::project_create(c, p).map(|r| (r, false)))
+            .await
+    }
+    async fn project_get(&self, id: ProjectId) -> StoreResult<Project> {
+        self.read(move |c| ops::project_get(c, id)).await
+    }
+    async fn project_list(&self, page: Page) -> StoreResult<Vec<Project>> {
+        self.read(move |c| ops::project_list(c, page)).await
+    }
+    async fn project_update(&self, p: ProjectUpdate) -> StoreResult<Project> {
+        self.write(move |c| ops::project_update(c, p).map(|r| (r, false)))
+            .await
+    }
+    async fn project_delete(&self, id: ProjectId) -> StoreResult<()> {
+        self.write(move |c| ops::project_delete(c, id).map(|r| (r, false)))
+            .await
+    }
+
+    async fn vision_put(&self, p: VisionPut) -> StoreResult<Vision> {
+        self.write(move |c| ops::vision_put(c, p).map(|r| (r, false)))
+            .await
+    }
+    async fn vision_get(&self, project_id: ProjectId, version: Option<u32>) -> StoreResult<Vision> {
+        self.read(move |c| ops::vision_get(c, project_id, version))
+            .await
+    }
+    async fn vision_list(&self, project_id: ProjectId) -> StoreResult<Vec<Vision>> {
+        self.read(move |c| ops::vision_list(c, project_id)).await
+    }
+
+    async fn draft_create(
+        &self,
+        p: NewDraft,
+    ) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)> {
+        self.write(move |c| ops::draft_create(c, p).map(|r| (r, false)))
+            .await
+    }
+    async fn draft_get(&self, id: DraftId) -> StoreResult<RequirementsDraft> {
+        self.read(move |c| ops::draft_get(c, id)).await
+    }
+    async fn draft_list(
+        &self,
+        project_id: ProjectId,
+        page: Page,
+    ) -> StoreResult<Vec<RequirementsDraft>> {
+        self.read(move |c| ops::draft_list(c, project_id, page))
+            .await
+    }
+    async fn draft_decide(&self, id: DraftId, d: Decide) -> StoreResult<DecisionOutcome> {
+        self.write(move |c| ops::decide(c, None, Some(id), &d).map(|r| (r, false)))
+            .await
+    }
+
+    async fn approval_get(&self, id: ApprovalId) -> StoreResult<ApprovalRequest> {
+        self.read(move |c| ops::approval_get(c, id)).await
+    }
+    async fn approval_list(&self, f: ApprovalFilter) -> StoreResult<Vec<ApprovalRequest>> {
+        self.read(move |c| ops::approval_list(c, &f)).await
+    }
+    async fn approval_decide(&self, id: ApprovalId, d: Decide) -> StoreResult<DecisionOutcome> {
+        self.write(move |c| ops::decide(c, Some(id), None, &d).map(|r| (r, false)))
+            .await
+    }
+
+    async fn recipe_create(&self, p: NewRecipe) -> StoreResult<ToolRecipe> {
+        self.write(move |c| ops::recipe_create(c, p).map(|r| (r, false)))
+            .await
+    }
+    async fn recipe_get(&self, id: RecipeId) -> StoreResult<ToolRecipe> {
+        self.read(move |c| ops::recipe_get(c, id)).await
+    }
+    async fn recipe_list(&self, page: Page) -> StoreResult<Vec<ToolRecipe>> {
+        self.read(move |c| ops::recipe_list(c, page)).await
+    }
+
+    async fn work_items_create(
+        &self,
+        items: Vec<NewWorkItem>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<WorkItemCreated>> {
+        self.write(move |c| ops::work_items_create(c, items, now))
+            .await
+    }
+    async fn work_item_get(&self, id: WorkItemId) -> StoreResult<WorkItem> {
+        self.read(move |c| ops::work_item_get(c, id)).await
+    }
+    async fn work_item_list(&self, f: WorkItemFilter) -> StoreResult<Vec<WorkItem>> {
+        self.read(move |c| ops::work_item_list(c, &f)).await
+    }
+    async fn work_item_update(&self, p: WorkItemUpdate) -> StoreResult<WorkItemChanged> {
+        self.write(move |c| ops::work_item_update(c, p).map(|r| (r, false)))
+            .await
+    }
+    async fn work_item_submit(
+        &self,
+        id: WorkItemId,
+        require_approval: bool,
+        now: DateTime<Utc>,
+    ) -> StoreResult<WorkItemChanged> {
+        self.write(move |c| ops::work_item_submit(c, id, require_approval, now).map(|r| (r, false)))
+            .await
+    }
+    async fn work_item_set_policy(
+        &self,
+        id: WorkItemId,
+        retry: RetryOverrides,
+        now: DateTime<Utc>,
+    ) -> StoreResult<WorkItem> {
+        self.write(move |c| ops::work_item_set_policy(c, id, retry, now).map(|r| (r, false)))
+            .await
+    }
+    async fn work_item_cancel(&self, id: WorkItemId, x: Cancel) -> StoreResult<WorkItem> {
+        self.write(move |c| ops::cancel_item(c, id, &x.reason, x.now).map(|r| (r, false)))
+            .await
+    }
+    async fn work_item_requeue(&self, id: WorkItemId, r: Requeue) -> StoreResult<WorkItem> {
+        self.write(move |c| ops::work_item_requeue(c, id, &r).map(|w| (w, true)))
+            .await
+    }
+
+    async fn enqueue_many(
+        &self,
+        items: Vec<Enqueue>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<ScheduledTask>> {
+        self.write(move |c| ops::enqueue_checked(c, &items, now).map(|r| (r, true)))
+            .await
+    }
+    async fn scheduled_task_get(&self, id: WorkItemId) -> StoreResult<ScheduledTask> {
+        self.read(move |c| ops::scheduled_task_get(c, id)).await
+    }
+    async fn queue_list(&self, f: QueueFilter) -> StoreResult<Vec<ScheduledTask>> {
+        self.read(move |c| ops::queue_list(c, &f)).await
+    }
+    async fn tick(&self, t: Tick) -> StoreResult<TickReport> {
+        self.write(move |c| ops::tick(c, &t)).await
+    }
+    async fn leases_reap_expired(&self, t: Tick) -> StoreResult<Vec<ReapedRun>> {
+        self.write(move |c| {
+            ops::reap(c, &t).map(|r| {
+                let n = !r.is_empty();
+                (r, n)
+            })
+        })
+        .await
+    }
+
+    async fn runs_claim(&self, cl: Claim) -> StoreResult<Vec<ClaimedRun>> {
+        self.write(move |c| ops::runs_claim(c, &cl).map(|r| (r, false)))
+            .await
+    }
+    async fn lease_renew(&self, p: LeaseRenew) -> StoreResult<Lease> {
+        self.write(move |c| ops::lease_renew(c, &p).map(|r| (r, false)))
+            .await
+    }
+    async fn run_start(&self, p: RunStart) -> StoreResult<Run> {
+        self.write(move |c| ops::run_start(c, &p).map(|r| (r, false)))
+            .await
+    }
+    async fn runs_complete_many(
+        &self,
+        p: CompleteMany,
+    ) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
+        self.write(move |c| ops::runs_complete_many(c, &p)).await
+    }
+    async fn run_get(&self, id: RunId) -> StoreResult<Run> {
+        self.read(move |c| ops::run_get(c, id)).await
+    }
+    async fn run_list(&self, f: RunFilter) -> StoreResult<Vec<Run>> {
+        self.read(move |c| ops::run_list(c, &f)).await
+    }
+    async fn run_cancel(&self, id: RunId, x: Cancel) -> StoreResult<Run> {
+        self.write(move |c| ops::run_cancel(c, id, &x).map(|r| (r, false)))
+            .await
+    }
+    async fn run_requeue(&self, id: RunId, r: Requeue) -> StoreResult<WorkItem> {
+        self.write(move |c| ops::run_requeue(c, id, &r).map(|w| (w, true)))
+            .await
+    }
+
+    async fn logs_append(&self, p: LogAppend) -> StoreResult<u64> {
+        self.write(move |c| ops::logs_append(c, p).map(|r| (r, false)))
+            .await
+    }
+    async fn logs_read_after(
+        &self,
+        run_id: RunId,
+        after: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<LogEntry>> {
+        self.read(move |c| ops::logs_read_after(c, run_id, after, limit))
+            .await
+    }
+    async fn step_events_append(&self, p: StepEventsAppend) -> StoreResult<Vec<StepEvent>> {
+        self.write(move |c| ops::step_events_append(c, p).map(|r| (r, false)))
+            .await
+    }
+    async fn step_events_read_after(
+        &self,
+        run_id: RunId,
+        after: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<StepEvent>> {
+        self.read(move |c| ops::step_events_read_after(c, run_id, after, limit))
+            .await
+    }
+
+    async fn info_requests_create(&self, p: InfoAsk) -> StoreResult<Vec<InfoRequest>> {
+        self.write(move |c| ops::info_requests_create(c, p).map(|r| (r, false)))
+            .await
+    }
+    async fn info_request_get(&self, id: InfoRequestId) -> StoreResult<InfoRequest> {
+        self.read(move |c| ops::info_request_get(c, id)).await
+    }
+    async fn info_request_list(&self, f: InfoRequestFilter) -> StoreResult<Vec<InfoRequest>> {
+        self.read(move |c| ops::info_request_list(c, &f)).await
+    }
+    async fn info_request_answer(&self, p: InfoAnswer) -> StoreResult<InfoAnswered> {
+        self.write(move |c| {
+            ops::info_request_answer(c, p).map(|r| {
+                let n = r.resumed;
+                (r, n)
+            })
+        })
+        .await
+    }
+    async fn info_answers_for_run(
+        &self,
+        run_id: RunId,
+        token: u64,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<InfoRequest>> {
+        self.read(move |c| ops::info_answers_for_run(c, run_id, token, now))
+            .await
+    }
+
+    async fn stats(&self) -> StoreResult<QueueStats> {
+        self.read(ops::stats).await
+    }
+}

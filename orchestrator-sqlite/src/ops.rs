@@ -1,0 +1,2018 @@
+//! The store operations as functions over a connection inside the writer's transaction (writes) or a
+//! read connection (reads). Semantics mirror `orchestrator_core::MemoryStore`; decisions come from
+//! `orchestrator_core::rules`.
+
+use crate::rows::*;
+use chrono::{DateTime, Utc};
+use orchestrator_core::crypto::SealedValue;
+use orchestrator_core::domain::*;
+use orchestrator_core::error::{StoreError, StoreResult};
+use orchestrator_core::ids::*;
+use orchestrator_core::retry::{FailureKind, RetryOverrides, RetryPolicy};
+use orchestrator_core::rules;
+use orchestrator_core::state::*;
+use orchestrator_core::store::*;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashMap;
+use uuid::Uuid;
+
+/// Maps a rusqlite error to the backend-neutral error.
+pub fn map_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode;
+    if let rusqlite::Error::SqliteFailure(f, msg) = &e {
+        let message = msg.clone().unwrap_or_else(|| f.to_string());
+        match f.code {
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+                return StoreError::Unavailable {
+                    retryable: true,
+                    message,
+                }
+            }
+            ErrorCode::DiskFull
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::CannotOpen
+            | ErrorCode::ReadOnly => {
+                return StoreError::Unavailable {
+                    retryable: false,
+                    message,
+                }
+            }
+            _ => {}
+        }
+    }
+    StoreError::backend(e)
+}
+
+trait Q<T> {
+    fn q(self) -> StoreResult<T>;
+}
+impl<T> Q<T> for rusqlite::Result<T> {
+    fn q(self) -> StoreResult<T> {
+        self.map_err(map_err)
+    }
+}
+
+/// Registers SQL functions the schema and queries use.
+pub fn register_functions(c: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    c.create_scalar_function("uuid7", 0, FunctionFlags::SQLITE_UTF8, |_| {
+        Ok(Uuid::now_v7().as_bytes().to_vec())
+    })
+}
+
+fn i(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+// ---------------------------------------------------------------- projects
+
+pub fn project_create(c: &Connection, p: NewProject) -> StoreResult<Project> {
+    let pr = Project {
+        id: p.id,
+        name: p.name,
+        description: p.description,
+        created_at: p.now,
+        updated_at: p.now,
+    };
+    let n = c
+        .prepare_cached("INSERT INTO projects (id, name, description, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT DO NOTHING")
+        .q()?
+        .execute(params![b(pr.id), pr.name, pr.description, ts(p.now)])
+        .q()?;
+    if n == 0 {
+        return Err(StoreError::Duplicate {
+            entity: EntityKind::Project,
+            key: pr.id.to_string(),
+        });
+    }
+    Ok(pr)
+}
+
+pub fn project_get(c: &Connection, id: ProjectId) -> StoreResult<Project> {
+    c.prepare_cached(&format!(
+        "SELECT {PROJECT_COLS} FROM projects WHERE id = ?1"
+    ))
+    .q()?
+    .query_row([b(id)], project)
+    .optional()
+    .q()?
+    .ok_or_else(|| StoreError::not_found(EntityKind::Project, id))
+}
+
+fn project_exists(c: &Connection, id: ProjectId) -> StoreResult<()> {
+    let found: Option<i64> = c
+        .prepare_cached("SELECT 1 FROM projects WHERE id = ?1")
+        .q()?
+        .query_row([b(id)], |r| r.get(0))
+        .optional()
+        .q()?;
+    found
+        .map(|_| ())
+        .ok_or_else(|| StoreError::not_found(EntityKind::Project, id))
+}
+
+fn after(page: &Page) -> Vec<u8> {
+    page.after
+        .map(|u| u.as_bytes().to_vec())
+        .unwrap_or_default()
+}
+
+pub fn project_list(c: &Connection, page: Page) -> StoreResult<Vec<Project>> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {PROJECT_COLS} FROM projects WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))
+        .q()?;
+    let rows = st
+        .query_map(
+            params![after(&page), page.effective_limit() as i64],
+            project,
+        )
+        .q()?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().q()
+}
+
+pub fn project_update(c: &Connection, p: ProjectUpdate) -> StoreResult<Project> {
+    c.prepare_cached(&format!(
+        "UPDATE projects SET name = COALESCE(?2, name), description = COALESCE(?3, description), updated_at = ?4 WHERE id = ?1 RETURNING {PROJECT_COLS}"
+    ))
+    .q()?
+    .query_row(params![b(p.id), p.name, p.description, ts(p.now)], project)
+    .optional()
+    .q()?
+    .ok_or_else(|| StoreError::not_found(EntityKind::Project, p.id))
+}
+
+pub fn project_delete(c: &Connection, id: ProjectId) -> StoreResult<()> {
+    project_exists(c, id)?;
+    let busy: Option<(U, String)> = c
+        .query_row(
+            "SELECT id, state FROM work_items WHERE project_id = ?1 AND state IN ('queued', 'running', 'waiting_input', 'retrying') LIMIT 1",
+            [b(id)],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .q()?;
+    if let Some((wid, state)) = busy {
+        return Err(StoreError::conflict(format!(
+            "project has active work item {} ({state}); cancel it first",
+            wid.0
+        )));
+    }
+    c.execute_batch("CREATE TEMP TABLE IF NOT EXISTS del_runs (id BLOB PRIMARY KEY); DELETE FROM temp.del_runs;").q()?;
+    c.execute(
+        "INSERT INTO temp.del_runs SELECT id FROM runs WHERE project_id = ?1",
+        [b(id)],
+    )
+    .q()?;
+    c.execute(
+        "DELETE FROM logs WHERE run_id IN (SELECT id FROM temp.del_runs)",
+        [],
+    )
+    .q()?;
+    c.execute(
+        "DELETE FROM step_events WHERE run_id IN (SELECT id FROM temp.del_runs)",
+        [],
+    )
+    .q()?;
+    c.execute("DELETE FROM work_item_deps WHERE work_item_id IN (SELECT id FROM work_items WHERE project_id = ?1) OR depends_on IN (SELECT id FROM work_items WHERE project_id = ?1)", [b(id)]).q()?;
+    for t in [
+        "runs",
+        "info_requests",
+        "approvals",
+        "drafts",
+        "work_items",
+        "visions",
+    ] {
+        c.execute(&format!("DELETE FROM {t} WHERE project_id = ?1"), [b(id)])
+            .q()?;
+    }
+    c.execute("DELETE FROM recipes WHERE project_id = ?1", [b(id)])
+        .q()?;
+    c.execute("DELETE FROM projects WHERE id = ?1", [b(id)])
+        .q()?;
+    c.execute_batch("DELETE FROM temp.del_runs;").q()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- visions
+
+pub fn vision_put(c: &Connection, p: VisionPut) -> StoreResult<Vision> {
+    project_exists(c, p.project_id)?;
+    c.prepare_cached(&format!(
+        "INSERT INTO visions (project_id, version, text, author, created_at)
+         VALUES (?1, (SELECT COALESCE(MAX(version), 0) + 1 FROM visions WHERE project_id = ?1), ?2, ?3, ?4) RETURNING {VISION_COLS}"
+    ))
+    .q()?
+    .query_row(params![b(p.project_id), p.text, p.author, ts(p.now)], vision)
+    .q()
+}
+
+pub fn vision_get(
+    c: &Connection,
+    project_id: ProjectId,
+    version: Option<u32>,
+) -> StoreResult<Vision> {
+    project_exists(c, project_id)?;
+    let v = match version {
+        None => c
+            .prepare_cached(&format!("SELECT {VISION_COLS} FROM visions WHERE project_id = ?1 ORDER BY version DESC LIMIT 1"))
+            .q()?
+            .query_row([b(project_id)], vision)
+            .optional()
+            .q()?,
+        Some(n) => c
+            .prepare_cached(&format!("SELECT {VISION_COLS} FROM visions WHERE project_id = ?1 AND version = ?2"))
+            .q()?
+            .query_row(params![b(project_id), n], vision)
+            .optional()
+            .q()?,
+    };
+    v.ok_or_else(|| {
+        StoreError::not_found(
+            EntityKind::Vision,
+            format!(
+                "{project_id}@{}",
+                version.map_or("latest".to_string(), |n| n.to_string())
+            ),
+        )
+    })
+}
+
+pub fn vision_list(c: &Connection, project_id: ProjectId) -> StoreResult<Vec<Vision>> {
+    project_exists(c, project_id)?;
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {VISION_COLS} FROM visions WHERE project_id = ?1 ORDER BY version"
+        ))
+        .q()?;
+    let rows = st.query_map([b(project_id)], vision).q()?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().q()
+}
+
+// ---------------------------------------------------------------- drafts and approvals
+
+fn recipe_exists(c: &Connection, id: RecipeId) -> StoreResult<bool> {
+    let found: Option<i64> = c
+        .prepare_cached("SELECT 1 FROM recipes WHERE id = ?1")
+        .q()?
+        .query_row([b(id)], |r| r.get(0))
+        .optional()
+        .q()?;
+    Ok(found.is_some())
+}
+
+fn insert_approval(
+    c: &Connection,
+    project_id: ProjectId,
+    subject: ApprovalSubject,
+    hash: &str,
+    now: DateTime<Utc>,
+) -> StoreResult<ApprovalRequest> {
+    let a = ApprovalRequest {
+        id: ApprovalId::new(),
+        project_id,
+        subject,
+        content_hash: hash.to_string(),
+        state: ApprovalState::Pending,
+        requested_at: now,
+        decided_by: None,
+        decided_at: None,
+        reason: None,
+    };
+    let (kind, sid) = subject_parts(&subject);
+    c.prepare_cached(
+        "INSERT INTO approvals (id, project_id, subject_kind, subject_id, content_hash, state, requested_at) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
+    )
+    .q()?
+    .execute(params![b(a.id), b(project_id), kind, B(sid), hash, ts(now)])
+    .q()?;
+    Ok(a)
+}
+
+fn supersede_pending(
+    c: &Connection,
+    approval_id: Option<ApprovalId>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    if let Some(id) = approval_id {
+        c.prepare_cached("UPDATE approvals SET state = 'superseded', decided_at = ?2 WHERE id = ?1 AND state = 'pending'")
+            .q()?
+            .execute(params![b(id), ts(now)])
+            .q()?;
+    }
+    Ok(())
+}
+
+pub fn draft_create(
+    c: &Connection,
+    p: NewDraft,
+) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)> {
+    project_exists(c, p.project_id)?;
+    for (i, r) in p.requirements.iter().enumerate() {
+        if let Some(rid) = r.recipe_id {
+            if !recipe_exists(c, rid)? {
+                return Err(StoreError::invalid(
+                    format!("requirements[{i}].recipe_id"),
+                    format!("unknown recipe `{rid}`"),
+                ));
+            }
+        }
+    }
+    let hash = content_hash(&(&p.title, &p.requirements));
+    let d = RequirementsDraft {
+        id: p.id,
+        project_id: p.project_id,
+        title: p.title,
+        requirements: p.requirements,
+        state: DraftState::Proposed,
+        content_hash: hash.clone(),
+        proposed_by: p.proposed_by,
+        work_item_ids: Vec::new(),
+        created_at: p.now,
+        decided_at: None,
+    };
+    c.prepare_cached(&format!(
+        "INSERT INTO drafts ({DRAFT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL)"
+    ))
+    .q()?
+    .execute(params![
+        b(d.id),
+        b(d.project_id),
+        d.title,
+        to_json(&d.requirements)?,
+        d.state.as_str(),
+        d.content_hash,
+        d.proposed_by,
+        "[]",
+        ts(d.created_at)
+    ])
+    .q()?;
+    let a = if p.require_approval {
+        Some(insert_approval(
+            c,
+            d.project_id,
+            ApprovalSubject::RequirementsDraft(d.id),
+            &hash,
+            p.now,
+        )?)
+    } else {
+        None
+    };
+    Ok((d, a))
+}
+
+pub fn draft_get(c: &Connection, id: DraftId) -> StoreResult<RequirementsDraft> {
+    c.prepare_cached(&format!("SELECT {DRAFT_COLS} FROM drafts WHERE id = ?1"))
+        .q()?
+        .query_row([b(id)], draft)
+        .optional()
+        .q()?
+        .ok_or_else(|| StoreError::not_found(EntityKind::RequirementsDraft, id))
+}
+
+pub fn draft_list(
+    c: &Connection,
+    project_id: ProjectId,
+    page: Page,
+) -> StoreResult<Vec<RequirementsDraft>> {
+    project_exists(c, project_id)?;
+    let mut st = c.prepare_cached(&format!("SELECT {DRAFT_COLS} FROM drafts WHERE project_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3")).q()?;
+    let rows = st
+        .query_map(
+            params![b(project_id), after(&page), page.effective_limit() as i64],
+            draft,
+        )
+        .q()?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().q()
+}
+
+pub fn approval_get(c: &Connection, id: ApprovalId) -> StoreResult<ApprovalRequest> {
+    c.prepare_cached(&format!(
+        "SELECT {APPROVAL_COLS} FROM approvals WHERE id = ?1"
+    ))
+    .q()?
+    .query_row([b(id)], approval)
+    .optional()
+    .q()?
+    .ok_or_else(|| StoreError::not_found(EntityKind::ApprovalRequest, id))
+}
+
+pub fn approval_list(c: &Connection, f: &ApprovalFilter) -> StoreResult<Vec<ApprovalRequest>> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {APPROVAL_COLS} FROM approvals WHERE id > ?1 AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR project_id = ?3) ORDER BY id LIMIT ?4"
+        ))
+        .q()?;
+    let rows = st
+        .query_map(
+            params![
+                after(&f.page),
+                f.state.map(|s| s.as_str()),
+                f.project_id.map(b),
+                f.page.effective_limit() as i64
+            ],
+            approval,
+        )
+        .q()?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().q()
+}
+
+fn record_decision(
+    c: &Connection,
+    id: ApprovalId,
+    to: ApprovalState,
+    d: &Decide,
+) -> StoreResult<ApprovalRequest> {
+    c.prepare_cached(&format!("UPDATE approvals SET state = ?2, decided_by = ?3, decided_at = ?4, reason = ?5 WHERE id = ?1 RETURNING {APPROVAL_COLS}"))
+        .q()?
+        .query_row(params![b(id), to.as_str(), d.decided_by, ts(d.now), d.reason], approval)
+        .q()
+}
+
+pub fn decide(
+    c: &Connection,
+    approval_id: Option<ApprovalId>,
+    draft_id: Option<DraftId>,
+    d: &Decide,
+) -> StoreResult<DecisionOutcome> {
+    let approval = match approval_id {
+        Some(id) => Some(approval_get(c, id)?),
+        None => None,
+    };
+    let to_approval = match d.decision {
+        Decision::Approve => ApprovalState::Approved,
+        Decision::Reject => ApprovalState::Rejected,
+    };
+    if let Some(a) = &approval {
+        a.state.transition(to_approval)?;
+    }
+    let subject = match (&approval, draft_id) {
+        (Some(a), _) => a.subject,
+        (None, Some(did)) => ApprovalSubject::RequirementsDraft(did),
+        (None, None) => return Err(StoreError::invalid("id", "nothing to decide")),
+    };
+    let mut out = DecisionOutcome {
+        approval: None,
+        draft: None,
+        work_items: Vec::new(),
+    };
+    match subject {
+        ApprovalSubject::RequirementsDraft(did) => {
+            let dr = draft_get(c, did)?;
+            let to = match d.decision {
+                Decision::Approve => DraftState::Approved,
+                Decision::Reject => DraftState::Rejected,
+            };
+            dr.state.transition(to)?;
+            if let Some(a) = &approval {
+                if a.content_hash != dr.content_hash {
+                    return Err(StoreError::conflict(
+                        "the draft changed after this approval was requested",
+                    ));
+                }
+            }
+            let pending: Option<U> = c
+                .query_row("SELECT id FROM approvals WHERE subject_id = ?1 AND state = 'pending' ORDER BY id LIMIT 1", [b(did)], |r| r.get(0))
+                .optional()
+                .q()?;
+            let approval_id = approval
+                .as_ref()
+                .map(|a| a.id)
+                .or(pending.map(|u| ApprovalId(u.0)));
+            let mut items = Vec::new();
+            if d.decision == Decision::Approve {
+                items = rules::draft_work_items(&dr, d.now);
+                for w in &items {
+                    insert_work_item(c, w)?;
+                }
+            }
+            let ids: Vec<WorkItemId> = items.iter().map(|w| w.id).collect();
+            let updated = c
+                .prepare_cached(&format!("UPDATE drafts SET state = ?2, decided_at = ?3, work_item_ids = ?4 WHERE id = ?1 RETURNING {DRAFT_COLS}"))
+                .q()?
+                .query_row(params![b(did), to.as_str(), ts(d.now), to_json(&ids)?], draft)
+                .q()?;
+            out.draft = Some(updated);
+            out.work_items = items;
+            if let Some(aid) = approval_id {
+                out.approval = Some(record_decision(c, aid, to_approval, d)?);
+            }
+        }
+        ApprovalSubject::WorkItem(wid) => {
+            let a = approval.ok_or_else(|| {
+                StoreError::invalid("id", "work items are decided through approvals")
+            })?;
+            let item = work_item_get(c, wid)?;
+            if item.state != WorkItemState::AwaitingApproval || item.approval_id != Some(a.id) {
+                return Err(StoreError::conflict(format!(
+                    "work item {wid} is {} and not waiting for this approval",
+                    item.state
+                )));
+            }
+            if item.content_hash != a.content_hash {
+                return Err(StoreError::conflict("the work item changed after this approval was requested; a new approval is needed"));
+            }
+            let to = match d.decision {
+                Decision::Approve => WorkItemState::Ready,
+                Decision::Reject => WorkItemState::Draft,
+            };
+            item.state.transition(to)?;
+            set_item_state(c, wid, to, d.now)?;
+            out.approval = Some(record_decision(c, a.id, to_approval, d)?);
+            out.work_items.push(work_item_get(c, wid)?);
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- recipes
+
+pub fn recipe_create(c: &Connection, p: NewRecipe) -> StoreResult<ToolRecipe> {
+    if let Some(pid) = p.project_id {
+        project_exists(c, pid)?;
+    }
+    let r = ToolRecipe {
+        id: p.id,
+        project_id: p.project_id,
+        name: p.spec.name.clone(),
+        yaml: p.yaml,
+        spec: p.spec,
+        created_at: p.now,
+    };
+    c.prepare_cached(&format!(
+        "INSERT INTO recipes ({RECIPE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+    ))
+    .q()?
+    .execute(params![
+        b(r.id),
+        r.project_id.map(b),
+        r.name,
+        r.yaml,
+        to_json(&r.spec)?,
+        ts(r.created_at)
+    ])
+    .q()?;
+    Ok(r)
+}
+
+pub fn recipe_get(c: &Connection, id: RecipeId) -> StoreResult<ToolRecipe> {
+    c.prepare_cached(&format!("SELECT {RECIPE_COLS} FROM recipes WHERE id = ?1"))
+        .q()?
+        .query_row([b(id)], recipe)
+        .optional()
+        .q()?
+        .ok_or_else(|| StoreError::not_found(EntityKind::ToolRecipe, id))
+}
+
+pub fn recipe_list(c: &Connection, page: Page) -> StoreResult<Vec<ToolRecipe>> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {RECIPE_COLS} FROM recipes WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))
+        .q()?;
+    let rows = st
+        .query_map(params![after(&page), page.effective_limit() as i64], recipe)
+        .q()?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().q()
+}
+
+// ---------------------------------------------------------------- work items
+
+fn insert_work_item(c: &Connection, w: &WorkItem) -> StoreResult<()> {
+    c.prepare_cached(&format!(
+        "INSERT INTO work_items ({WI_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, 0)"
+    ))
+    .q()?
+    .execute(params![
+        b(w.id),
+        b(w.project_id),
+        w.title,
+        w.description,
+        w.recipe_id.map(b),
+        to_json(&w.labels)?,
+        w.state.as_str(),
+        w.priority,
+        to_json(&w.dependencies)?,
+        to_json(&w.retry)?,
+        w.idempotency_key,
+        w.content_hash,
+        w.approval_id.map(b),
+        w.draft_id.map(b),
+        w.blocked_reason,
+        w.attempts,
+        w.current_run_id.map(b),
+        ts_opt(w.run_at),
+        w.last_error,
+        ts(w.created_at),
+        ts(w.updated_at),
+        ts_opt(w.enqueued_at)
+    ])
+    .q()?;
+    Ok(())
+}
+
+/// Writes every mutable column of a work item back.
+fn save_work_item(c: &Connection, w: &WorkItem) -> StoreResult<()> {
+    c.prepare_cached(
+        "UPDATE work_items SET title = ?2, description = ?3, recipe_id = ?4, labels = ?5, state = ?6, priority = ?7, dependencies = ?8,
+         retry = ?9, content_hash = ?10, approval_id = ?11, blocked_reason = ?12, attempts = ?13, current_run_id = ?14, run_at = ?15,
+         last_error = ?16, updated_at = ?17, enqueued_at = ?18 WHERE id = ?1",
+    )
+    .q()?
+    .execute(params![
+        b(w.id),
+        w.title,
+        w.description,
+        w.recipe_id.map(b),
+        to_json(&w.labels)?,
+        w.state.as_str(),
+        w.priority,
+        to_json(&w.dependencies)?,
+        to_json(&w.retry)?,
+        w.content_hash,
+        w.approval_id.map(b),
+        w.blocked_reason,
+        w.attempts,
+        w.current_run_id.map(b),
+        ts_opt(w.run_at),
+        w.last_error,
+        ts(w.updated_at),
+        ts_opt(w.enqueued_at)
+    ])
+    .q()?;
+    Ok(())
+}
+
+pub fn work_item_get(c: &Connection, id: WorkItemId) -> StoreResult<WorkItem> {
+    work_item_get_pending(c, id).map(|(w, _)| w)
+}
+
+fn work_item_get_pending(c: &Connection, id: WorkItemId) -> StoreResult<(WorkItem, u32)> {
+    c.prepare_cached(&format!("SELECT {WI_COLS} FROM work_items WHERE id = ?1"))
+        .q()?
+        .query_row([b(id)], work_item_pending)
+        .optional()
+        .q()?
+        .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
+}
+
+fn set_item_state(
+    c: &Connection,
+    id: WorkItemId,
+    to: WorkItemState,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    c.prepare_cached("UPDATE work_items SET state = ?2, updated_at = ?3 WHERE id = ?1")
+        .q()?
+        .execute(params![b(id), to.as_str(), ts(now)])
+        .q()?;
+    Ok(())
+}
+
+/// Count of the item's dependencies that have not succeeded.
+fn count_pending(c: &Connection, id: WorkItemId) -> StoreResult<u32> {
+    c.prepare_cached(
+        "SELECT COUNT(*) FROM work_item_deps d JOIN work_items w ON w.id = d.depends_on WHERE d.work_item_id = ?1 AND w.state <> 'succeeded'",
+    )
+    .q()?
+    .query_row([b(id)], |r| r.get(0))
+    .q()
+}
+
+fn refresh_pending(c: &Connection, id: WorkItemId) -> StoreResult<u32> {
+    let n = count_pending(c, id)?;
+    c.prepare_cached("UPDATE work_items SET pending_deps = ?2 WHERE id = ?1")
+        .q()?
+        .execute(params![b(id), n])
+        .q()?;
+    Ok(n)
+}
+
+fn blocking_dep(
+    c: &Connection,
+    id: WorkItemId,
+) -> StoreResult<Option<(WorkItemId, WorkItemState)>> {
+    let r: Option<(U, String)> = c
+        .prepare_cached(
+            "SELECT w.id, w.state FROM work_item_deps d JOIN work_items w ON w.id = d.depends_on
+             WHERE d.work_item_id = ?1 AND w.state IN ('failed', 'cancelled', 'blocked') ORDER BY w.id LIMIT 1",
+        )
+        .q()?
+        .query_row([b(id)], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .q()?;
+    match r {
+        Some((u, s)) => Ok(Some((
+            WorkItemId(u.0),
+            s.parse()
+                .map_err(|e: UnknownState| StoreError::invalid("state", e.to_string()))?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+fn dependents(c: &Connection, id: WorkItemId) -> StoreResult<Vec<WorkItemId>> {
+    let mut st = c
+        .prepare_cached("SELECT work_item_id FROM work_item_deps WHERE depends_on = ?1")
+        .q()?;
+    let rows = st.query_map([b(id)], |r| r.get::<_, U>(0)).q()?;
+    rows.map(|r| r.map(|u| WorkItemId(u.0)))
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .q()
+}
+
+fn deps_of(c: &Connection, id: WorkItemId) -> StoreResult<Vec<WorkItemId>> {
+    let mut st = c
+        .prepare_cached("SELECT depends_on FROM work_item_deps WHERE work_item_id = ?1")
+        .q()?;
+    let rows = st.query_map([b(id)], |r| r.get::<_, U>(0)).q()?;
+    rows.map(|r| r.map(|u| WorkItemId(u.0)))
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .q()
+}
+
+/// Item `id` succeeded: refreshes its dependents' pending counts; returns those now claimable.
+fn release_dependents(c: &Connection, id: WorkItemId) -> StoreResult<Vec<WorkItemId>> {
+    let deps = dependents(c, id)?;
+    let mut released = Vec::new();
+    for d in deps {
+        let n = refresh_pending(c, d)?;
+        if n == 0 {
+            let st: String = c
+                .prepare_cached("SELECT state FROM work_items WHERE id = ?1")
+                .q()?
+                .query_row([b(d)], |r| r.get(0))
+                .q()?;
+            if st == "queued" || st == "retrying" {
+                released.push(d);
+            }
+        }
+    }
+    Ok(released)
+}
+
+fn block_dependents(
+    c: &Connection,
+    id: WorkItemId,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<WorkItemId>> {
+    let mut blocked = Vec::new();
+    let mut stack = vec![id];
+    while let Some(cur) = stack.pop() {
+        let cur_state: String = c
+            .prepare_cached("SELECT state FROM work_items WHERE id = ?1")
+            .q()?
+            .query_row([b(cur)], |r| r.get(0))
+            .q()?;
+        let cur_state: WorkItemState = cur_state
+            .parse()
+            .map_err(|e: UnknownState| StoreError::invalid("state", e.to_string()))?;
+        let reason = rules::blocked_reason(cur, cur_state);
+        let mut st = c
+            .prepare_cached(
+                "UPDATE work_items SET state = 'blocked', blocked_reason = ?2, updated_at = ?3
+                 WHERE id IN (SELECT work_item_id FROM work_item_deps WHERE depends_on = ?1) AND state IN ('queued', 'retrying') RETURNING id",
+            )
+            .q()?;
+        let ids = st
+            .query_map(params![b(cur), reason, ts(now)], |r| r.get::<_, U>(0))
+            .q()?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .q()?;
+        for u in ids {
+            blocked.push(WorkItemId(u.0));
+            stack.push(WorkItemId(u.0));
+        }
+    }
+    Ok(blocked)
+}
+
+fn unblock_dependents(c: &Connection, id: WorkItemId, now: DateTime<Utc>) -> StoreResult<()> {
+    let mut stack = vec![id];
+    while let Some(cur) = stack.pop() {
+        for d in dependents(c, cur)? {
+            let st: String = c
+                .prepare_cached("SELECT state FROM work_items WHERE id = ?1")
+                .q()?
+                .query_row([b(d)], |r| r.get(0))
+                .q()?;
+            match st.as_str() {
+                "blocked" if blocking_dep(c, d)?.is_none() => {
+                    c.prepare_cached("UPDATE work_items SET state = 'queued', blocked_reason = NULL, run_at = ?2, updated_at = ?2 WHERE id = ?1")
+                        .q()?
+                        .execute(params![b(d), ts(now)])
+                        .q()?;
+                    refresh_pending(c, d)?;
+                    stack.push(d);
+                }
+                "blocked" => {
+                    // Still blocked by another dependency: name that one.
+                    let reason = blocking_dep(c, d)?.map(|(x, s)| rules::blocked_reason(x, s));
+                    c.prepare_cached("UPDATE work_items SET blocked_reason = ?2 WHERE id = ?1")
+                        .q()?
+                        .execute(params![b(d), reason])
+                        .q()?;
+                }
+                "queued" | "retrying" => {
+                    refresh_pending(c, d)?;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn transition_err(from: WorkItemState, to: WorkItemState) -> StoreError {
+    match from.transition(to) {
+        Err(e) => StoreError::InvalidTransition(e),
+        Ok(s) => StoreError::conflict(format!("work item is {s}")),
+    }
+}
+
+pub fn enqueue_checked(
+    c: &Connection,
+    items: &[Enqueue],
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<ScheduledTask>> {
+    let mut extra: HashMap<WorkItemId, Vec<WorkItemId>> = HashMap::new();
+    let mut loaded = Vec::with_capacity(items.len());
+    for e in items {
+        let item = work_item_get(c, e.work_item_id)?;
+        if item.state != WorkItemState::Ready {
+            return Err(transition_err(item.state, WorkItemState::Queued));
+        }
+        if e.options.depends_on.len() + item.dependencies.len() > rules::MAX_DEPENDENCIES {
+            return Err(StoreError::invalid(
+                "depends_on",
+                format!("at most {} dependencies", rules::MAX_DEPENDENCIES),
+            ));
+        }
+        for dep in &e.options.depends_on {
+            let p: Option<U> = c
+                .prepare_cached("SELECT project_id FROM work_items WHERE id = ?1")
+                .q()?
+                .query_row([b(*dep)], |r| r.get(0))
+                .optional()
+                .q()?;
+            if p.map(|u| u.0) != Some(item.project_id.0) {
+                return Err(rules::unknown_dependency(*dep, item.project_id));
+            }
+        }
+        if !e.options.depends_on.is_empty() {
+            let mut err = None;
+            let cyc = rules::find_cycle(e.work_item_id, &e.options.depends_on, |n| {
+                let mut v = match deps_of(c, n) {
+                    Ok(v) => v,
+                    Err(x) => {
+                        err = Some(x);
+                        Vec::new()
+                    }
+                };
+                if let Some(x) = extra.get(&n) {
+                    v.extend(x.iter().copied());
+                }
+                v
+            });
+            if let Some(x) = err {
+                return Err(x);
+            }
+            if let Some(cy) = cyc {
+                return Err(rules::cycle_error(&cy));
+            }
+            extra
+                .entry(e.work_item_id)
+                .or_default()
+                .extend(e.options.depends_on.iter().copied());
+        }
+        loaded.push(item);
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (e, mut it) in items.iter().zip(loaded) {
+        for d in &e.options.depends_on {
+            if !it.dependencies.contains(d) {
+                it.dependencies.push(*d);
+            }
+            c.prepare_cached(
+                "INSERT OR IGNORE INTO work_item_deps (depends_on, work_item_id) VALUES (?1, ?2)",
+            )
+            .q()?
+            .execute(params![b(*d), b(it.id)])
+            .q()?;
+        }
+        if let Some(p) = e.options.priority {
+            it.priority = p;
+        }
+        it.run_at = Some(e.options.not_before.map_or(now, |t| t.max(now)));
+        it.enqueued_at = Some(now);
+        it.updated_at = now;
+        match blocking_dep(c, it.id)? {
+            Some((d, s)) => {
+                it.state = WorkItemState::Blocked;
+                it.blocked_reason = Some(rules::blocked_reason(d, s));
+            }
+            None => it.state = WorkItemState::Queued,
+        }
+        save_work_item(c, &it)?;
+        if it.state == WorkItemState::Blocked {
+            // Items already waiting on this one can no longer run either.
+            block_dependents(c, it.id, now)?;
+        }
+        let pending = if it.dependencies.is_empty() {
+            0
+        } else {
+            refresh_pending(c, it.id)?
+        };
+        out.push(it.scheduled_task(pending));
+    }
+    Ok(out)
+}
+
+pub fn work_items_create(
+    c: &Connection,
+    items: Vec<NewWorkItem>,
+    now: DateTime<Utc>,
+) -> StoreResult<(Vec<WorkItemCreated>, bool)> {
+    let mut out = Vec::with_capacity(items.len());
+    let mut enqueues = Vec::new();
+    let mut seen_keys: HashMap<(ProjectId, String), ()> = HashMap::new();
+    let mut known_projects: std::collections::HashSet<ProjectId> = std::collections::HashSet::new();
+    for p in items {
+        if known_projects.insert(p.project_id) {
+            project_exists(c, p.project_id)?;
+        }
+        if let Some(rid) = p.recipe_id {
+            if !recipe_exists(c, rid)? {
+                return Err(StoreError::invalid(
+                    "recipe_id",
+                    format!("unknown recipe `{rid}`"),
+                ));
+            }
+        }
+        if !matches!(
+            p.state,
+            WorkItemState::Draft | WorkItemState::AwaitingApproval | WorkItemState::Ready
+        ) {
+            return Err(StoreError::invalid(
+                "state",
+                format!("a work item cannot be created as {}", p.state),
+            ));
+        }
+        if p.enqueue.is_some() && p.state != WorkItemState::Ready {
+            return Err(StoreError::conflict(format!(
+                "work item {} needs approval before it can be enqueued",
+                p.id
+            )));
+        }
+        let mut w = rules::new_work_item(&p, now);
+        if let Some(k) = &p.idempotency_key {
+            if seen_keys.insert((p.project_id, k.clone()), ()).is_some() {
+                return Err(StoreError::Duplicate {
+                    entity: EntityKind::WorkItem,
+                    key: k.clone(),
+                });
+            }
+            let ex: Option<WorkItem> = c
+                .prepare_cached(&format!("SELECT {WI_COLS} FROM work_items WHERE project_id = ?1 AND idempotency_key = ?2"))
+                .q()?
+                .query_row(params![b(p.project_id), k], work_item)
+                .optional()
+                .q()?;
+            if let Some(ex) = ex {
+                if ex.content_hash != w.content_hash {
+                    return Err(StoreError::Duplicate {
+                        entity: EntityKind::WorkItem,
+                        key: k.clone(),
+                    });
+                }
+                out.push(WorkItemCreated {
+                    work_item: ex,
+                    created: false,
+                    approval: None,
+                });
+                continue;
+            }
+        }
+        if let Some(e) = &p.enqueue {
+            if e.depends_on.len() > rules::MAX_DEPENDENCIES {
+                return Err(StoreError::invalid(
+                    "depends_on",
+                    format!("at most {} dependencies", rules::MAX_DEPENDENCIES),
+                ));
+            }
+            for dep in &e.depends_on {
+                let proj: Option<U> = c
+                    .prepare_cached("SELECT project_id FROM work_items WHERE id = ?1")
+                    .q()?
+                    .query_row([b(*dep)], |r| r.get(0))
+                    .optional()
+                    .q()?;
+                if *dep == p.id || proj.map(|u| u.0) != Some(p.project_id.0) {
+                    return Err(rules::unknown_dependency(*dep, p.project_id));
+                }
+            }
+        }
+        let approval = if p.state == WorkItemState::AwaitingApproval {
+            Some(insert_approval(
+                c,
+                w.project_id,
+                ApprovalSubject::WorkItem(w.id),
+                &w.content_hash,
+                now,
+            )?)
+        } else {
+            None
+        };
+        w.approval_id = approval.as_ref().map(|a| a.id);
+        if let Err(e) = insert_work_item(c, &w) {
+            if let StoreError::Backend { .. } = &e {
+                let exists: Option<i64> = c
+                    .prepare_cached("SELECT 1 FROM work_items WHERE id = ?1")
+                    .q()?
+                    .query_row([b(w.id)], |r| r.get(0))
+                    .optional()
+                    .q()?;
+                if exists.is_some() {
+                    return Err(StoreError::Duplicate {
+                        entity: EntityKind::WorkItem,
+                        key: w.id.to_string(),
+                    });
+                }
+            }
+            return Err(e);
+        }
+        if let Some(e) = p.enqueue {
+            enqueues.push((
+                out.len(),
+                Enqueue {
+                    work_item_id: w.id,
+                    options: e,
+                },
+            ));
+        }
+        out.push(WorkItemCreated {
+            work_item: w,
+            created: true,
+            approval,
+        });
+    }
+    let notify = !enqueues.is_empty();
+    if notify {
+        let list: Vec<Enqueue> = enqueues.iter().map(|(_, e)| e.clone()).collect();
+        let tasks = enqueue_checked(c, &list, now)?;
+        for ((idx, _), t) in enqueues.iter().zip(tasks) {
+            let w = &mut out[*idx].work_item;
+            w.state = t.state;
+            w.priority = t.priority;
+            w.dependencies = t.dependencies;
+            w.run_at = t.run_at;
+            w.enqueued_at = t.enqueued_at;
+            w.blocked_reason = t.blocked_reason;
+            w.updated_at = now;
+        }
+    }
+    Ok((out, notify))
+}
+
+pub fn work_item_list(c: &Connection, f: &WorkItemFilter) -> StoreResult<Vec<WorkItem>> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {WI_COLS} FROM work_items WHERE id > ?1 AND (?2 IS NULL OR project_id = ?2) AND (?3 IS NULL OR state = ?3)
+             AND (?4 IS NULL OR EXISTS (SELECT 1 FROM json_each(work_items.labels) WHERE value = ?4)) ORDER BY id LIMIT ?5"
+        ))
+        .q()?;
+    let rows = st
+        .query_map(
+            params![
+                after(&f.page),
+                f.project_id.map(b),
+                f.state.map(|s| s.as_str()),
+                f.label,
+                f.page.effective_limit() as i64
+            ],
+            work_item,
+        )
+        .q()?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().q()
+}
+
+pub fn work_item_update(c: &Connection, p: WorkItemUpdate) -> StoreResult<WorkItemChanged> {
+    let item = work_item_get(c, p.id)?;
+    let content_change =
+        p.title.is_some() || p.description.is_some() || p.recipe_id.is_some() || p.labels.is_some();
+    if content_change && !item.state.is_editable() {
+        return Err(StoreError::conflict(format!(
+            "work item {} is {}; its content can be edited only in draft, awaiting_approval or ready",
+            item.id, item.state
+        )));
+    }
+    if p.priority.is_some() && item.state.is_finished() {
+        return Err(StoreError::conflict(format!(
+            "work item {} is {}",
+            item.id, item.state
+        )));
+    }
+    if let Some(Some(rid)) = p.recipe_id {
+        if !recipe_exists(c, rid)? {
+            return Err(StoreError::invalid(
+                "recipe_id",
+                format!("unknown recipe `{rid}`"),
+            ));
+        }
+    }
+    let mut w = item.clone();
+    if let Some(t) = p.title {
+        w.title = t;
+    }
+    if let Some(d) = p.description {
+        w.description = d;
+    }
+    if let Some(r) = p.recipe_id {
+        w.recipe_id = r;
+    }
+    if let Some(l) = p.labels {
+        w.labels = l;
+    }
+    if let Some(pr) = p.priority {
+        w.priority = pr;
+    }
+    w.content_hash = w.compute_content_hash();
+    w.updated_at = p.now;
+    let mut approval = None;
+    if w.content_hash != item.content_hash
+        && p.require_approval
+        && matches!(
+            item.state,
+            WorkItemState::Ready | WorkItemState::AwaitingApproval
+        )
+    {
+        supersede_pending(c, item.approval_id, p.now)?;
+        let a = insert_approval(
+            c,
+            item.project_id,
+            ApprovalSubject::WorkItem(item.id),
+            &w.content_hash,
+            p.now,
+        )?;
+        w.approval_id = Some(a.id);
+        w.state = WorkItemState::AwaitingApproval;
+        approval = Some(a);
+    }
+    save_work_item(c, &w)?;
+    Ok(WorkItemChanged {
+        work_item: w,
+        approval,
+    })
+}
+
+pub fn work_item_submit(
+    c: &Connection,
+    id: WorkItemId,
+    require_approval: bool,
+    now: DateTime<Utc>,
+) -> StoreResult<WorkItemChanged> {
+    let mut item = work_item_get(c, id)?;
+    let to = if require_approval {
+        WorkItemState::AwaitingApproval
+    } else {
+        WorkItemState::Ready
+    };
+    if item.state != WorkItemState::Draft {
+        return Err(transition_err(item.state, to));
+    }
+    item.state = to;
+    item.updated_at = now;
+    let mut approval = None;
+    if require_approval {
+        let a = insert_approval(
+            c,
+            item.project_id,
+            ApprovalSubject::WorkItem(id),
+            &item.content_hash,
+            now,
+        )?;
+        item.approval_id = Some(a.id);
+        approval = Some(a);
+    }
+    save_work_item(c, &item)?;
+    Ok(WorkItemChanged {
+        work_item: item,
+        approval,
+    })
+}
+
+pub fn work_item_set_policy(
+    c: &Connection,
+    id: WorkItemId,
+    retry: RetryOverrides,
+    now: DateTime<Utc>,
+) -> StoreResult<WorkItem> {
+    c.prepare_cached(&format!(
+        "UPDATE work_items SET retry = ?2, updated_at = ?3 WHERE id = ?1 RETURNING {WI_COLS}"
+    ))
+    .q()?
+    .query_row(params![b(id), to_json(&retry)?, ts(now)], work_item)
+    .optional()
+    .q()?
+    .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
+}
+
+fn cancel_run_row(
+    c: &Connection,
+    run_id: RunId,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    c.prepare_cached(
+        "UPDATE runs SET state = 'cancelled', error = ?2, finished_at = ?3, lease_expires_at = NULL
+         WHERE id = ?1 AND state IN ('claimed', 'running', 'waiting_input')",
+    )
+    .q()?
+    .execute(params![b(run_id), reason, ts(now)])
+    .q()?;
+    c.prepare_cached(
+        "UPDATE info_requests SET state = 'cancelled' WHERE run_id = ?1 AND state = 'pending'",
+    )
+    .q()?
+    .execute([b(run_id)])
+    .q()?;
+    Ok(())
+}
+
+pub fn cancel_item(
+    c: &Connection,
+    id: WorkItemId,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> StoreResult<WorkItem> {
+    let mut item = work_item_get(c, id)?;
+    item.state.transition(WorkItemState::Cancelled)?;
+    if let Some(run_id) = item.current_run_id {
+        cancel_run_row(c, run_id, reason, now)?;
+    }
+    supersede_pending(c, item.approval_id, now)?;
+    item.state = WorkItemState::Cancelled;
+    item.last_error = Some(reason.to_string());
+    item.run_at = None;
+    item.updated_at = now;
+    save_work_item(c, &item)?;
+    block_dependents(c, id, now)?;
+    Ok(item)
+}
+
+fn requeue_item(c: &Connection, id: WorkItemId, r: &Requeue) -> StoreResult<WorkItem> {
+    let mut item = work_item_get(c, id)?;
+    if !item.state.is_requeueable() && !item.state.has_active_run() {
+        return Err(transition_err(item.state, WorkItemState::Queued));
+    }
+    let was = item.state;
+    let blocking = blocking_dep(c, id)?;
+    item.state = if blocking.is_some() {
+        WorkItemState::Blocked
+    } else {
+        WorkItemState::Queued
+    };
+    item.blocked_reason = blocking.map(|(d, s)| rules::blocked_reason(d, s));
+    if was.is_finished() {
+        item.attempts = 0;
+        item.last_error = None;
+    }
+    item.run_at = Some(r.run_at);
+    item.enqueued_at = Some(r.now);
+    item.updated_at = r.now;
+    save_work_item(c, &item)?;
+    if !item.dependencies.is_empty() {
+        refresh_pending(c, id)?;
+    }
+    if was.blocks_dependents() || was == WorkItemState::Succeeded {
+        unblock_dependents(c, id, r.now)?;
+    }
+    if item.state == WorkItemState::Blocked {
+        // Requeued behind a dependency that will not succeed: the items waiting on it are blocked too.
+        block_dependents(c, id, r.now)?;
+    }
+    Ok(item)
+}
+
+pub fn work_item_requeue(c: &Connection, id: WorkItemId, r: &Requeue) -> StoreResult<WorkItem> {
+    let item = work_item_get(c, id)?;
+    if item.state.has_active_run() {
+        return Err(StoreError::conflict(format!(
+            "work item {id} has an active run; requeue the run or cancel the item"
+        )));
+    }
+    requeue_item(c, id, r)
+}
+
+pub fn scheduled_task_get(c: &Connection, id: WorkItemId) -> StoreResult<ScheduledTask> {
+    let (w, _) = work_item_get_pending(c, id)?;
+    let pending = if w.dependencies.is_empty() {
+        0
+    } else {
+        count_pending(c, id)?
+    };
+    Ok(w.scheduled_task(pending))
+}
+
+pub fn queue_list(c: &Connection, f: &QueueFilter) -> StoreResult<Vec<ScheduledTask>> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {WI_COLS} FROM work_items WHERE state IN ('queued', 'retrying', 'blocked') AND (?1 IS NULL OR project_id = ?1)
+             ORDER BY priority DESC, COALESCE(run_at, created_at), id"
+        ))
+        .q()?;
+    let rows = st
+        .query_map(params![f.project_id.map(b)], work_item)
+        .q()?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .q()?;
+    let start = match f.page.after {
+        Some(a) => rows.iter().position(|w| w.id.0 == a).map_or(0, |i| i + 1),
+        None => 0,
+    };
+    let mut out = Vec::new();
+    for w in rows.into_iter().skip(start).take(f.page.effective_limit()) {
+        let pending = if w.dependencies.is_empty() {
+            0
+        } else {
+            count_pending(c, w.id)?
+        };
+        out.push(w.scheduled_task(pending));
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- failures, reaping, ticks
+
+fn fail_item(
+    c: &Connection,
+    id: WorkItemId,
+    kind: FailureKind,
+    error: &str,
+    defaults: &RetryPolicy,
+    now: DateTime<Utc>,
+) -> StoreResult<(WorkItemState, Option<DateTime<Utc>>, Vec<WorkItemId>)> {
+    let (state, attempts, retry): (String, u32, String) = c
+        .prepare_cached("SELECT state, attempts, retry FROM work_items WHERE id = ?1")
+        .q()?
+        .query_row([b(id)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()
+        .q()?
+        .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))?;
+    let state: WorkItemState = state
+        .parse()
+        .map_err(|e: UnknownState| StoreError::invalid("state", e.to_string()))?;
+    let overrides: RetryOverrides = serde_json::from_str(&retry).map_err(StoreError::backend)?;
+    let (mut next, mut retry_at) = rules::after_failure(defaults, &overrides, attempts, kind, now);
+    state.transition(next)?;
+    // A retry can never run while a dependency will not succeed: the item is blocked instead.
+    let mut reason = None;
+    if next == WorkItemState::Retrying {
+        if let Some((d, s)) = blocking_dep(c, id)? {
+            reason = Some(rules::blocked_reason(d, s));
+            (next, retry_at) = (WorkItemState::Blocked, None);
+        }
+    }
+    c.prepare_cached("UPDATE work_items SET state = ?2, last_error = ?3, updated_at = ?4, run_at = ?5, blocked_reason = ?6 WHERE id = ?1")
+        .q()?
+        .execute(params![b(id), next.as_str(), error, ts(now), ts_opt(retry_at), reason])
+        .q()?;
+    let blocked = if next.blocks_dependents() {
+        block_dependents(c, id, now)?
+    } else {
+        Vec::new()
+    };
+    Ok((next, retry_at, blocked))
+}
+
+pub fn reap(c: &Connection, t: &Tick) -> StoreResult<Vec<ReapedRun>> {
+    let mut st = c
+        .prepare_cached(
+            "UPDATE runs SET state = 'lost', error = 'lease expired', failure_kind = 'retryable', finished_at = ?1, lease_expires_at = NULL
+             WHERE id IN (SELECT id FROM runs WHERE state IN ('claimed', 'running') AND lease_expires_at <= ?1 ORDER BY lease_expires_at LIMIT ?2)
+             RETURNING id, work_item_id",
+        )
+        .q()?;
+    let rows = st
+        .query_map(params![ts(t.now), t.limit.max(1) as i64], |r| {
+            Ok((r.get::<_, U>(0)?, r.get::<_, U>(1)?))
+        })
+        .q()?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .q()?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (rid, wid) in rows {
+        let wid = WorkItemId(wid.0);
+        let (state, retry_at, _) = fail_item(
+            c,
+            wid,
+            FailureKind::Retryable,
+            "lease expired",
+            &t.retry_defaults,
+            t.now,
+        )?;
+        out.push(ReapedRun {
+            run_id: RunId(rid.0),
+            work_item_id: wid,
+            work_item_state: state,
+            retry_at,
+        });
+    }
+    Ok(out)
+}
+
+pub fn tick(c: &Connection, t: &Tick) -> StoreResult<(TickReport, bool)> {
+    let mut st = c
+        .prepare_cached(
+            "UPDATE work_items SET state = 'queued', updated_at = ?1
+             WHERE id IN (SELECT id FROM work_items WHERE state = 'retrying' AND run_at <= ?1 LIMIT ?2) RETURNING id",
+        )
+        .q()?;
+    let promoted = st
+        .query_map(params![ts(t.now), t.limit.max(1) as i64], |r| {
+            r.get::<_, U>(0)
+        })
+        .q()?
+        .map(|r| r.map(|u| WorkItemId(u.0)))
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .q()?;
+    let reaped = reap(c, t)?;
+    let notify = !promoted.is_empty()
+        || reaped
+            .iter()
+            .any(|r| r.work_item_state == WorkItemState::Retrying);
+    Ok((TickReport { promoted, reaped }, notify))
+}
+
+// ---------------------------------------------------------------- runs
+
+pub fn runs_claim(c: &Connection, cl: &Claim) -> StoreResult<Vec<ClaimedRun>> {
+    let limit = cl.limit.min(Page::MAX_LIMIT) as i64;
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let caps = to_json(&cl.capabilities)?;
+    let now = ts(cl.now);
+    // One statement: pick the claimable rows in claim order and mark them running. A row resumes its
+    // waiting run when it has one; otherwise it gets a fresh run id and one more attempt.
+    let mut st = c
+        .prepare_cached(&format!(
+            "UPDATE work_items SET
+                 state = 'running',
+                 updated_at = ?1,
+                 attempts = attempts + (CASE WHEN EXISTS (SELECT 1 FROM runs r WHERE r.id = work_items.current_run_id AND r.state = 'waiting_input') THEN 0 ELSE 1 END),
+                 current_run_id = (CASE WHEN EXISTS (SELECT 1 FROM runs r WHERE r.id = work_items.current_run_id AND r.state = 'waiting_input') THEN current_run_id ELSE uuid7() END)
+             WHERE id IN (
+                 SELECT id FROM work_items INDEXED BY work_items_ready
+                 WHERE state IN ('queued', 'retrying') AND pending_deps = 0 AND run_at <= ?1
+                   AND (labels = '[]' OR NOT EXISTS (
+                        SELECT 1 FROM json_each(work_items.labels) l WHERE l.value NOT IN (SELECT value FROM json_each(?2))))
+                 ORDER BY priority DESC, run_at, id LIMIT ?3)
+             RETURNING {WI_COLS}"
+        ))
+        .q()?;
+    let mut items = st
+        .query_map(params![now, caps, limit], work_item)
+        .q()?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .q()?;
+    drop(st);
+    items.sort_by_key(|w| (std::cmp::Reverse(w.priority), w.run_at, w.id));
+    let expires = cl.now + cl.lease_ttl;
+    let mut out = Vec::with_capacity(items.len());
+    for w in items {
+        let Some(run_id) = w.current_run_id else {
+            return Err(StoreError::conflict("claimed work item has no run id"));
+        };
+        let resumed: Option<Run> = c
+            .prepare_cached(&format!(
+                "UPDATE runs SET state = 'claimed', agent_id = ?2, lease_token = lease_token + 1, lease_expires_at = ?3, heartbeat_at = ?4
+                 WHERE id = ?1 AND state = 'waiting_input' RETURNING {RUN_COLS}"
+            ))
+            .q()?
+            .query_row(params![b(run_id), cl.agent_id, ts(expires), now], run)
+            .optional()
+            .q()?;
+        let (run, was_resumed) = match resumed {
+            Some(r) => (r, true),
+            None => {
+                let lease = rules::lease_for(run_id, 1, cl.now, cl.lease_ttl);
+                let r = rules::new_run(&w, &cl.agent_id, w.attempts, &lease, cl.now);
+                c.prepare_cached(
+                    "INSERT INTO runs (id, work_item_id, project_id, attempt, agent_id, state, lease_token, lease_expires_at, heartbeat_at, claimed_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'claimed', 1, ?6, ?7, ?7)",
+                )
+                .q()?
+                .execute(params![b(r.id), b(w.id), b(w.project_id), r.attempt, r.agent_id, ts(expires), now])
+                .q()?;
+                (r, false)
+            }
+        };
+        let lease = Lease {
+            run_id: run.id,
+            token: run.lease_token,
+            expires_at: run.lease_expires_at.unwrap_or(expires),
+        };
+        out.push(ClaimedRun {
+            run,
+            lease,
+            work_item: w,
+            resumed: was_resumed,
+        });
+    }
+    Ok(out)
+}
+
+pub fn run_get(c: &Connection, id: RunId) -> StoreResult<Run> {
+    c.prepare_cached(&format!("SELECT {RUN_COLS} FROM runs WHERE id = ?1"))
+        .q()?
+        .query_row([b(id)], run)
+        .optional()
+        .q()?
+        .ok_or_else(|| StoreError::not_found(EntityKind::Run, id))
+}
+
+fn fenced(c: &Connection, id: RunId, token: u64, now: DateTime<Utc>) -> StoreResult<Run> {
+    let r = run_get(c, id)?;
+    rules::check_fence(&r, token, now)?;
+    Ok(r)
+}
+
+pub fn lease_renew(c: &Connection, p: &LeaseRenew) -> StoreResult<Lease> {
+    let r = fenced(c, p.run_id, p.token, p.now)?;
+    let lease = rules::lease_for(r.id, r.lease_token, p.now, p.ttl);
+    c.prepare_cached("UPDATE runs SET lease_expires_at = ?2, heartbeat_at = ?3 WHERE id = ?1")
+        .q()?
+        .execute(params![b(r.id), ts(lease.expires_at), ts(p.now)])
+        .q()?;
+    Ok(lease)
+}
+
+pub fn run_start(c: &Connection, p: &RunStart) -> StoreResult<Run> {
+    let r = fenced(c, p.run_id, p.token, p.now)?;
+    if r.state == RunState::Running {
+        return Ok(r);
+    }
+    r.state.transition(RunState::Running)?;
+    c.prepare_cached(&format!("UPDATE runs SET state = 'running', started_at = COALESCE(started_at, ?2) WHERE id = ?1 RETURNING {RUN_COLS}"))
+        .q()?
+        .query_row(params![b(r.id), ts(p.now)], run)
+        .q()
+}
+
+fn complete_one(
+    c: &Connection,
+    x: &RunCompletion,
+    defaults: &RetryPolicy,
+    now: DateTime<Utc>,
+) -> StoreResult<CompletionResult> {
+    let r = fenced(c, x.run_id, x.token, now)?;
+    let (run_to, error, exit_code, kind) = match &x.outcome {
+        RunOutcome::Succeeded { exit_code } => (RunState::Succeeded, None, *exit_code, None),
+        RunOutcome::Failed {
+            error,
+            exit_code,
+            kind,
+        } => (
+            RunState::Failed,
+            Some(error.clone()),
+            *exit_code,
+            Some(*kind),
+        ),
+    };
+    r.state.transition(run_to)?;
+    let kind_s = match kind {
+        Some(k) => Some(enum_str(&k)?),
+        None => None,
+    };
+    let usage = match &x.usage {
+        Some(u) => Some(to_json(u)?),
+        None => None,
+    };
+    let run = c
+        .prepare_cached(&format!(
+            "UPDATE runs SET state = ?2, finished_at = ?3, lease_expires_at = NULL, exit_code = ?4, error = ?5, failure_kind = ?6,
+             usage = COALESCE(?7, usage) WHERE id = ?1 RETURNING {RUN_COLS}"
+        ))
+        .q()?
+        .query_row(params![b(r.id), run_to.as_str(), ts(now), exit_code, error, kind_s, usage], run)
+        .q()?;
+    let wid = run.work_item_id;
+    let mut res = CompletionResult {
+        run,
+        work_item_state: WorkItemState::Succeeded,
+        retry_at: None,
+        released: Vec::new(),
+        blocked: Vec::new(),
+    };
+    match kind {
+        None => {
+            let n = c
+                .prepare_cached("UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = ?2 WHERE id = ?1 AND state = 'running'")
+                .q()?
+                .execute(params![b(wid), ts(now)])
+                .q()?;
+            if n == 0 {
+                let w = work_item_get(c, wid)?;
+                return Err(transition_err(w.state, WorkItemState::Succeeded));
+            }
+            res.released = release_dependents(c, wid)?;
+        }
+        Some(k) => {
+            let (state, retry_at, blocked) = fail_item(
+                c,
+                wid,
+                k,
+                error.as_deref().unwrap_or("failed"),
+                defaults,
+                now,
+            )?;
+            res.work_item_state = state;
+            res.retry_at = retry_at;
+            res.blocked = blocked;
+        }
+    }
+    Ok(res)
+}
+
+pub fn runs_complete_many(
+    c: &Connection,
+    p: &CompleteMany,
+) -> StoreResult<(Vec<StoreResult<CompletionResult>>, bool)> {
+    let mut out = Vec::with_capacity(p.completions.len());
+    let mut notify = false;
+    let single = p.completions.len() == 1;
+    for x in &p.completions {
+        // Each completion is guarded on its own: a failing one rolls back alone.
+        if !single {
+            c.execute_batch("SAVEPOINT completion").q()?;
+        }
+        let r = complete_one(c, x, &p.retry_defaults, p.now);
+        if !single {
+            if r.is_ok() {
+                c.execute_batch("RELEASE completion").q()?;
+            } else {
+                c.execute_batch("ROLLBACK TO completion; RELEASE completion")
+                    .q()?;
+            }
+        }
+        if let Ok(cr) = &r {
+            notify |= !cr.released.is_empty() || cr.retry_at.is_some_and(|t| t <= p.now);
+        }
+        out.push(r);
+    }
+    Ok((out, notify))
+}
+
+pub fn run_list(c: &Connection, f: &RunFilter) -> StoreResult<Vec<Run>> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {RUN_COLS} FROM runs WHERE id > ?1 AND (?2 IS NULL OR work_item_id = ?2) AND (?3 IS NULL OR state = ?3)
+             AND (?4 IS NULL OR agent_id = ?4) ORDER BY id LIMIT ?5"
+        ))
+        .q()?;
+    let rows = st
+        .query_map(
+            params![
+                after(&f.page),
+                f.work_item_id.map(b),
+                f.state.map(|s| s.as_str()),
+                f.agent_id,
+                f.page.effective_limit() as i64
+            ],
+            run,
+        )
+        .q()?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().q()
+}
+
+pub fn run_cancel(c: &Connection, id: RunId, x: &Cancel) -> StoreResult<Run> {
+    let r = run_get(c, id)?;
+    r.state.transition(RunState::Cancelled)?;
+    let item = work_item_get(c, r.work_item_id)?;
+    if item.current_run_id == Some(id) && item.state.can_transition(WorkItemState::Cancelled) {
+        cancel_item(c, r.work_item_id, &x.reason, x.now)?;
+    }
+    cancel_run_row(c, id, &x.reason, x.now)?;
+    run_get(c, id)
+}
+
+pub fn run_requeue(c: &Connection, id: RunId, rq: &Requeue) -> StoreResult<WorkItem> {
+    let r = run_get(c, id)?;
+    let item = work_item_get(c, r.work_item_id)?;
+    let active = matches!(
+        r.state,
+        RunState::Claimed | RunState::Running | RunState::WaitingInput
+    );
+    if active {
+        cancel_run_row(c, id, &rq.reason, rq.now)?;
+    } else if item.current_run_id != Some(id) && item.state.has_active_run() {
+        return Err(StoreError::conflict(format!(
+            "work item {} has a newer active run",
+            item.id
+        )));
+    }
+    requeue_item(c, item.id, rq)
+}
+
+// ---------------------------------------------------------------- logs and step events
+
+pub fn logs_append(c: &Connection, p: LogAppend) -> StoreResult<u64> {
+    let r = run_get(c, p.run_id)?;
+    rules::check_fence(&r, p.token, p.now)?;
+    let mut seq: i64 = c
+        .prepare_cached("SELECT log_seq FROM runs WHERE id = ?1")
+        .q()?
+        .query_row([b(p.run_id)], |r| r.get(0))
+        .q()?;
+    {
+        let mut ins = c
+            .prepare_cached(
+                "INSERT INTO logs (run_id, seq, stream, line, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .q()?;
+        let at = ts(p.now);
+        for l in &p.lines {
+            seq += 1;
+            ins.execute(params![b(p.run_id), seq, l.stream.as_str(), l.line, at])
+                .q()?;
+        }
+    }
+    c.prepare_cached("UPDATE runs SET log_seq = ?2 WHERE id = ?1")
+        .q()?
+        .execute(params![b(p.run_id), seq])
+        .q()?;
+    Ok(seq as u64)
+}
+
+pub fn logs_read_after(
+    c: &Connection,
+    run_id: RunId,
+    after: u64,
+    limit: u32,
+) -> StoreResult<Vec<LogEntry>> {
+    run_get(c, run_id)?;
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {LOG_COLS} FROM logs WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+        ))
+        .q()?;
+    let rows = st
+        .query_map(
+            params![b(run_id), i(after), limit.clamp(1, 10_000) as i64],
+            log,
+        )
+        .q()?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().q()
+}
+
+pub fn step_events_append(c: &Connection, p: StepEventsAppend) -> StoreResult<Vec<StepEvent>> {
+    let r = run_get(c, p.run_id)?;
+    rules::check_fence(&r, p.token, p.now)?;
+    let mut seq: i64 = c
+        .prepare_cached("SELECT event_seq FROM runs WHERE id = ?1")
+        .q()?
+        .query_row([b(p.run_id)], |r| r.get(0))
+        .q()?;
+    let mut out = Vec::with_capacity(p.events.len());
+    let mut last_done: Option<u32> = None;
+    {
+        let mut ins = c.prepare_cached("INSERT INTO step_events (run_id, seq, step_index, kind, name, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)").q()?;
+        for e in p.events {
+            seq += 1;
+            if e.kind == StepEventKind::Succeeded {
+                if let Some(i) = e.step_index {
+                    last_done = Some(last_done.map_or(i, |x| x.max(i)));
+                }
+            }
+            ins.execute(params![
+                b(p.run_id),
+                seq,
+                e.step_index,
+                enum_str(&e.kind)?,
+                e.name,
+                to_json(&e.detail)?,
+                ts(p.now)
+            ])
+            .q()?;
+            out.push(StepEvent {
+                run_id: p.run_id,
+                seq: seq as u64,
+                step_index: e.step_index,
+                kind: e.kind,
+                name: e.name,
+                detail: e.detail,
+                at: p.now,
+            });
+        }
+    }
+    c.prepare_cached("UPDATE runs SET event_seq = ?2, last_completed_step = CASE WHEN ?3 IS NULL THEN last_completed_step ELSE MAX(COALESCE(last_completed_step, ?3), ?3) END WHERE id = ?1")
+        .q()?
+        .execute(params![b(p.run_id), seq, last_done])
+        .q()?;
+    Ok(out)
+}
+
+pub fn step_events_read_after(
+    c: &Connection,
+    run_id: RunId,
+    after: u64,
+    limit: u32,
+) -> StoreResult<Vec<StepEvent>> {
+    run_get(c, run_id)?;
+    let mut st = c.prepare_cached(&format!("SELECT {EVENT_COLS} FROM step_events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")).q()?;
+    let rows = st
+        .query_map(
+            params![b(run_id), i(after), limit.clamp(1, 10_000) as i64],
+            event,
+        )
+        .q()?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().q()
+}
+
+// ---------------------------------------------------------------- info requests
+
+pub fn info_requests_create(c: &Connection, p: InfoAsk) -> StoreResult<Vec<InfoRequest>> {
+    let r = fenced(c, p.run_id, p.token, p.now)?;
+    if p.questions.is_empty() {
+        return Err(StoreError::invalid("questions", "at least one question"));
+    }
+    r.state.transition(RunState::WaitingInput)?;
+    let item = work_item_get(c, r.work_item_id)?;
+    item.state.transition(WorkItemState::WaitingInput)?;
+    let mut out = Vec::with_capacity(p.questions.len());
+    for q in p.questions {
+        let ir = InfoRequest {
+            id: InfoRequestId::new(),
+            run_id: r.id,
+            work_item_id: r.work_item_id,
+            project_id: r.project_id,
+            key: q.key,
+            prompt: q.prompt,
+            kind: q.kind,
+            choices: q.choices,
+            state: InfoRequestState::Pending,
+            deadline: q.deadline,
+            created_at: p.now,
+            answered_at: None,
+            answered_by: None,
+            answer: None,
+        };
+        c.prepare_cached(&format!("INSERT INTO info_requests ({INFO_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10, NULL, NULL, NULL)"))
+            .q()?
+            .execute(params![
+                b(ir.id),
+                b(ir.run_id),
+                b(ir.work_item_id),
+                b(ir.project_id),
+                ir.key,
+                ir.prompt,
+                enum_str(&ir.kind)?,
+                to_json(&ir.choices)?,
+                ts_opt(ir.deadline),
+                ts(ir.created_at)
+            ])
+            .q()?;
+        out.push(ir);
+    }
+    c.prepare_cached(
+        "UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL WHERE id = ?1",
+    )
+    .q()?
+    .execute([b(r.id)])
+    .q()?;
+    set_item_state(c, r.work_item_id, WorkItemState::WaitingInput, p.now)?;
+    Ok(out)
+}
+
+pub fn info_request_get(c: &Connection, id: InfoRequestId) -> StoreResult<InfoRequest> {
+    c.prepare_cached(&format!(
+        "SELECT {INFO_COLS} FROM info_requests WHERE id = ?1"
+    ))
+    .q()?
+    .query_row([b(id)], info)
+    .optional()
+    .q()?
+    .ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, id))
+}
+
+pub fn info_request_list(c: &Connection, f: &InfoRequestFilter) -> StoreResult<Vec<InfoRequest>> {
+    let state = f.state.map(|s| s.as_str());
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {INFO_COLS} FROM info_requests WHERE id > ?1 AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR run_id = ?3)
+             AND (?4 IS NULL OR project_id = ?4) ORDER BY id LIMIT ?5"
+        ))
+        .q()?;
+    let rows = st
+        .query_map(
+            params![
+                after(&f.page),
+                state,
+                f.run_id.map(b),
+                f.project_id.map(b),
+                f.page.effective_limit() as i64
+            ],
+            info,
+        )
+        .q()?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().q()
+}
+
+pub fn info_request_answer(c: &Connection, p: InfoAnswer) -> StoreResult<InfoAnswered> {
+    let req = info_request_get(c, p.id)?;
+    if req.state != InfoRequestState::Pending {
+        return Err(StoreError::conflict(format!(
+            "info request {} is {}",
+            p.id,
+            req.state.as_str()
+        )));
+    }
+    let encoded = SealedValue::encode(&p.answer);
+    let request = c
+        .prepare_cached(&format!(
+            "UPDATE info_requests SET state = 'answered', answer = ?2, answered_at = ?3, answered_by = ?4 WHERE id = ?1 RETURNING {INFO_COLS}"
+        ))
+        .q()?
+        .query_row(params![b(p.id), encoded, ts(p.now), p.answered_by], info)
+        .q()?;
+    let open: i64 = c
+        .prepare_cached(
+            "SELECT COUNT(*) FROM info_requests WHERE run_id = ?1 AND state = 'pending'",
+        )
+        .q()?
+        .query_row([b(req.run_id)], |r| r.get(0))
+        .q()?;
+    let mut resumed = false;
+    if open == 0 {
+        let n = c
+            .prepare_cached("UPDATE work_items SET state = 'queued', run_at = ?2, updated_at = ?2 WHERE id = ?1 AND state = 'waiting_input'")
+            .q()?
+            .execute(params![b(req.work_item_id), ts(p.now)])
+            .q()?;
+        resumed = n > 0;
+    }
+    Ok(InfoAnswered { request, resumed })
+}
+
+pub fn info_answers_for_run(
+    c: &Connection,
+    run_id: RunId,
+    token: u64,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<InfoRequest>> {
+    fenced(c, run_id, token, now)?;
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {INFO_COLS} FROM info_requests WHERE run_id = ?1 ORDER BY id"
+        ))
+        .q()?;
+    let rows = st.query_map([b(run_id)], info).q()?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().q()
+}
+
+// ---------------------------------------------------------------- stats
+
+pub fn stats(c: &Connection) -> StoreResult<QueueStats> {
+    let mut s = QueueStats::zeroed();
+    {
+        let mut st = c
+            .prepare_cached("SELECT state, COUNT(*) FROM work_items GROUP BY state")
+            .q()?;
+        for row in st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .q()?
+        {
+            let (k, v) = row.q()?;
+            s.work_items.insert(k, v as u64);
+        }
+    }
+    {
+        let mut st = c
+            .prepare_cached("SELECT state, COUNT(*) FROM runs GROUP BY state")
+            .q()?;
+        for row in st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .q()?
+        {
+            let (k, v) = row.q()?;
+            s.runs.insert(k, v as u64);
+        }
+    }
+    s.pending_info_requests = c
+        .query_row(
+            "SELECT COUNT(*) FROM info_requests WHERE state = 'pending'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .q()? as u64;
+    s.pending_approvals = c
+        .query_row(
+            "SELECT COUNT(*) FROM approvals WHERE state = 'pending'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .q()? as u64;
+    Ok(s)
+}
