@@ -1465,7 +1465,12 @@ impl Store for MemoryStore {
             .runs
             .get_mut(&p.run_id)
             .ok_or_else(|| StoreError::not_found(EntityKind::Run, p.run_id))?;
-        let lease = rules::lease_for(run.id, run.lease_token, p.now, p.ttl);
+        let lease = rules::lease_for(
+            run.id,
+            run.lease_token,
+            p.now,
+            rules::renewal_ttl(run, p.ttl),
+        );
         run.lease_expires_at = Some(lease.expires_at);
         run.heartbeat_at = Some(p.now);
         Ok(lease)

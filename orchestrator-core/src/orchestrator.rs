@@ -627,6 +627,28 @@ impl Orchestrator {
             .await?)
     }
 
+    /// Completes many runs in one unit of work (each guarded on its own): the batched form of
+    /// [`AgentApi::complete`] for agents that finish several runs at once.
+    pub async fn complete_many(
+        &self,
+        completions: Vec<RunCompletion>,
+    ) -> Result<Vec<std::result::Result<CompletionResult, StoreError>>> {
+        if completions.len() > Page::MAX_LIMIT as usize {
+            return Err(Error::invalid(
+                "completions",
+                format!("at most {} per call", Page::MAX_LIMIT),
+            ));
+        }
+        Ok(self
+            .store
+            .runs_complete_many(CompleteMany {
+                completions,
+                retry_defaults: self.config.retry.clone(),
+                now: self.now(),
+            })
+            .await?)
+    }
+
     // ---- info requests ----
 
     /// Answers a pending info request: validated for its kind and encrypted at rest.
@@ -765,7 +787,7 @@ impl AgentApi for Orchestrator {
             .lease_renew(LeaseRenew {
                 run_id,
                 token,
-                ttl: self.config.lease_ttl,
+                ttl: None,
                 now: self.now(),
             })
             .await?)

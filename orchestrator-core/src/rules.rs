@@ -58,6 +58,14 @@ pub fn check_fence(run: &Run, token: u64, now: DateTime<Utc>) -> Result<(), Stor
     }
 }
 
+/// The duration a renewal grants: the requested one, else the one the current lease was granted with.
+pub fn renewal_ttl(run: &Run, requested: Option<Duration>) -> Duration {
+    requested.unwrap_or_else(|| match (run.lease_expires_at, run.heartbeat_at) {
+        (Some(e), Some(h)) if e > h => e - h,
+        _ => Duration::seconds(60),
+    })
+}
+
 /// The lease a claim or renewal grants.
 pub fn lease_for(run_id: RunId, token: u64, now: DateTime<Utc>, ttl: Duration) -> Lease {
     Lease {

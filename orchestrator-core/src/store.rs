@@ -359,8 +359,8 @@ pub struct LeaseRenew {
     pub run_id: RunId,
     /// Fencing token.
     pub token: u64,
-    /// New duration from now.
-    pub ttl: Duration,
+    /// New duration from now; `None` keeps the duration the lease was granted with.
+    pub ttl: Option<Duration>,
     /// Now.
     pub now: DateTime<Utc>,
 }

@@ -168,6 +168,23 @@ fn map_open_err(path: &Path, e: rusqlite::Error) -> OpenError {
                         dir: dir.to_path_buf(),
                     };
                 }
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    if !dir.is_dir() {
+                        return OpenError::Sqlite {
+                            path: path.to_path_buf(),
+                            message: format!("`{}` is not a directory", dir.display()),
+                        };
+                    }
+                    if !dir_writable(dir) {
+                        return OpenError::ReadOnly {
+                            path: path.to_path_buf(),
+                            message: format!(
+                                "directory `{}` is not writable (SQLite creates the database and its -wal and -shm files there)",
+                                dir.display()
+                            ),
+                        };
+                    }
+                }
                 return OpenError::Sqlite {
                     path: path.to_path_buf(),
                     message,
@@ -184,6 +201,22 @@ fn map_open_err(path: &Path, e: rusqlite::Error) -> OpenError {
     OpenError::Sqlite {
         path: path.to_path_buf(),
         message: e.to_string(),
+    }
+}
+
+/// Whether a file can be created in `dir` (only asked after SQLite could not open a database there).
+fn dir_writable(dir: &Path) -> bool {
+    let probe = dir.join(format!(".orchestrator-sqlite-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            true
+        }
+        Err(e) => e.kind() == std::io::ErrorKind::AlreadyExists,
     }
 }
 
@@ -255,6 +288,14 @@ impl SqliteStore {
                 | OpenFlags::SQLITE_OPEN_URI,
         )
         .map_err(|e| map_open_err(&path, e))?;
+        // SQLite silently falls back to a read-only open when the file cannot be opened for writing
+        // (e.g. an immutable file); every write would then fail later. Refuse it here.
+        if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
+            return Err(OpenError::ReadOnly {
+                path,
+                message: "the file cannot be opened for writing".into(),
+            });
+        }
         configure_writer(&conn, &opts, false).map_err(|e| map_open_err(&path, e))?;
         migrate(&mut conn, &path)?;
         let readers = Readers::Pool {
@@ -432,7 +473,10 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, notifier: &Notifier) {
     let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
     let mut notify = false;
     for job in batch {
-        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        if let Err(e) = conn
+            .prepare_cached("SAVEPOINT job")
+            .and_then(|mut st| st.execute([]))
+        {
             tracing::error!(error = %e, "savepoint failed");
             drop(job);
             continue;
@@ -441,7 +485,9 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, notifier: &Notifier) {
         match res {
             Ok((ok, n, reply)) => {
                 let end = if ok {
-                    conn.execute_batch("RELEASE job")
+                    conn.prepare_cached("RELEASE job")
+                        .and_then(|mut st| st.execute([]))
+                        .map(|_| ())
                 } else {
                     conn.execute_batch("ROLLBACK TO job; RELEASE job")
                 };

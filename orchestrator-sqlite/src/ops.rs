@@ -16,6 +16,38 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use uuid::Uuid;
 
+static COMPLETE_RUN_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE runs SET state = ?2, finished_at = ?3, lease_expires_at = NULL, exit_code = ?4, error = ?5, failure_kind = ?6,
+         usage = COALESCE(?7, usage)
+         WHERE id = ?1 AND lease_token = ?8 AND state IN ('claimed', 'running') AND lease_expires_at > ?3 RETURNING {RUN_COLS}"
+    )
+});
+
+static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE work_items SET
+             state = 'running',
+             updated_at = ?1,
+             attempts = attempts + (CASE WHEN EXISTS (SELECT 1 FROM runs r WHERE r.id = work_items.current_run_id AND r.state = 'waiting_input') THEN 0 ELSE 1 END),
+             current_run_id = (CASE WHEN EXISTS (SELECT 1 FROM runs r WHERE r.id = work_items.current_run_id AND r.state = 'waiting_input') THEN current_run_id ELSE uuid7() END)
+         WHERE id IN (
+             SELECT id FROM work_items INDEXED BY work_items_ready
+             WHERE state IN ('queued', 'retrying') AND pending_deps = 0 AND run_at <= ?1
+               AND (labels = '[]' OR NOT EXISTS (
+                    SELECT 1 FROM json_each(work_items.labels) l WHERE l.value NOT IN (SELECT value FROM json_each(?2))))
+             ORDER BY priority DESC, run_at, id LIMIT ?3)
+         RETURNING {WI_COLS}, (SELECT r.state = 'waiting_input' FROM runs r WHERE r.id = work_items.current_run_id)"
+    )
+});
+
+static RESUME_RUN_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE runs SET state = 'claimed', agent_id = ?2, lease_token = lease_token + 1, lease_expires_at = ?3, heartbeat_at = ?4
+         WHERE id = ?1 AND state = 'waiting_input' RETURNING {RUN_COLS}"
+    )
+});
+
 /// Maps a rusqlite error to the backend-neutral error.
 pub fn map_err(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode;
@@ -1013,6 +1045,19 @@ pub fn work_items_create(
                 }
             }
         }
+        // Fast path: a new item enqueued without dependencies is written once, already queued.
+        let direct_enqueue = match &p.enqueue {
+            Some(e) if e.depends_on.is_empty() => {
+                w.state = WorkItemState::Ready.transition(WorkItemState::Queued)?;
+                if let Some(pr) = e.priority {
+                    w.priority = pr;
+                }
+                w.run_at = Some(e.not_before.map_or(now, |t| t.max(now)));
+                w.enqueued_at = Some(now);
+                true
+            }
+            _ => false,
+        };
         let approval = if p.state == WorkItemState::AwaitingApproval {
             Some(insert_approval(
                 c,
@@ -1042,7 +1087,7 @@ pub fn work_items_create(
             }
             return Err(e);
         }
-        if let Some(e) = p.enqueue {
+        if let Some(e) = p.enqueue.filter(|_| !direct_enqueue) {
             enqueues.push((
                 out.len(),
                 Enqueue {
@@ -1057,8 +1102,11 @@ pub fn work_items_create(
             approval,
         });
     }
-    let notify = !enqueues.is_empty();
-    if notify {
+    let notify = !enqueues.is_empty()
+        || out
+            .iter()
+            .any(|o| o.created && o.work_item.state == WorkItemState::Queued);
+    if !enqueues.is_empty() {
         let list: Vec<Enqueue> = enqueues.iter().map(|(_, e)| e.clone()).collect();
         let tasks = enqueue_checked(c, &list, now)?;
         for ((idx, _), t) in enqueues.iter().zip(tasks) {
@@ -1456,58 +1504,43 @@ pub fn runs_claim(c: &Connection, cl: &Claim) -> StoreResult<Vec<ClaimedRun>> {
     let now = ts(cl.now);
     // One statement: pick the claimable rows in claim order and mark them running. A row resumes its
     // waiting run when it has one; otherwise it gets a fresh run id and one more attempt.
-    let mut st = c
-        .prepare_cached(&format!(
-            "UPDATE work_items SET
-                 state = 'running',
-                 updated_at = ?1,
-                 attempts = attempts + (CASE WHEN EXISTS (SELECT 1 FROM runs r WHERE r.id = work_items.current_run_id AND r.state = 'waiting_input') THEN 0 ELSE 1 END),
-                 current_run_id = (CASE WHEN EXISTS (SELECT 1 FROM runs r WHERE r.id = work_items.current_run_id AND r.state = 'waiting_input') THEN current_run_id ELSE uuid7() END)
-             WHERE id IN (
-                 SELECT id FROM work_items INDEXED BY work_items_ready
-                 WHERE state IN ('queued', 'retrying') AND pending_deps = 0 AND run_at <= ?1
-                   AND (labels = '[]' OR NOT EXISTS (
-                        SELECT 1 FROM json_each(work_items.labels) l WHERE l.value NOT IN (SELECT value FROM json_each(?2))))
-                 ORDER BY priority DESC, run_at, id LIMIT ?3)
-             RETURNING {WI_COLS}"
-        ))
-        .q()?;
+    let mut st = c.prepare_cached(&CLAIM_SQL).q()?;
     let mut items = st
-        .query_map(params![now, caps, limit], work_item)
+        .query_map(params![now, caps, limit], |r| {
+            Ok((
+                work_item(r)?,
+                r.get::<_, Option<bool>>(23)?.unwrap_or(false),
+            ))
+        })
         .q()?
         .collect::<rusqlite::Result<Vec<_>>>()
         .q()?;
     drop(st);
-    items.sort_by_key(|w| (std::cmp::Reverse(w.priority), w.run_at, w.id));
+    items.sort_by_key(|(w, _)| (std::cmp::Reverse(w.priority), w.run_at, w.id));
     let expires = cl.now + cl.lease_ttl;
     let mut out = Vec::with_capacity(items.len());
-    for w in items {
+    for (w, resume) in items {
         let Some(run_id) = w.current_run_id else {
             return Err(StoreError::conflict("claimed work item has no run id"));
         };
-        let resumed: Option<Run> = c
-            .prepare_cached(&format!(
-                "UPDATE runs SET state = 'claimed', agent_id = ?2, lease_token = lease_token + 1, lease_expires_at = ?3, heartbeat_at = ?4
-                 WHERE id = ?1 AND state = 'waiting_input' RETURNING {RUN_COLS}"
-            ))
-            .q()?
-            .query_row(params![b(run_id), cl.agent_id, ts(expires), now], run)
-            .optional()
-            .q()?;
-        let (run, was_resumed) = match resumed {
-            Some(r) => (r, true),
-            None => {
-                let lease = rules::lease_for(run_id, 1, cl.now, cl.lease_ttl);
-                let r = rules::new_run(&w, &cl.agent_id, w.attempts, &lease, cl.now);
-                c.prepare_cached(
-                    "INSERT INTO runs (id, work_item_id, project_id, attempt, agent_id, state, lease_token, lease_expires_at, heartbeat_at, claimed_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 'claimed', 1, ?6, ?7, ?7)",
-                )
+        let (run, was_resumed) = if resume {
+            let r = c
+                .prepare_cached(&RESUME_RUN_SQL)
                 .q()?
-                .execute(params![b(r.id), b(w.id), b(w.project_id), r.attempt, r.agent_id, ts(expires), now])
+                .query_row(params![b(run_id), cl.agent_id, ts(expires), now], run)
                 .q()?;
-                (r, false)
-            }
+            (r, true)
+        } else {
+            let lease = rules::lease_for(run_id, 1, cl.now, cl.lease_ttl);
+            let r = rules::new_run(&w, &cl.agent_id, w.attempts, &lease, cl.now);
+            c.prepare_cached(
+                "INSERT INTO runs (id, work_item_id, project_id, attempt, agent_id, state, lease_token, lease_expires_at, heartbeat_at, claimed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'claimed', 1, ?6, ?7, ?7)",
+            )
+            .q()?
+            .execute(params![b(r.id), b(w.id), b(w.project_id), r.attempt, r.agent_id, ts(expires), now])
+            .q()?;
+            (r, false)
         };
         let lease = Lease {
             run_id: run.id,
@@ -1541,7 +1574,7 @@ fn fenced(c: &Connection, id: RunId, token: u64, now: DateTime<Utc>) -> StoreRes
 
 pub fn lease_renew(c: &Connection, p: &LeaseRenew) -> StoreResult<Lease> {
     let r = fenced(c, p.run_id, p.token, p.now)?;
-    let lease = rules::lease_for(r.id, r.lease_token, p.now, p.ttl);
+    let lease = rules::lease_for(r.id, r.lease_token, p.now, rules::renewal_ttl(&r, p.ttl));
     c.prepare_cached("UPDATE runs SET lease_expires_at = ?2, heartbeat_at = ?3 WHERE id = ?1")
         .q()?
         .execute(params![b(r.id), ts(lease.expires_at), ts(p.now)])
@@ -1566,8 +1599,7 @@ fn complete_one(
     x: &RunCompletion,
     defaults: &RetryPolicy,
     now: DateTime<Utc>,
-) -> StoreResult<CompletionResult> {
-    let r = fenced(c, x.run_id, x.token, now)?;
+) -> StoreResult<StoreResult<CompletionResult>> {
     let (run_to, error, exit_code, kind) = match &x.outcome {
         RunOutcome::Succeeded { exit_code } => (RunState::Succeeded, None, *exit_code, None),
         RunOutcome::Failed {
@@ -1581,7 +1613,6 @@ fn complete_one(
             Some(*kind),
         ),
     };
-    r.state.transition(run_to)?;
     let kind_s = match kind {
         Some(k) => Some(enum_str(&k)?),
         None => None,
@@ -1590,14 +1621,47 @@ fn complete_one(
         Some(u) => Some(to_json(u)?),
         None => None,
     };
+    // One guarded statement: the fence (token, leased state, unexpired lease) is re-checked where the
+    // row is written. Only when it matches nothing is the run read again to say why.
     let run = c
-        .prepare_cached(&format!(
-            "UPDATE runs SET state = ?2, finished_at = ?3, lease_expires_at = NULL, exit_code = ?4, error = ?5, failure_kind = ?6,
-             usage = COALESCE(?7, usage) WHERE id = ?1 RETURNING {RUN_COLS}"
-        ))
+        .prepare_cached(&COMPLETE_RUN_SQL)
         .q()?
-        .query_row(params![b(r.id), run_to.as_str(), ts(now), exit_code, error, kind_s, usage], run)
+        .query_row(
+            params![
+                b(x.run_id),
+                run_to.as_str(),
+                ts(now),
+                exit_code,
+                error,
+                kind_s,
+                usage,
+                i(x.token)
+            ],
+            run,
+        )
+        .optional()
         .q()?;
+    // Refusals below happen before anything was written (inner error); any later failure breaks an
+    // invariant and fails the whole unit (outer error), rolling it back.
+    let run = match run {
+        Some(r) => r,
+        None => {
+            let r = match run_get(c, x.run_id) {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(e)),
+            };
+            if let Err(e) = rules::check_fence(&r, x.token, now) {
+                return Ok(Err(e));
+            }
+            if let Err(e) = r.state.transition(run_to) {
+                return Ok(Err(e.into()));
+            }
+            return Ok(Err(StoreError::conflict(format!(
+                "run {} could not be completed",
+                x.run_id
+            ))));
+        }
+    };
     let wid = run.work_item_id;
     let mut res = CompletionResult {
         run,
@@ -1633,7 +1697,7 @@ fn complete_one(
             res.blocked = blocked;
         }
     }
-    Ok(res)
+    Ok(Ok(res))
 }
 
 pub fn runs_complete_many(
@@ -1642,21 +1706,9 @@ pub fn runs_complete_many(
 ) -> StoreResult<(Vec<StoreResult<CompletionResult>>, bool)> {
     let mut out = Vec::with_capacity(p.completions.len());
     let mut notify = false;
-    let single = p.completions.len() == 1;
     for x in &p.completions {
-        // Each completion is guarded on its own: a failing one rolls back alone.
-        if !single {
-            c.execute_batch("SAVEPOINT completion").q()?;
-        }
-        let r = complete_one(c, x, &p.retry_defaults, p.now);
-        if !single {
-            if r.is_ok() {
-                c.execute_batch("RELEASE completion").q()?;
-            } else {
-                c.execute_batch("ROLLBACK TO completion; RELEASE completion")
-                    .q()?;
-            }
-        }
+        // Each completion is guarded on its own: a refused one writes nothing.
+        let r = complete_one(c, x, &p.retry_defaults, p.now)?;
         if let Ok(cr) = &r {
             notify |= !cr.released.is_empty() || cr.retry_at.is_some_and(|t| t <= p.now);
         }
