@@ -6,9 +6,7 @@
 
 use orchestrator_core::agent::{AgentApi, ClaimRequest};
 use orchestrator_core::crypto::{Keyring, SecretKey};
-use orchestrator_core::domain::{
-    LogStream, NewLogLine, NewStepEvent, RequirementSpec, RunOutcome, StepEventKind,
-};
+use orchestrator_core::domain::{LogStream, NewLogLine, NewStepEvent, RequirementSpec, RunOutcome, StepEventKind};
 use orchestrator_core::recipe::InputKind;
 use orchestrator_core::retry::FailureKind;
 use orchestrator_core::store::{Decision, EnqueueOptions, NewInfoRequest};
@@ -17,22 +15,14 @@ use std::sync::Arc;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = OrchestratorConfig {
-        require_approval: true,
-        ..Default::default()
-    };
+    let mut config = OrchestratorConfig { require_approval: true, ..Default::default() };
     config.retry.backoff_base_seconds = 0.0; // retry at once in the demo
     config.keyring = Some(Keyring::new("demo", SecretKey::generate())?);
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let orch = Orchestrator::new(store.clone(), config);
 
     let project = orch.create_project("demo", "A sample project").await?;
-    orch.put_vision(
-        project.id,
-        "Ship a tiny CLI that greets people.",
-        Some("you".into()),
-    )
-    .await?;
+    orch.put_vision(project.id, "Ship a tiny CLI that greets people.", Some("you".into())).await?;
     let reqs = vec![
         RequirementSpec {
             title: "Write the greeter".into(),
@@ -49,48 +39,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             recipe_id: None,
         },
     ];
-    let (draft, approval) = orch
-        .propose_requirements(project.id, "MVP", reqs, Some("you".into()))
-        .await?;
-    println!(
-        "proposed draft {} (approval {:?})",
-        draft.id,
-        approval.as_ref().map(|a| a.id)
-    );
-    let outcome = orch
-        .decide_draft(
-            draft.id,
-            Decision::Approve,
-            "reviewer",
-            Some("looks good".into()),
-        )
-        .await?;
+    let (draft, approval) = orch.propose_requirements(project.id, "MVP", reqs, Some("you".into())).await?;
+    println!("proposed draft {} (approval {:?})", draft.id, approval.as_ref().map(|a| a.id));
+    let outcome = orch.decide_draft(draft.id, Decision::Approve, "reviewer", Some("looks good".into())).await?;
     let (write, test) = (outcome.work_items[0].clone(), outcome.work_items[1].clone());
     let recipe = orch
-        .create_recipe(Some(project.id), "name: greet\ninputs:\n  - name: GREETING\n    kind: secret\nsteps:\n  - echo $GREETING\n")
+        .create_recipe(
+            Some(project.id),
+            "name: greet\ninputs:\n  - name: GREETING\n    kind: secret\nsteps:\n  - echo $GREETING\n",
+        )
         .await?;
     // Attaching a recipe is an edit: under the approval policy it needs a fresh approval.
     let changed = orch.attach_recipe(write.id, recipe.id).await?;
     if let Some(a) = changed.approval {
-        orch.decide_approval(a.id, Decision::Approve, "reviewer", None)
-            .await?;
+        orch.decide_approval(a.id, Decision::Approve, "reviewer", None).await?;
     }
     orch.enqueue(write.id, EnqueueOptions::default()).await?;
-    orch.enqueue(
-        test.id,
-        EnqueueOptions {
-            depends_on: vec![write.id],
-            ..Default::default()
-        },
-    )
-    .await?;
+    orch.enqueue(test.id, EnqueueOptions { depends_on: vec![write.id], ..Default::default() }).await?;
 
-    let claim = ClaimRequest {
-        agent_id: "agent-1".into(),
-        capabilities: vec![],
-        max: 4,
-        lease_ttl_seconds: None,
-    };
+    let claim = ClaimRequest { agent_id: "agent-1".into(), capabilities: vec![], max: 4, lease_ttl_seconds: None };
     let a = orch.claim(claim.clone()).await?.remove(0);
     println!(
         "claimed run {} for {:?} (recipe {:?})",
@@ -107,21 +74,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         deadline: None,
     };
     let asked = orch.ask(a.run_id(), a.token(), vec![q]).await?;
-    orch.answer_info_request(asked[0].id, "hello", "you")
-        .await?;
+    orch.answer_info_request(asked[0].id, "hello", "you").await?;
     let a = orch.claim(claim.clone()).await?.remove(0);
-    println!(
-        "resumed run {} with answers for {:?}",
-        a.run_id(),
-        a.answers.keys().collect::<Vec<_>>()
-    );
+    println!("resumed run {} with answers for {:?}", a.run_id(), a.answers.keys().collect::<Vec<_>>());
     orch.append_logs(
         a.run_id(),
         a.token(),
-        vec![NewLogLine {
-            stream: LogStream::Stdout,
-            line: "greeting written".into(),
-        }],
+        vec![NewLogLine { stream: LogStream::Stdout, line: "greeting written".into() }],
     )
     .await?;
     orch.record_steps(
@@ -135,50 +94,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }],
     )
     .await?;
-    let done = orch
-        .complete(
-            a.run_id(),
-            a.token(),
-            RunOutcome::Succeeded { exit_code: Some(0) },
-            None,
-        )
-        .await?;
-    println!(
-        "write: {}; released dependents: {}",
-        done.work_item_state,
-        done.released.len()
-    );
+    let done = orch.complete(a.run_id(), a.token(), RunOutcome::Succeeded { exit_code: Some(0) }, None).await?;
+    println!("write: {}; released dependents: {}", done.work_item_state, done.released.len());
 
     let b = orch.claim(claim.clone()).await?.remove(0);
     let failed = orch
         .complete(
             b.run_id(),
             b.token(),
-            RunOutcome::Failed {
-                error: "flaky test".into(),
-                exit_code: Some(1),
-                kind: FailureKind::Retryable,
-            },
+            RunOutcome::Failed { error: "flaky test".into(), exit_code: Some(1), kind: FailureKind::Retryable },
             None,
         )
         .await?;
-    println!(
-        "test attempt 1: {} (retry at {:?})",
-        failed.work_item_state, failed.retry_at
-    );
+    println!("test attempt 1: {} (retry at {:?})", failed.work_item_state, failed.retry_at);
     let b = orch.claim(claim).await?.remove(0);
-    let ok = orch
-        .complete(
-            b.run_id(),
-            b.token(),
-            RunOutcome::Succeeded { exit_code: Some(0) },
-            None,
-        )
-        .await?;
-    println!(
-        "test attempt {}: {}",
-        b.claimed.run.attempt, ok.work_item_state
-    );
+    let ok = orch.complete(b.run_id(), b.token(), RunOutcome::Succeeded { exit_code: Some(0) }, None).await?;
+    println!("test attempt {}: {}", b.claimed.run.attempt, ok.work_item_state);
     for l in store.logs_read_after(a.run_id(), 0, 100).await? {
         println!("log #{} [{}] {}", l.seq, l.stream.as_str(), l.line);
     }

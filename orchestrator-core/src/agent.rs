@@ -39,15 +39,8 @@ pub struct AnswerValue {
 
 impl std::fmt::Debug for AnswerValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let shown = if self.secret {
-            "<redacted>"
-        } else {
-            self.value.as_str()
-        };
-        f.debug_struct("AnswerValue")
-            .field("value", &shown)
-            .field("secret", &self.secret)
-            .finish()
+        let shown = if self.secret { "<redacted>" } else { self.value.as_str() };
+        f.debug_struct("AnswerValue").field("value", &shown).field("secret", &self.secret).finish()
     }
 }
 
@@ -87,26 +80,12 @@ pub trait AgentApi: Send + Sync {
     /// Marks the run as started.
     async fn start(&self, run_id: RunId, token: u64) -> Result<Run, Error>;
     /// Appends log lines; returns the last sequence number.
-    async fn append_logs(
-        &self,
-        run_id: RunId,
-        token: u64,
-        lines: Vec<NewLogLine>,
-    ) -> Result<u64, Error>;
+    async fn append_logs(&self, run_id: RunId, token: u64, lines: Vec<NewLogLine>) -> Result<u64, Error>;
     /// Records step events.
-    async fn record_steps(
-        &self,
-        run_id: RunId,
-        token: u64,
-        events: Vec<NewStepEvent>,
-    ) -> Result<Vec<StepEvent>, Error>;
+    async fn record_steps(&self, run_id: RunId, token: u64, events: Vec<NewStepEvent>)
+        -> Result<Vec<StepEvent>, Error>;
     /// Asks humans for input; the run then waits without holding a lease.
-    async fn ask(
-        &self,
-        run_id: RunId,
-        token: u64,
-        questions: Vec<NewInfoRequest>,
-    ) -> Result<Vec<InfoRequest>, Error>;
+    async fn ask(&self, run_id: RunId, token: u64, questions: Vec<NewInfoRequest>) -> Result<Vec<InfoRequest>, Error>;
     /// Completes the run.
     async fn complete(
         &self,
@@ -158,24 +137,14 @@ pub struct Plan {
 }
 
 /// Asks each planner in order and returns the first non-empty plan.
-pub async fn plan_with_chain(
-    planners: &[Box<dyn Planner>],
-    ctx: &PlanContext,
-) -> Result<Plan, Vec<PlanError>> {
+pub async fn plan_with_chain(planners: &[Box<dyn Planner>], ctx: &PlanContext) -> Result<Plan, Vec<PlanError>> {
     let mut fallbacks = Vec::new();
     for p in planners {
         match p.plan(ctx).await {
             Ok(Some(steps)) if !steps.is_empty() => {
-                return Ok(Plan {
-                    planner: p.name().to_string(),
-                    steps,
-                    fallbacks,
-                });
+                return Ok(Plan { planner: p.name().to_string(), steps, fallbacks });
             }
-            Ok(_) => fallbacks.push(PlanError {
-                planner: p.name().to_string(),
-                message: "no plan".into(),
-            }),
+            Ok(_) => fallbacks.push(PlanError { planner: p.name().to_string(), message: "no plan".into() }),
             Err(e) => fallbacks.push(e),
         }
     }

@@ -33,18 +33,12 @@ pub struct ManualClock {
 impl ManualClock {
     /// A manual clock at `start`.
     pub fn new(start: DateTime<Utc>) -> Self {
-        Self {
-            now: Arc::new(Mutex::new(truncate_micros(start))),
-        }
+        Self { now: Arc::new(Mutex::new(truncate_micros(start))) }
     }
 
     /// A manual clock at a fixed, well-known instant (2030-01-01T00:00:00Z).
     pub fn at_epoch() -> Self {
-        Self::new(
-            Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0)
-                .single()
-                .unwrap_or_else(Utc::now),
-        )
+        Self::new(Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).single().unwrap_or_else(Utc::now))
     }
 
     /// Moves the clock forward (or backward with a negative duration).

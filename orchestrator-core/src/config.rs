@@ -37,10 +37,7 @@ pub fn parse_bool(name: &str, v: &str) -> Result<bool, Error> {
     match v.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" | "" => Ok(false),
-        _ => Err(Error::invalid(
-            name,
-            format!("expected true or false, got `{v}`"),
-        )),
+        _ => Err(Error::invalid(name, format!("expected true or false, got `{v}`"))),
     }
 }
 
@@ -54,16 +51,9 @@ impl OrchestratorConfig {
         }
         c.retry = RetryPolicy::from_lookup(&lookup)?;
         if let Some(v) = lookup("ORCH_LEASE_TTL_SECONDS") {
-            let secs: i64 = v
-                .trim()
-                .parse()
-                .ok()
-                .filter(|s| (1..=3600).contains(s))
-                .ok_or_else(|| {
-                    Error::invalid(
-                        "ORCH_LEASE_TTL_SECONDS",
-                        "expected whole seconds between 1 and 3600",
-                    )
+            let secs: i64 =
+                v.trim().parse().ok().filter(|s| (1..=3600).contains(s)).ok_or_else(|| {
+                    Error::invalid("ORCH_LEASE_TTL_SECONDS", "expected whole seconds between 1 and 3600")
                 })?;
             c.lease_ttl = Duration::seconds(secs);
         }
@@ -86,12 +76,8 @@ mod tests {
 
     #[test]
     fn reads_and_rejects() {
-        let env: HashMap<&str, &str> = [
-            ("ORCH_REQUIRE_APPROVAL", "true"),
-            ("ORCH_LEASE_TTL_SECONDS", "30"),
-            ("ORCH_MAX_RETRIES", "5"),
-        ]
-        .into();
+        let env: HashMap<&str, &str> =
+            [("ORCH_REQUIRE_APPROVAL", "true"), ("ORCH_LEASE_TTL_SECONDS", "30"), ("ORCH_MAX_RETRIES", "5")].into();
         let c = OrchestratorConfig::from_lookup(|k| env.get(k).map(|v| v.to_string())).unwrap();
         assert!(c.require_approval);
         assert_eq!(c.lease_ttl, Duration::seconds(30));

@@ -94,19 +94,12 @@ impl SecretKey {
     pub fn parse(s: &str) -> Result<SecretKey, CryptoError> {
         let s = s.trim();
         if let Some(rest) = s.strip_prefix("hex:") {
-            return parse_hex(rest.trim())
-                .map(SecretKey)
-                .ok_or_else(|| invalid_key_error(rest.trim()));
+            return parse_hex(rest.trim()).map(SecretKey).ok_or_else(|| invalid_key_error(rest.trim()));
         }
         if let Some(rest) = s.strip_prefix("base64:") {
-            return parse_base64(rest.trim())
-                .map(SecretKey)
-                .ok_or_else(|| invalid_key_error(rest.trim()));
+            return parse_base64(rest.trim()).map(SecretKey).ok_or_else(|| invalid_key_error(rest.trim()));
         }
-        parse_hex(s)
-            .or_else(|| parse_base64(s))
-            .map(SecretKey)
-            .ok_or_else(|| invalid_key_error(s))
+        parse_hex(s).or_else(|| parse_base64(s)).map(SecretKey).ok_or_else(|| invalid_key_error(s))
     }
 
     /// A new random key from the operating system's random number generator.
@@ -156,10 +149,7 @@ fn invalid_key_error(s: &str) -> CryptoError {
     if s.is_empty() {
         CryptoError::InvalidKey(format!("the key is empty; {KEY_FORMAT_HINT}"))
     } else {
-        CryptoError::InvalidKey(format!(
-            "{KEY_FORMAT_HINT} (got {} characters)",
-            s.chars().count()
-        ))
+        CryptoError::InvalidKey(format!("{KEY_FORMAT_HINT} (got {} characters)", s.chars().count()))
     }
 }
 
@@ -167,9 +157,7 @@ fn invalid_key_error(s: &str) -> CryptoError {
 fn is_valid_key_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_KEY_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// Checks a key id; the error does not echo an invalid id (it might be a
@@ -202,11 +190,7 @@ impl SealedValue {
     /// A value stored without encryption (only for non-secret answers when no
     /// key is configured): no key id, empty nonce, `ciphertext` = `bytes`.
     pub fn plain(bytes: &[u8]) -> SealedValue {
-        SealedValue {
-            key_id: None,
-            nonce: Vec::new(),
-            ciphertext: bytes.to_vec(),
-        }
+        SealedValue { key_id: None, nonce: Vec::new(), ciphertext: bytes.to_vec() }
     }
 
     /// Whether the value is encrypted (it has a key id).
@@ -223,11 +207,9 @@ impl SealedValue {
     /// not survive [`SealedValue::decode`] unchanged.
     pub fn encode(&self) -> String {
         match &self.key_id {
-            Some(key_id) => format!(
-                "v1:{key_id}:{}:{}",
-                STANDARD.encode(&self.nonce),
-                STANDARD.encode(&self.ciphertext)
-            ),
+            Some(key_id) => {
+                format!("v1:{key_id}:{}:{}", STANDARD.encode(&self.nonce), STANDARD.encode(&self.ciphertext))
+            }
             None => format!("plain:{}", STANDARD.encode(&self.ciphertext)),
         }
     }
@@ -239,44 +221,28 @@ impl SealedValue {
     pub fn decode(s: &str) -> Result<SealedValue, CryptoError> {
         let s = s.trim();
         if let Some(rest) = s.strip_prefix("plain:") {
-            let bytes = STANDARD
-                .decode(rest)
-                .map_err(|_| malformed("the plain value is not valid base64"))?;
+            let bytes = STANDARD.decode(rest).map_err(|_| malformed("the plain value is not valid base64"))?;
             return Ok(SealedValue::plain(&bytes));
         }
         let Some(rest) = s.strip_prefix("v1:") else {
-            return Err(malformed(
-                "expected \"v1:<key_id>:<nonce>:<ciphertext>\" or \"plain:<base64>\"",
-            ));
+            return Err(malformed("expected \"v1:<key_id>:<nonce>:<ciphertext>\" or \"plain:<base64>\""));
         };
         let fields: Vec<&str> = rest.split(':').collect();
         let [key_id, nonce, ciphertext] = fields.as_slice() else {
-            return Err(malformed(
-                "expected \"v1:<key_id>:<nonce>:<ciphertext>\" (4 ':'-separated fields)",
-            ));
+            return Err(malformed("expected \"v1:<key_id>:<nonce>:<ciphertext>\" (4 ':'-separated fields)"));
         };
         if !is_valid_key_id(key_id) {
             return Err(malformed("invalid key id"));
         }
-        let nonce = STANDARD
-            .decode(nonce)
-            .map_err(|_| malformed("the nonce is not valid base64"))?;
+        let nonce = STANDARD.decode(nonce).map_err(|_| malformed("the nonce is not valid base64"))?;
         if nonce.len() != NONCE_LEN {
             return Err(malformed("the nonce must be 12 bytes"));
         }
-        let ciphertext = STANDARD
-            .decode(ciphertext)
-            .map_err(|_| malformed("the ciphertext is not valid base64"))?;
+        let ciphertext = STANDARD.decode(ciphertext).map_err(|_| malformed("the ciphertext is not valid base64"))?;
         if ciphertext.len() < TAG_LEN {
-            return Err(malformed(
-                "the ciphertext is shorter than the 16-byte authentication tag",
-            ));
+            return Err(malformed("the ciphertext is shorter than the 16-byte authentication tag"));
         }
-        Ok(SealedValue {
-            key_id: Some((*key_id).to_owned()),
-            nonce,
-            ciphertext,
-        })
+        Ok(SealedValue { key_id: Some((*key_id).to_owned()), nonce, ciphertext })
     }
 }
 
@@ -307,12 +273,7 @@ impl Keyring {
     /// Key ids are 1..=64 characters of `[A-Za-z0-9_.-]`.
     pub fn new(active_key_id: &str, key: SecretKey) -> Result<Keyring, CryptoError> {
         validate_key_id(active_key_id)?;
-        Ok(Keyring {
-            keys: vec![KeyEntry {
-                id: active_key_id.to_owned(),
-                cipher: key.cipher(),
-            }],
-        })
+        Ok(Keyring { keys: vec![KeyEntry { id: active_key_id.to_owned(), cipher: key.cipher() }] })
     }
 
     /// Adds an older key, used only to open values sealed under it. A
@@ -320,14 +281,9 @@ impl Keyring {
     pub fn with_old_key(mut self, key_id: &str, key: SecretKey) -> Result<Keyring, CryptoError> {
         validate_key_id(key_id)?;
         if self.entry(key_id).is_some() {
-            return Err(CryptoError::InvalidKeyId(format!(
-                "duplicate key id {key_id:?}"
-            )));
+            return Err(CryptoError::InvalidKeyId(format!("duplicate key id {key_id:?}")));
         }
-        self.keys.push(KeyEntry {
-            id: key_id.to_owned(),
-            cipher: key.cipher(),
-        });
+        self.keys.push(KeyEntry { id: key_id.to_owned(), cipher: key.cipher() });
         Ok(self)
     }
 
@@ -345,9 +301,7 @@ impl Keyring {
     pub fn from_config(s: &str) -> Result<Keyring, CryptoError> {
         let s = s.trim();
         if s.is_empty() {
-            return Err(CryptoError::InvalidKey(format!(
-                "no key configured; {KEY_FORMAT_HINT}"
-            )));
+            return Err(CryptoError::InvalidKey(format!("no key configured; {KEY_FORMAT_HINT}")));
         }
         let entries: Vec<&str> = s.split(',').map(str::trim).collect();
         if let [single] = entries.as_slice() {
@@ -359,15 +313,9 @@ impl Keyring {
         for (index, entry) in entries.iter().enumerate() {
             let position = index + 1;
             if entry.is_empty() {
-                return Err(CryptoError::InvalidKey(format!(
-                    "entry {position} of the key list is empty"
-                )));
+                return Err(CryptoError::InvalidKey(format!("entry {position} of the key list is empty")));
             }
-            let id_and_key = if is_bare_key(entry) {
-                None
-            } else {
-                entry.split_once(':')
-            };
+            let id_and_key = if is_bare_key(entry) { None } else { entry.split_once(':') };
             let Some((id, key)) = id_and_key else {
                 return Err(CryptoError::InvalidKey(format!(
                     "entry {position} of the key list has no key id; expected \"id:key,id:key\""
@@ -381,9 +329,7 @@ impl Keyring {
                 other => other,
             })?;
             let key = SecretKey::parse(key).map_err(|err| match err {
-                CryptoError::InvalidKey(msg) => {
-                    CryptoError::InvalidKey(format!("key {id:?}: {msg}"))
-                }
+                CryptoError::InvalidKey(msg) => CryptoError::InvalidKey(format!("key {id:?}: {msg}")),
                 other => other,
             })?;
             keyring = Some(match keyring {
@@ -404,24 +350,12 @@ impl Keyring {
     pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<SealedValue, CryptoError> {
         let entry = self.keys.first().ok_or(CryptoError::Encrypt)?;
         let mut nonce = [0u8; NONCE_LEN];
-        OsRng
-            .try_fill_bytes(&mut nonce)
-            .map_err(|_| CryptoError::Encrypt)?;
+        OsRng.try_fill_bytes(&mut nonce).map_err(|_| CryptoError::Encrypt)?;
         let ciphertext = entry
             .cipher
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
-            )
+            .encrypt(&Nonce::from(nonce), Payload { msg: plaintext, aad })
             .map_err(|_| CryptoError::Encrypt)?;
-        Ok(SealedValue {
-            key_id: Some(entry.id.clone()),
-            nonce: nonce.to_vec(),
-            ciphertext,
-        })
+        Ok(SealedValue { key_id: Some(entry.id.clone()), nonce: nonce.to_vec(), ciphertext })
     }
 
     /// Opens an encrypted value with the key named by its `key_id`; a plain
@@ -439,20 +373,12 @@ impl Keyring {
             }
             return Ok(sealed.ciphertext.clone());
         };
-        let entry = self
-            .entry(key_id)
-            .ok_or_else(|| CryptoError::UnknownKeyId(key_id.clone()))?;
+        let entry = self.entry(key_id).ok_or_else(|| CryptoError::UnknownKeyId(key_id.clone()))?;
         let nonce = <[u8; NONCE_LEN]>::try_from(sealed.nonce.as_slice())
             .map_err(|_| malformed("the nonce must be 12 bytes"))?;
         entry
             .cipher
-            .decrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: &sealed.ciphertext,
-                    aad,
-                },
-            )
+            .decrypt(&Nonce::from(nonce), Payload { msg: &sealed.ciphertext, aad })
             .map_err(|_| CryptoError::Decrypt)
     }
 
@@ -465,10 +391,7 @@ impl Keyring {
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ids: Vec<&str> = self.keys.iter().map(|entry| entry.id.as_str()).collect();
-        f.debug_struct("Keyring")
-            .field("active_key_id", &self.active_key_id())
-            .field("key_ids", &ids)
-            .finish()
+        f.debug_struct("Keyring").field("active_key_id", &self.active_key_id()).field("key_ids", &ids).finish()
     }
 }
 
@@ -561,10 +484,7 @@ mod tests {
 
         let mut short_nonce = sealed.clone();
         short_nonce.nonce.pop();
-        assert!(matches!(
-            ring.open(&short_nonce, b"req-1"),
-            Err(CryptoError::Malformed(_))
-        ));
+        assert!(matches!(ring.open(&short_nonce, b"req-1"), Err(CryptoError::Malformed(_))));
     }
 
     #[test]
@@ -576,10 +496,7 @@ mod tests {
 
     #[test]
     fn swapped_key_id_fails_to_decrypt() {
-        let ring = Keyring::new("k2", key(2))
-            .unwrap()
-            .with_old_key("k1", key(1))
-            .unwrap();
+        let ring = Keyring::new("k2", key(2)).unwrap().with_old_key("k1", key(1)).unwrap();
         let mut sealed = ring.seal(b"secret", b"aad").unwrap();
         sealed.key_id = Some("k1".to_owned());
         assert_eq!(ring.open(&sealed, b"aad"), Err(CryptoError::Decrypt));
@@ -590,10 +507,7 @@ mod tests {
         let old = Keyring::new("2024", key(1)).unwrap();
         let old_value = old.seal(b"old secret", b"req-7").unwrap();
 
-        let rotated = Keyring::new("2025", key(2))
-            .unwrap()
-            .with_old_key("2024", key(1))
-            .unwrap();
+        let rotated = Keyring::new("2025", key(2)).unwrap().with_old_key("2024", key(1)).unwrap();
         assert_eq!(rotated.active_key_id(), "2025");
         assert_eq!(rotated.open(&old_value, b"req-7").unwrap(), b"old secret");
 
@@ -601,10 +515,7 @@ mod tests {
         assert_eq!(new_value.key_id.as_deref(), Some("2025"));
         assert_eq!(rotated.open(&new_value, b"req-8").unwrap(), b"new secret");
         // The old keyring cannot read values sealed under the new key.
-        assert_eq!(
-            old.open(&new_value, b"req-8"),
-            Err(CryptoError::UnknownKeyId("2025".to_owned()))
-        );
+        assert_eq!(old.open(&new_value, b"req-8"), Err(CryptoError::UnknownKeyId("2025".to_owned())));
     }
 
     #[test]
@@ -613,14 +524,10 @@ mod tests {
         let k2 = SecretKey::generate();
         let before = Keyring::from_config(&k1.to_base64()).unwrap();
         let value = before.seal(b"answer", b"id").unwrap();
-        let after =
-            Keyring::from_config(&format!("k2:{},k1:{}", k2.to_base64(), k1.to_base64())).unwrap();
+        let after = Keyring::from_config(&format!("k2:{},k1:{}", k2.to_base64(), k1.to_base64())).unwrap();
         assert_eq!(after.active_key_id(), "k2");
         assert_eq!(after.open(&value, b"id").unwrap(), b"answer");
-        assert_eq!(
-            after.seal(b"x", b"id").unwrap().key_id.as_deref(),
-            Some("k2")
-        );
+        assert_eq!(after.seal(b"x", b"id").unwrap().key_id.as_deref(), Some("k2"));
     }
 
     #[test]
@@ -628,13 +535,8 @@ mod tests {
         let ring = ring();
         let mut sealed = ring.seal(b"secret", b"aad").unwrap();
         sealed.key_id = Some("gone".to_owned());
-        assert_eq!(
-            ring.open(&sealed, b"aad"),
-            Err(CryptoError::UnknownKeyId("gone".to_owned()))
-        );
-        assert!(CryptoError::UnknownKeyId("gone".to_owned())
-            .to_string()
-            .contains("gone"));
+        assert_eq!(ring.open(&sealed, b"aad"), Err(CryptoError::UnknownKeyId("gone".to_owned())));
+        assert!(CryptoError::UnknownKeyId("gone".to_owned()).to_string().contains("gone"));
     }
 
     #[test]
@@ -648,32 +550,17 @@ mod tests {
 
         let mut odd = plain.clone();
         odd.nonce = vec![0; 12];
-        assert!(matches!(
-            ring.open(&odd, b""),
-            Err(CryptoError::Malformed(_))
-        ));
+        assert!(matches!(ring.open(&odd, b""), Err(CryptoError::Malformed(_))));
     }
 
     #[test]
     fn parse_hex_keys() {
         let expected = key_bytes();
         assert_eq!(SecretKey::parse(HEX_KEY).unwrap().0, expected);
-        assert_eq!(
-            SecretKey::parse(&HEX_KEY.to_uppercase()).unwrap().0,
-            expected
-        );
-        assert_eq!(
-            SecretKey::parse(&format!("hex:{HEX_KEY}")).unwrap().0,
-            expected
-        );
-        assert_eq!(
-            SecretKey::parse(&format!("  \n{HEX_KEY}\t ")).unwrap().0,
-            expected
-        );
-        assert_eq!(
-            SecretKey::parse(&format!(" hex: {HEX_KEY} ")).unwrap().0,
-            expected
-        );
+        assert_eq!(SecretKey::parse(&HEX_KEY.to_uppercase()).unwrap().0, expected);
+        assert_eq!(SecretKey::parse(&format!("hex:{HEX_KEY}")).unwrap().0, expected);
+        assert_eq!(SecretKey::parse(&format!("  \n{HEX_KEY}\t ")).unwrap().0, expected);
+        assert_eq!(SecretKey::parse(&format!(" hex: {HEX_KEY} ")).unwrap().0, expected);
     }
 
     #[test]
@@ -689,16 +576,8 @@ mod tests {
         assert!(url_pad.contains('-') || url_pad.contains('_'));
         for s in [&std_pad, &std_nopad, &url_pad, &url_nopad] {
             assert_eq!(SecretKey::parse(s).unwrap().0, bytes, "{s}");
-            assert_eq!(
-                SecretKey::parse(&format!("base64:{s}")).unwrap().0,
-                bytes,
-                "{s}"
-            );
-            assert_eq!(
-                SecretKey::parse(&format!(" {s}\n")).unwrap().0,
-                bytes,
-                "{s}"
-            );
+            assert_eq!(SecretKey::parse(&format!("base64:{s}")).unwrap().0, bytes, "{s}");
+            assert_eq!(SecretKey::parse(&format!(" {s}\n")).unwrap().0, bytes, "{s}");
         }
     }
 
@@ -710,10 +589,7 @@ mod tests {
         assert!(encoded.ends_with('='));
         assert_eq!(SecretKey::parse(&encoded).unwrap().0, k.0);
         assert_ne!(SecretKey::generate().0, k.0);
-        assert_eq!(
-            SecretKey(key_bytes()).to_base64(),
-            STANDARD.encode(key_bytes())
-        );
+        assert_eq!(SecretKey(key_bytes()).to_base64(), STANDARD.encode(key_bytes()));
     }
 
     #[test]
@@ -749,10 +625,7 @@ mod tests {
             };
             assert!(msg.contains("expected"), "{msg}");
             let trimmed = input.trim();
-            let payload = trimmed
-                .strip_prefix("hex:")
-                .or_else(|| trimmed.strip_prefix("base64:"))
-                .unwrap_or(trimmed);
+            let payload = trimmed.strip_prefix("hex:").or_else(|| trimmed.strip_prefix("base64:")).unwrap_or(trimmed);
             if payload.len() >= 8 {
                 assert!(!msg.contains(payload), "{msg} echoes input");
                 assert!(!err.to_string().contains(payload));
@@ -766,42 +639,23 @@ mod tests {
         for id in ["k1", "2025-01", "a.b_c-D", &"x".repeat(64)] {
             assert!(Keyring::new(id, key(1)).is_ok(), "{id}");
         }
-        for id in [
-            "",
-            "a:b",
-            "a b",
-            "a,b",
-            "é",
-            "k/1",
-            &"x".repeat(65),
-            "secretish\n",
-        ] {
+        for id in ["", "a:b", "a b", "a,b", "é", "k/1", &"x".repeat(65), "secretish\n"] {
             let err = Keyring::new(id, key(1)).unwrap_err();
             assert!(matches!(err, CryptoError::InvalidKeyId(_)), "{id:?}");
-            assert!(matches!(
-                ring().with_old_key(id, key(2)),
-                Err(CryptoError::InvalidKeyId(_))
-            ));
+            assert!(matches!(ring().with_old_key(id, key(2)), Err(CryptoError::InvalidKeyId(_))));
         }
         let err = ring().with_old_key("k1", key(2)).unwrap_err();
         assert!(matches!(&err, CryptoError::InvalidKeyId(msg) if msg.contains("duplicate")));
         let ring = ring().with_old_key("k0", key(2)).unwrap();
-        assert!(matches!(
-            ring.with_old_key("k0", key(3)),
-            Err(CryptoError::InvalidKeyId(_))
-        ));
+        assert!(matches!(ring.with_old_key("k0", key(3)), Err(CryptoError::InvalidKeyId(_))));
     }
 
     #[test]
     fn from_config_single_key() {
         let b64 = STANDARD.encode(key_bytes());
-        for config in [
-            HEX_KEY.to_owned(),
-            format!("hex:{HEX_KEY}"),
-            b64.clone(),
-            format!("base64:{b64}"),
-            format!("  {b64}\n"),
-        ] {
+        for config in
+            [HEX_KEY.to_owned(), format!("hex:{HEX_KEY}"), b64.clone(), format!("base64:{b64}"), format!("  {b64}\n")]
+        {
             let ring = Keyring::from_config(&config).unwrap();
             assert_eq!(ring.active_key_id(), "k1");
             let sealed = ring.seal(b"v", b"a").unwrap();
@@ -816,18 +670,11 @@ mod tests {
         let b = SecretKey::generate();
         let c = SecretKey::generate();
         let b_hex = hex::encode(b.0);
-        let config = format!(
-            " new:{} , mid:hex:{b_hex},old:base64:{}",
-            a.to_base64(),
-            c.to_base64()
-        );
+        let config = format!(" new:{} , mid:hex:{b_hex},old:base64:{}", a.to_base64(), c.to_base64());
         let ring = Keyring::from_config(&config).unwrap();
         assert_eq!(ring.active_key_id(), "new");
         for (id, k) in [("new", &a), ("mid", &b), ("old", &c)] {
-            let sealed = Keyring::new(id, k.clone())
-                .unwrap()
-                .seal(b"v", b"x")
-                .unwrap();
+            let sealed = Keyring::new(id, k.clone()).unwrap().seal(b"v", b"x").unwrap();
             assert_eq!(ring.open(&sealed, b"x").unwrap(), b"v");
         }
 
@@ -837,8 +684,7 @@ mod tests {
         // Ids named like the prefixes need an explicit prefix.
         let named = Keyring::from_config(&format!("hex:hex:{b_hex}")).unwrap();
         assert_eq!(named.active_key_id(), "hex");
-        let named =
-            Keyring::from_config(&format!("base64:base64:{},k1:{b_hex}", a.to_base64())).unwrap();
+        let named = Keyring::from_config(&format!("base64:base64:{},k1:{b_hex}", a.to_base64())).unwrap();
         assert_eq!(named.active_key_id(), "base64");
     }
 
@@ -956,10 +802,7 @@ mod tests {
         assert_eq!(format!("{k:?}"), "SecretKey(..)");
         assert_eq!(format!("{k:#?}"), "SecretKey(..)");
 
-        let ring = Keyring::new("active", k.clone())
-            .unwrap()
-            .with_old_key("older", SecretKey([0xab; 32]))
-            .unwrap();
+        let ring = Keyring::new("active", k.clone()).unwrap().with_old_key("older", SecretKey([0xab; 32])).unwrap();
         for text in [format!("{ring:?}"), format!("{ring:#?}")] {
             assert!(text.contains("active"), "{text}");
             assert!(text.contains("older"), "{text}");
@@ -973,9 +816,7 @@ mod tests {
 
     #[test]
     fn error_messages_are_descriptive() {
-        assert!(CryptoError::Decrypt
-            .to_string()
-            .contains("decryption failed"));
+        assert!(CryptoError::Decrypt.to_string().contains("decryption failed"));
         assert_eq!(CryptoError::Encrypt.to_string(), "encryption failed");
         let err = SecretKey::parse("nope").unwrap_err();
         assert!(err.to_string().contains("64 hex characters"));

@@ -73,36 +73,23 @@ pub enum StoreError {
 impl StoreError {
     /// Shorthand for [`StoreError::NotFound`].
     pub fn not_found(entity: EntityKind, id: impl ToString) -> Self {
-        StoreError::NotFound {
-            entity,
-            id: id.to_string(),
-        }
+        StoreError::NotFound { entity, id: id.to_string() }
     }
     /// Shorthand for [`StoreError::Conflict`].
     pub fn conflict(message: impl Into<String>) -> Self {
-        StoreError::Conflict {
-            message: message.into(),
-        }
+        StoreError::Conflict { message: message.into() }
     }
     /// Shorthand for [`StoreError::Invalid`].
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        StoreError::Invalid {
-            field: field.into(),
-            message: message.into(),
-        }
+        StoreError::Invalid { field: field.into(), message: message.into() }
     }
     /// Shorthand for [`StoreError::LeaseLost`].
     pub fn lease_lost(run_id: RunId, reason: impl Into<String>) -> Self {
-        StoreError::LeaseLost {
-            run_id,
-            reason: reason.into(),
-        }
+        StoreError::LeaseLost { run_id, reason: reason.into() }
     }
     /// Wraps a backend error.
     pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Self {
-        StoreError::Backend {
-            source: Box::new(e),
-        }
+        StoreError::Backend { source: Box::new(e) }
     }
     /// A stable machine-readable code (used by the HTTP layer).
     pub fn code(&self) -> &'static str {
@@ -150,10 +137,7 @@ pub enum Error {
 impl Error {
     /// Shorthand for [`Error::Invalid`].
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Invalid {
-            field: field.into(),
-            message: message.into(),
-        }
+        Error::Invalid { field: field.into(), message: message.into() }
     }
     /// A stable machine-readable code (used by the HTTP layer).
     pub fn code(&self) -> &'static str {

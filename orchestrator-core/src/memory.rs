@@ -78,61 +78,36 @@ macro_rules! uuid_conv {
         }
     )*};
 }
-uuid_conv!(
-    ProjectId,
-    DraftId,
-    WorkItemId,
-    RunId,
-    ApprovalId,
-    RecipeId,
-    InfoRequestId
-);
+uuid_conv!(ProjectId, DraftId, WorkItemId, RunId, ApprovalId, RecipeId, InfoRequestId);
 
 impl State {
     fn item(&self, id: WorkItemId) -> StoreResult<&WorkItem> {
-        self.items
-            .get(&id)
-            .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
+        self.items.get(&id).ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
     }
 
     fn item_mut(&mut self, id: WorkItemId) -> StoreResult<&mut WorkItem> {
-        self.items
-            .get_mut(&id)
-            .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
+        self.items.get_mut(&id).ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
     }
 
     fn run(&self, id: RunId) -> StoreResult<&Run> {
-        self.runs
-            .get(&id)
-            .ok_or_else(|| StoreError::not_found(EntityKind::Run, id))
+        self.runs.get(&id).ok_or_else(|| StoreError::not_found(EntityKind::Run, id))
     }
 
     fn pending(&self, item: &WorkItem) -> u32 {
         item.dependencies
             .iter()
-            .filter(|d| {
-                self.items
-                    .get(d)
-                    .is_none_or(|x| x.state != WorkItemState::Succeeded)
-            })
+            .filter(|d| self.items.get(d).is_none_or(|x| x.state != WorkItemState::Succeeded))
             .count() as u32
     }
 
     fn blocking_dep(&self, item: &WorkItem) -> Option<(WorkItemId, WorkItemState)> {
-        item.dependencies.iter().find_map(|d| {
-            self.items
-                .get(d)
-                .filter(|x| x.state.blocks_dependents())
-                .map(|x| (x.id, x.state))
-        })
+        item.dependencies
+            .iter()
+            .find_map(|d| self.items.get(d).filter(|x| x.state.blocks_dependents()).map(|x| (x.id, x.state)))
     }
 
     fn ready_key(item: &WorkItem) -> ReadyKey {
-        (
-            Reverse(item.priority),
-            item.run_at.unwrap_or(item.created_at),
-            item.id,
-        )
+        (Reverse(item.priority), item.run_at.unwrap_or(item.created_at), item.id)
     }
 
     fn unindex(&mut self, id: WorkItemId) {
@@ -148,8 +123,7 @@ impl State {
             return;
         };
         let k = Self::ready_key(item);
-        let eligible = matches!(item.state, WorkItemState::Queued | WorkItemState::Retrying)
-            && self.pending(item) == 0;
+        let eligible = matches!(item.state, WorkItemState::Queued | WorkItemState::Retrying) && self.pending(item) == 0;
         if eligible {
             self.ready.insert(k);
         } else {
@@ -157,12 +131,7 @@ impl State {
         }
     }
 
-    fn set_state(
-        &mut self,
-        id: WorkItemId,
-        to: WorkItemState,
-        now: DateTime<Utc>,
-    ) -> StoreResult<()> {
+    fn set_state(&mut self, id: WorkItemId, to: WorkItemState, now: DateTime<Utc>) -> StoreResult<()> {
         self.unindex(id);
         let item = self.item_mut(id)?;
         item.state = item.state.transition(to)?;
@@ -210,9 +179,7 @@ impl State {
             let Some(item) = self.items.get(&d) else {
                 continue;
             };
-            if matches!(item.state, WorkItemState::Queued | WorkItemState::Retrying)
-                && self.pending(item) == 0
-            {
+            if matches!(item.state, WorkItemState::Queued | WorkItemState::Retrying) && self.pending(item) == 0 {
                 self.reindex(d);
                 released.push(d);
             }
@@ -270,9 +237,7 @@ impl State {
                     }
                     WorkItemState::Blocked => {
                         // Still blocked by another dependency: name that one.
-                        let reason = self
-                            .blocking_dep(item)
-                            .map(|(b, s)| rules::blocked_reason(b, s));
+                        let reason = self.blocking_dep(item).map(|(b, s)| rules::blocked_reason(b, s));
                         if let Some(item) = self.items.get_mut(&d) {
                             item.blocked_reason = reason;
                         }
@@ -294,15 +259,10 @@ impl State {
         now: DateTime<Utc>,
     ) -> StoreResult<(WorkItemState, Option<DateTime<Utc>>, Vec<WorkItemId>)> {
         let item = self.item(id)?;
-        let (mut next, mut retry_at) =
-            rules::after_failure(defaults, &item.retry, item.attempts, kind, now);
+        let (mut next, mut retry_at) = rules::after_failure(defaults, &item.retry, item.attempts, kind, now);
         // A retry can never run while a dependency will not succeed (it failed or was cancelled after
         // this attempt was claimed): the item is blocked instead, like any queued item in that case.
-        let blocking = if next == WorkItemState::Retrying {
-            self.blocking_dep(item)
-        } else {
-            None
-        };
+        let blocking = if next == WorkItemState::Retrying { self.blocking_dep(item) } else { None };
         self.unindex(id);
         let item = self.item_mut(id)?;
         item.state = item.state.transition(next)?;
@@ -315,28 +275,16 @@ impl State {
         item.updated_at = now;
         item.run_at = retry_at;
         self.reindex(id);
-        let blocked = if next.blocks_dependents() {
-            self.block_dependents(id, now)
-        } else {
-            Vec::new()
-        };
+        let blocked = if next.blocks_dependents() { self.block_dependents(id, now) } else { Vec::new() };
         Ok((next, retry_at, blocked))
     }
 
-    fn cancel_item(
-        &mut self,
-        id: WorkItemId,
-        reason: &str,
-        now: DateTime<Utc>,
-    ) -> StoreResult<WorkItem> {
+    fn cancel_item(&mut self, id: WorkItemId, reason: &str, now: DateTime<Utc>) -> StoreResult<WorkItem> {
         let item = self.item(id)?.clone();
         item.state.transition(WorkItemState::Cancelled)?;
         if let Some(run_id) = item.current_run_id {
             if let Some(run) = self.runs.get_mut(&run_id) {
-                if matches!(
-                    run.state,
-                    RunState::Claimed | RunState::Running | RunState::WaitingInput
-                ) {
+                if matches!(run.state, RunState::Claimed | RunState::Running | RunState::WaitingInput) {
                     run.state = RunState::Cancelled;
                     run.error = Some(reason.to_string());
                     run.finished_at = Some(now);
@@ -363,10 +311,7 @@ impl State {
     fn requeue_item(&mut self, id: WorkItemId, r: &Requeue) -> StoreResult<WorkItem> {
         let item = self.item(id)?.clone();
         if !item.state.is_requeueable() && !item.state.has_active_run() {
-            return Err(item
-                .state
-                .transition(WorkItemState::Queued)
-                .unwrap_err_or_conflict());
+            return Err(item.state.transition(WorkItemState::Queued).unwrap_err_or_conflict());
         }
         let was = item.state;
         self.unindex(id);
@@ -425,11 +370,7 @@ impl State {
             (None, Some(did)) => ApprovalSubject::RequirementsDraft(did),
             (None, None) => return Err(StoreError::invalid("id", "nothing to decide")),
         };
-        let mut out = DecisionOutcome {
-            approval: None,
-            draft: None,
-            work_items: Vec::new(),
-        };
+        let mut out = DecisionOutcome { approval: None, draft: None, work_items: Vec::new() };
         match subject {
             ApprovalSubject::RequirementsDraft(did) => {
                 let draft = self
@@ -444,9 +385,7 @@ impl State {
                 draft.state.transition(to)?;
                 if let Some(a) = &approval {
                     if a.content_hash != draft.content_hash {
-                        return Err(StoreError::conflict(
-                            "the draft changed after this approval was requested",
-                        ));
+                        return Err(StoreError::conflict("the draft changed after this approval was requested"));
                     }
                 }
                 // A draft under the approval policy is decided through its pending approval request.
@@ -477,9 +416,8 @@ impl State {
                 }
             }
             ApprovalSubject::WorkItem(wid) => {
-                let a = approval.ok_or_else(|| {
-                    StoreError::invalid("id", "work items are decided through approvals")
-                })?;
+                let a =
+                    approval.ok_or_else(|| StoreError::invalid("id", "work items are decided through approvals"))?;
                 let item = self.item(wid)?.clone();
                 if item.state != WorkItemState::AwaitingApproval || item.approval_id != Some(a.id) {
                     return Err(StoreError::conflict(format!(
@@ -488,7 +426,9 @@ impl State {
                     )));
                 }
                 if item.content_hash != a.content_hash {
-                    return Err(StoreError::conflict("the work item changed after this approval was requested; a new approval is needed"));
+                    return Err(StoreError::conflict(
+                        "the work item changed after this approval was requested; a new approval is needed",
+                    ));
                 }
                 let to = match d.decision {
                     Decision::Approve => WorkItemState::Ready,
@@ -502,16 +442,8 @@ impl State {
         Ok(out)
     }
 
-    fn record_decision(
-        &mut self,
-        id: ApprovalId,
-        to: ApprovalState,
-        d: &Decide,
-    ) -> StoreResult<ApprovalRequest> {
-        let a = self
-            .approvals
-            .get_mut(&id)
-            .ok_or_else(|| StoreError::not_found(EntityKind::ApprovalRequest, id))?;
+    fn record_decision(&mut self, id: ApprovalId, to: ApprovalState, d: &Decide) -> StoreResult<ApprovalRequest> {
+        let a = self.approvals.get_mut(&id).ok_or_else(|| StoreError::not_found(EntityKind::ApprovalRequest, id))?;
         a.state = to;
         a.decided_by = Some(d.decided_by.clone());
         a.decided_at = Some(d.now);
@@ -519,20 +451,13 @@ impl State {
         Ok(a.clone())
     }
 
-    fn enqueue_checked(
-        &mut self,
-        items: &[Enqueue],
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<ScheduledTask>> {
+    fn enqueue_checked(&mut self, items: &[Enqueue], now: DateTime<Utc>) -> StoreResult<Vec<ScheduledTask>> {
         // Validate everything against the current graph plus the batch's own new edges, then apply.
         let mut extra: HashMap<WorkItemId, Vec<WorkItemId>> = HashMap::new();
         for e in items {
             let item = self.item(e.work_item_id)?;
             if item.state != WorkItemState::Ready {
-                return Err(item
-                    .state
-                    .transition(WorkItemState::Queued)
-                    .unwrap_err_or_conflict());
+                return Err(item.state.transition(WorkItemState::Queued).unwrap_err_or_conflict());
             }
             if e.options.depends_on.len() + item.dependencies.len() > rules::MAX_DEPENDENCIES {
                 return Err(StoreError::invalid(
@@ -547,11 +472,7 @@ impl State {
                 }
             }
             let cyc = rules::find_cycle(e.work_item_id, &e.options.depends_on, |n| {
-                let mut v = self
-                    .items
-                    .get(&n)
-                    .map(|i| i.dependencies.clone())
-                    .unwrap_or_default();
+                let mut v = self.items.get(&n).map(|i| i.dependencies.clone()).unwrap_or_default();
                 if let Some(x) = extra.get(&n) {
                     v.extend(x.iter().copied());
                 }
@@ -560,10 +481,7 @@ impl State {
             if let Some(c) = cyc {
                 return Err(rules::cycle_error(&c));
             }
-            extra
-                .entry(e.work_item_id)
-                .or_default()
-                .extend(e.options.depends_on.iter().copied());
+            extra.entry(e.work_item_id).or_default().extend(e.options.depends_on.iter().copied());
         }
         let mut out = Vec::with_capacity(items.len());
         for e in items {
@@ -615,29 +533,16 @@ impl State {
             .collect();
         let mut out = Vec::new();
         for rid in expired {
-            let run = self
-                .runs
-                .get_mut(&rid)
-                .ok_or_else(|| StoreError::not_found(EntityKind::Run, rid))?;
+            let run = self.runs.get_mut(&rid).ok_or_else(|| StoreError::not_found(EntityKind::Run, rid))?;
             run.state = RunState::Lost;
             run.error = Some("lease expired".into());
             run.failure_kind = Some(FailureKind::Retryable);
             run.finished_at = Some(t.now);
             run.lease_expires_at = None;
             let wid = run.work_item_id;
-            let (state, retry_at, _) = self.fail_item(
-                wid,
-                FailureKind::Retryable,
-                "lease expired",
-                &t.retry_defaults,
-                t.now,
-            )?;
-            out.push(ReapedRun {
-                run_id: rid,
-                work_item_id: wid,
-                work_item_state: state,
-                retry_at,
-            });
+            let (state, retry_at, _) =
+                self.fail_item(wid, FailureKind::Retryable, "lease expired", &t.retry_defaults, t.now)?;
+            out.push(ReapedRun { run_id: rid, work_item_id: wid, work_item_state: state, retry_at });
         }
         Ok(out)
     }
@@ -653,22 +558,12 @@ impl State {
         let wid = run.work_item_id;
         let (run_to, error, exit_code, kind) = match &c.outcome {
             RunOutcome::Succeeded { exit_code } => (RunState::Succeeded, None, *exit_code, None),
-            RunOutcome::Failed {
-                error,
-                exit_code,
-                kind,
-            } => (
-                RunState::Failed,
-                Some(error.clone()),
-                *exit_code,
-                Some(*kind),
-            ),
+            RunOutcome::Failed { error, exit_code, kind } => {
+                (RunState::Failed, Some(error.clone()), *exit_code, Some(*kind))
+            }
         };
         run.state.transition(run_to)?;
-        let run = self
-            .runs
-            .get_mut(&c.run_id)
-            .ok_or_else(|| StoreError::not_found(EntityKind::Run, c.run_id))?;
+        let run = self.runs.get_mut(&c.run_id).ok_or_else(|| StoreError::not_found(EntityKind::Run, c.run_id))?;
         run.state = run_to;
         run.finished_at = Some(now);
         run.lease_expires_at = None;
@@ -737,45 +632,26 @@ impl Store for MemoryStore {
 
     async fn project_create(&self, p: NewProject) -> StoreResult<Project> {
         let mut s = self.lock();
-        let pr = Project {
-            id: p.id,
-            name: p.name,
-            description: p.description,
-            created_at: p.now,
-            updated_at: p.now,
-        };
+        let pr = Project { id: p.id, name: p.name, description: p.description, created_at: p.now, updated_at: p.now };
         if s.projects.contains_key(&pr.id) {
-            return Err(StoreError::Duplicate {
-                entity: EntityKind::Project,
-                key: pr.id.to_string(),
-            });
+            return Err(StoreError::Duplicate { entity: EntityKind::Project, key: pr.id.to_string() });
         }
         s.projects.insert(pr.id, pr.clone());
         Ok(pr)
     }
 
     async fn project_get(&self, id: ProjectId) -> StoreResult<Project> {
-        self.lock()
-            .projects
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| StoreError::not_found(EntityKind::Project, id))
+        self.lock().projects.get(&id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::Project, id))
     }
 
     async fn project_list(&self, page: Page) -> StoreResult<Vec<Project>> {
         let s = self.lock();
-        Ok(page_iter(&s.projects, &page)
-            .take(page.effective_limit())
-            .cloned()
-            .collect())
+        Ok(page_iter(&s.projects, &page).take(page.effective_limit()).cloned().collect())
     }
 
     async fn project_update(&self, p: ProjectUpdate) -> StoreResult<Project> {
         let mut s = self.lock();
-        let pr = s
-            .projects
-            .get_mut(&p.id)
-            .ok_or_else(|| StoreError::not_found(EntityKind::Project, p.id))?;
+        let pr = s.projects.get_mut(&p.id).ok_or_else(|| StoreError::not_found(EntityKind::Project, p.id))?;
         if let Some(n) = p.name {
             pr.name = n;
         }
@@ -806,24 +682,14 @@ impl Store for MemoryStore {
                 busy.id, busy.state
             )));
         }
-        let item_ids: Vec<WorkItemId> = s
-            .items
-            .values()
-            .filter(|w| w.project_id == id)
-            .map(|w| w.id)
-            .collect();
+        let item_ids: Vec<WorkItemId> = s.items.values().filter(|w| w.project_id == id).map(|w| w.id).collect();
         for wid in &item_ids {
             s.unindex(*wid);
             s.items.remove(wid);
             s.dependents.remove(wid);
         }
         s.idempotency.retain(|(p, _), _| *p != id);
-        let run_ids: Vec<RunId> = s
-            .runs
-            .values()
-            .filter(|r| r.project_id == id)
-            .map(|r| r.id)
-            .collect();
+        let run_ids: Vec<RunId> = s.runs.values().filter(|r| r.project_id == id).map(|r| r.id).collect();
         for rid in &run_ids {
             s.runs.remove(rid);
             s.logs.remove(rid);
@@ -869,10 +735,7 @@ impl Store for MemoryStore {
         v.cloned().ok_or_else(|| {
             StoreError::not_found(
                 EntityKind::Vision,
-                format!(
-                    "{project_id}@{}",
-                    version.map_or("latest".to_string(), |n| n.to_string())
-                ),
+                format!("{project_id}@{}", version.map_or("latest".to_string(), |n| n.to_string())),
             )
         })
     }
@@ -885,10 +748,7 @@ impl Store for MemoryStore {
         Ok(s.visions.get(&project_id).cloned().unwrap_or_default())
     }
 
-    async fn draft_create(
-        &self,
-        p: NewDraft,
-    ) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)> {
+    async fn draft_create(&self, p: NewDraft) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)> {
         let mut s = self.lock();
         if !s.projects.contains_key(&p.project_id) {
             return Err(StoreError::not_found(EntityKind::Project, p.project_id));
@@ -917,30 +777,17 @@ impl Store for MemoryStore {
             decided_at: None,
         };
         s.drafts.insert(d.id, d.clone());
-        let a = p.require_approval.then(|| {
-            s.new_approval(
-                d.project_id,
-                ApprovalSubject::RequirementsDraft(d.id),
-                &hash,
-                p.now,
-            )
-        });
+        let a = p
+            .require_approval
+            .then(|| s.new_approval(d.project_id, ApprovalSubject::RequirementsDraft(d.id), &hash, p.now));
         Ok((d, a))
     }
 
     async fn draft_get(&self, id: DraftId) -> StoreResult<RequirementsDraft> {
-        self.lock()
-            .drafts
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| StoreError::not_found(EntityKind::RequirementsDraft, id))
+        self.lock().drafts.get(&id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::RequirementsDraft, id))
     }
 
-    async fn draft_list(
-        &self,
-        project_id: ProjectId,
-        page: Page,
-    ) -> StoreResult<Vec<RequirementsDraft>> {
+    async fn draft_list(&self, project_id: ProjectId, page: Page) -> StoreResult<Vec<RequirementsDraft>> {
         let s = self.lock();
         if !s.projects.contains_key(&project_id) {
             return Err(StoreError::not_found(EntityKind::Project, project_id));
@@ -958,20 +805,13 @@ impl Store for MemoryStore {
     }
 
     async fn approval_get(&self, id: ApprovalId) -> StoreResult<ApprovalRequest> {
-        self.lock()
-            .approvals
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| StoreError::not_found(EntityKind::ApprovalRequest, id))
+        self.lock().approvals.get(&id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::ApprovalRequest, id))
     }
 
     async fn approval_list(&self, f: ApprovalFilter) -> StoreResult<Vec<ApprovalRequest>> {
         let s = self.lock();
         Ok(page_iter(&s.approvals, &f.page)
-            .filter(|a| {
-                f.state.is_none_or(|st| a.state == st)
-                    && f.project_id.is_none_or(|p| a.project_id == p)
-            })
+            .filter(|a| f.state.is_none_or(|st| a.state == st) && f.project_id.is_none_or(|p| a.project_id == p))
             .take(f.page.effective_limit())
             .cloned()
             .collect())
@@ -1002,19 +842,12 @@ impl Store for MemoryStore {
     }
 
     async fn recipe_get(&self, id: RecipeId) -> StoreResult<ToolRecipe> {
-        self.lock()
-            .recipes
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| StoreError::not_found(EntityKind::ToolRecipe, id))
+        self.lock().recipes.get(&id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::ToolRecipe, id))
     }
 
     async fn recipe_list(&self, page: Page) -> StoreResult<Vec<ToolRecipe>> {
         let s = self.lock();
-        Ok(page_iter(&s.recipes, &page)
-            .take(page.effective_limit())
-            .cloned()
-            .collect())
+        Ok(page_iter(&s.recipes, &page).take(page.effective_limit()).cloned().collect())
     }
 
     async fn work_items_create(
@@ -1033,20 +866,11 @@ impl Store for MemoryStore {
             }
             if let Some(rid) = p.recipe_id {
                 if !s.recipes.contains_key(&rid) {
-                    return Err(StoreError::invalid(
-                        "recipe_id",
-                        format!("unknown recipe `{rid}`"),
-                    ));
+                    return Err(StoreError::invalid("recipe_id", format!("unknown recipe `{rid}`")));
                 }
             }
-            if !matches!(
-                p.state,
-                WorkItemState::Draft | WorkItemState::AwaitingApproval | WorkItemState::Ready
-            ) {
-                return Err(StoreError::invalid(
-                    "state",
-                    format!("a work item cannot be created as {}", p.state),
-                ));
+            if !matches!(p.state, WorkItemState::Draft | WorkItemState::AwaitingApproval | WorkItemState::Ready) {
+                return Err(StoreError::invalid("state", format!("a work item cannot be created as {}", p.state)));
             }
             if p.enqueue.is_some() && p.state != WorkItemState::Ready {
                 return Err(StoreError::conflict(format!(
@@ -1061,25 +885,16 @@ impl Store for MemoryStore {
                 if let Some(id) = s.idempotency.get(&key) {
                     let ex = s.item(*id)?;
                     if ex.content_hash != candidate.content_hash {
-                        return Err(StoreError::Duplicate {
-                            entity: EntityKind::WorkItem,
-                            key: k.clone(),
-                        });
+                        return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: k.clone() });
                     }
                     found = Some(ex.clone());
                 } else if batch_keys.insert(key, i).is_some() {
-                    return Err(StoreError::Duplicate {
-                        entity: EntityKind::WorkItem,
-                        key: k.clone(),
-                    });
+                    return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: k.clone() });
                 }
             }
             if found.is_none() {
                 if s.items.contains_key(&p.id) || batch_ids.insert(p.id, p.project_id).is_some() {
-                    return Err(StoreError::Duplicate {
-                        entity: EntityKind::WorkItem,
-                        key: p.id.to_string(),
-                    });
+                    return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: p.id.to_string() });
                 }
                 if let Some(e) = &p.enqueue {
                     for dep in &e.depends_on {
@@ -1104,41 +919,21 @@ impl Store for MemoryStore {
         let mut enqueues = Vec::new();
         for (p, ex) in items.into_iter().zip(existing) {
             if let Some(w) = ex {
-                out.push(WorkItemCreated {
-                    work_item: w,
-                    created: false,
-                    approval: None,
-                });
+                out.push(WorkItemCreated { work_item: w, created: false, approval: None });
                 continue;
             }
             let mut w = rules::new_work_item(&p, now);
-            let approval = (p.state == WorkItemState::AwaitingApproval).then(|| {
-                s.new_approval(
-                    w.project_id,
-                    ApprovalSubject::WorkItem(w.id),
-                    &w.content_hash,
-                    now,
-                )
-            });
+            let approval = (p.state == WorkItemState::AwaitingApproval)
+                .then(|| s.new_approval(w.project_id, ApprovalSubject::WorkItem(w.id), &w.content_hash, now));
             w.approval_id = approval.as_ref().map(|a| a.id);
             if let Some(k) = &p.idempotency_key {
                 s.idempotency.insert((p.project_id, k.clone()), w.id);
             }
             s.items.insert(w.id, w.clone());
             if let Some(e) = p.enqueue {
-                enqueues.push((
-                    out.len(),
-                    Enqueue {
-                        work_item_id: w.id,
-                        options: e,
-                    },
-                ));
+                enqueues.push((out.len(), Enqueue { work_item_id: w.id, options: e }));
             }
-            out.push(WorkItemCreated {
-                work_item: w,
-                created: true,
-                approval,
-            });
+            out.push(WorkItemCreated { work_item: w, created: true, approval });
         }
         if !enqueues.is_empty() {
             let list: Vec<Enqueue> = enqueues.iter().map(|(_, e)| e.clone()).collect();
@@ -1173,25 +968,20 @@ impl Store for MemoryStore {
     async fn work_item_update(&self, p: WorkItemUpdate) -> StoreResult<WorkItemChanged> {
         let mut s = self.lock();
         let item = s.item(p.id)?.clone();
-        let content_change = p.title.is_some()
-            || p.description.is_some()
-            || p.recipe_id.is_some()
-            || p.labels.is_some();
+        let content_change =
+            p.title.is_some() || p.description.is_some() || p.recipe_id.is_some() || p.labels.is_some();
         if content_change && !item.state.is_editable() {
-            return Err(StoreError::conflict(format!("work item {} is {}; its content can be edited only in draft, awaiting_approval or ready", item.id, item.state)));
-        }
-        if p.priority.is_some() && item.state.is_finished() {
             return Err(StoreError::conflict(format!(
-                "work item {} is {}",
+                "work item {} is {}; its content can be edited only in draft, awaiting_approval or ready",
                 item.id, item.state
             )));
         }
+        if p.priority.is_some() && item.state.is_finished() {
+            return Err(StoreError::conflict(format!("work item {} is {}", item.id, item.state)));
+        }
         if let Some(Some(rid)) = p.recipe_id {
             if !s.recipes.contains_key(&rid) {
-                return Err(StoreError::invalid(
-                    "recipe_id",
-                    format!("unknown recipe `{rid}`"),
-                ));
+                return Err(StoreError::invalid("recipe_id", format!("unknown recipe `{rid}`")));
             }
         }
         s.unindex(p.id);
@@ -1216,28 +1006,17 @@ impl Store for MemoryStore {
         let mut approval = None;
         if new_item.content_hash != item.content_hash
             && p.require_approval
-            && matches!(
-                item.state,
-                WorkItemState::Ready | WorkItemState::AwaitingApproval
-            )
+            && matches!(item.state, WorkItemState::Ready | WorkItemState::AwaitingApproval)
         {
             s.supersede_pending(item.approval_id, p.now);
-            let a = s.new_approval(
-                item.project_id,
-                ApprovalSubject::WorkItem(item.id),
-                &new_item.content_hash,
-                p.now,
-            );
+            let a = s.new_approval(item.project_id, ApprovalSubject::WorkItem(item.id), &new_item.content_hash, p.now);
             new_item.approval_id = Some(a.id);
             new_item.state = WorkItemState::AwaitingApproval;
             approval = Some(a);
         }
         s.items.insert(p.id, new_item.clone());
         s.reindex(p.id);
-        Ok(WorkItemChanged {
-            work_item: new_item,
-            approval,
-        })
+        Ok(WorkItemChanged { work_item: new_item, approval })
     }
 
     async fn work_item_submit(
@@ -1248,11 +1027,7 @@ impl Store for MemoryStore {
     ) -> StoreResult<WorkItemChanged> {
         let mut s = self.lock();
         let item = s.item(id)?.clone();
-        let to = if require_approval {
-            WorkItemState::AwaitingApproval
-        } else {
-            WorkItemState::Ready
-        };
+        let to = if require_approval { WorkItemState::AwaitingApproval } else { WorkItemState::Ready };
         if item.state != WorkItemState::Draft {
             return Err(item
                 .state
@@ -1264,19 +1039,11 @@ impl Store for MemoryStore {
         s.set_state(id, to, now)?;
         let mut approval = None;
         if require_approval {
-            let a = s.new_approval(
-                item.project_id,
-                ApprovalSubject::WorkItem(id),
-                &item.content_hash,
-                now,
-            );
+            let a = s.new_approval(item.project_id, ApprovalSubject::WorkItem(id), &item.content_hash, now);
             s.item_mut(id)?.approval_id = Some(a.id);
             approval = Some(a);
         }
-        Ok(WorkItemChanged {
-            work_item: s.item(id)?.clone(),
-            approval,
-        })
+        Ok(WorkItemChanged { work_item: s.item(id)?.clone(), approval })
     }
 
     async fn work_item_set_policy(
@@ -1311,11 +1078,7 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
-    async fn enqueue_many(
-        &self,
-        items: Vec<Enqueue>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<ScheduledTask>> {
+    async fn enqueue_many(&self, items: Vec<Enqueue>, now: DateTime<Utc>) -> StoreResult<Vec<ScheduledTask>> {
         let out = self.lock().enqueue_checked(&items, now)?;
         self.notifier.notify();
         Ok(out)
@@ -1333,10 +1096,8 @@ impl Store for MemoryStore {
             .items
             .values()
             .filter(|w| {
-                matches!(
-                    w.state,
-                    WorkItemState::Queued | WorkItemState::Retrying | WorkItemState::Blocked
-                ) && f.project_id.is_none_or(|p| w.project_id == p)
+                matches!(w.state, WorkItemState::Queued | WorkItemState::Retrying | WorkItemState::Blocked)
+                    && f.project_id.is_none_or(|p| w.project_id == p)
             })
             .collect();
         v.sort_by_key(|w| State::ready_key(w));
@@ -1344,11 +1105,7 @@ impl Store for MemoryStore {
             Some(a) => v.iter().position(|w| w.id.0 == a).map_or(0, |i| i + 1),
             None => 0,
         };
-        Ok(v.into_iter()
-            .skip(start)
-            .take(f.page.effective_limit())
-            .map(|w| w.scheduled_task(s.pending(w)))
-            .collect())
+        Ok(v.into_iter().skip(start).take(f.page.effective_limit()).map(|w| w.scheduled_task(s.pending(w))).collect())
     }
 
     async fn tick(&self, t: Tick) -> StoreResult<TickReport> {
@@ -1365,17 +1122,10 @@ impl Store for MemoryStore {
         }
         let reaped = s.reap(&t)?;
         drop(s);
-        if !due.is_empty()
-            || reaped
-                .iter()
-                .any(|r| r.work_item_state == WorkItemState::Retrying)
-        {
+        if !due.is_empty() || reaped.iter().any(|r| r.work_item_state == WorkItemState::Retrying) {
             self.notifier.notify();
         }
-        Ok(TickReport {
-            promoted: due,
-            reaped,
-        })
+        Ok(TickReport { promoted: due, reaped })
     }
 
     async fn leases_reap_expired(&self, t: Tick) -> StoreResult<Vec<ReapedRun>> {
@@ -1417,10 +1167,7 @@ impl Store for MemoryStore {
             let (run, resumed) = match resume {
                 Some((rid, tok)) => {
                     let lease = rules::lease_for(rid, tok + 1, c.now, c.lease_ttl);
-                    let run = s
-                        .runs
-                        .get_mut(&rid)
-                        .ok_or_else(|| StoreError::not_found(EntityKind::Run, rid))?;
+                    let run = s.runs.get_mut(&rid).ok_or_else(|| StoreError::not_found(EntityKind::Run, rid))?;
                     run.state = RunState::Claimed;
                     run.agent_id = c.agent_id.clone();
                     run.lease_token = lease.token;
@@ -1443,17 +1190,9 @@ impl Store for MemoryStore {
             }
             it.updated_at = c.now;
             let work_item = it.clone();
-            let lease = Lease {
-                run_id: run.id,
-                token: run.lease_token,
-                expires_at: run.lease_expires_at.unwrap_or(c.now),
-            };
-            out.push(ClaimedRun {
-                run,
-                lease,
-                work_item,
-                resumed,
-            });
+            let lease =
+                Lease { run_id: run.id, token: run.lease_token, expires_at: run.lease_expires_at.unwrap_or(c.now) };
+            out.push(ClaimedRun { run, lease, work_item, resumed });
         }
         Ok(out)
     }
@@ -1461,16 +1200,8 @@ impl Store for MemoryStore {
     async fn lease_renew(&self, p: LeaseRenew) -> StoreResult<Lease> {
         let mut s = self.lock();
         s.fenced_run(p.run_id, p.token, p.now)?;
-        let run = s
-            .runs
-            .get_mut(&p.run_id)
-            .ok_or_else(|| StoreError::not_found(EntityKind::Run, p.run_id))?;
-        let lease = rules::lease_for(
-            run.id,
-            run.lease_token,
-            p.now,
-            rules::renewal_ttl(run, p.ttl),
-        );
+        let run = s.runs.get_mut(&p.run_id).ok_or_else(|| StoreError::not_found(EntityKind::Run, p.run_id))?;
+        let lease = rules::lease_for(run.id, run.lease_token, p.now, rules::renewal_ttl(run, p.ttl));
         run.lease_expires_at = Some(lease.expires_at);
         run.heartbeat_at = Some(p.now);
         Ok(lease)
@@ -1483,30 +1214,21 @@ impl Store for MemoryStore {
             return Ok(run.clone());
         }
         run.state.transition(RunState::Running)?;
-        let run = s
-            .runs
-            .get_mut(&p.run_id)
-            .ok_or_else(|| StoreError::not_found(EntityKind::Run, p.run_id))?;
+        let run = s.runs.get_mut(&p.run_id).ok_or_else(|| StoreError::not_found(EntityKind::Run, p.run_id))?;
         run.state = RunState::Running;
         run.started_at.get_or_insert(p.now);
         Ok(run.clone())
     }
 
-    async fn runs_complete_many(
-        &self,
-        p: CompleteMany,
-    ) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
+    async fn runs_complete_many(&self, p: CompleteMany) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
         let mut s = self.lock();
-        let out: Vec<StoreResult<CompletionResult>> = p
-            .completions
-            .iter()
-            .map(|c| s.complete_one(c, &p.retry_defaults, p.now))
-            .collect();
+        let out: Vec<StoreResult<CompletionResult>> =
+            p.completions.iter().map(|c| s.complete_one(c, &p.retry_defaults, p.now)).collect();
         drop(s);
-        if out.iter().any(|r| {
-            r.as_ref()
-                .is_ok_and(|c| !c.released.is_empty() || c.retry_at.is_some_and(|t| t <= p.now))
-        }) {
+        if out
+            .iter()
+            .any(|r| r.as_ref().is_ok_and(|c| !c.released.is_empty() || c.retry_at.is_some_and(|t| t <= p.now)))
+        {
             self.notifier.notify();
         }
         Ok(out)
@@ -1537,10 +1259,7 @@ impl Store for MemoryStore {
         if item.current_run_id == Some(id) && item.state.can_transition(WorkItemState::Cancelled) {
             s.cancel_item(run.work_item_id, &c.reason, c.now)?;
         }
-        let r = s
-            .runs
-            .get_mut(&id)
-            .ok_or_else(|| StoreError::not_found(EntityKind::Run, id))?;
+        let r = s.runs.get_mut(&id).ok_or_else(|| StoreError::not_found(EntityKind::Run, id))?;
         if r.state != RunState::Cancelled {
             r.state = RunState::Cancelled;
             r.error = Some(c.reason.clone());
@@ -1554,15 +1273,9 @@ impl Store for MemoryStore {
         let mut s = self.lock();
         let run = s.run(id)?.clone();
         let item = s.item(run.work_item_id)?.clone();
-        let active = matches!(
-            run.state,
-            RunState::Claimed | RunState::Running | RunState::WaitingInput
-        );
+        let active = matches!(run.state, RunState::Claimed | RunState::Running | RunState::WaitingInput);
         if active {
-            let rr = s
-                .runs
-                .get_mut(&id)
-                .ok_or_else(|| StoreError::not_found(EntityKind::Run, id))?;
+            let rr = s.runs.get_mut(&id).ok_or_else(|| StoreError::not_found(EntityKind::Run, id))?;
             rr.state = RunState::Cancelled;
             rr.error = Some(r.reason.clone());
             rr.finished_at = Some(r.now);
@@ -1575,10 +1288,7 @@ impl Store for MemoryStore {
                 }
             }
         } else if item.current_run_id != Some(id) && item.state.has_active_run() {
-            return Err(StoreError::conflict(format!(
-                "work item {} has a newer active run",
-                item.id
-            )));
+            return Err(StoreError::conflict(format!("work item {} has a newer active run", item.id)));
         }
         let out = s.requeue_item(item.id, &r)?;
         drop(s);
@@ -1594,33 +1304,18 @@ impl Store for MemoryStore {
         logs.reserve(p.lines.len());
         for l in p.lines {
             seq += 1;
-            logs.push(LogEntry {
-                run_id: p.run_id,
-                seq,
-                stream: l.stream,
-                line: l.line,
-                at: p.now,
-            });
+            logs.push(LogEntry { run_id: p.run_id, seq, stream: l.stream, line: l.line, at: p.now });
         }
         Ok(seq)
     }
 
-    async fn logs_read_after(
-        &self,
-        run_id: RunId,
-        after: u64,
-        limit: u32,
-    ) -> StoreResult<Vec<LogEntry>> {
+    async fn logs_read_after(&self, run_id: RunId, after: u64, limit: u32) -> StoreResult<Vec<LogEntry>> {
         let s = self.lock();
         s.run(run_id)?;
         let logs = s.logs.get(&run_id).map(|v| v.as_slice()).unwrap_or(&[]);
         // seq n sits at index n-1.
         let start = (after as usize).min(logs.len());
-        Ok(logs[start..]
-            .iter()
-            .take(limit.clamp(1, 10_000) as usize)
-            .cloned()
-            .collect())
+        Ok(logs[start..].iter().take(limit.clamp(1, 10_000) as usize).cloned().collect())
     }
 
     async fn step_events_append(&self, p: StepEventsAppend) -> StoreResult<Vec<StepEvent>> {
@@ -1656,21 +1351,12 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
-    async fn step_events_read_after(
-        &self,
-        run_id: RunId,
-        after: u64,
-        limit: u32,
-    ) -> StoreResult<Vec<StepEvent>> {
+    async fn step_events_read_after(&self, run_id: RunId, after: u64, limit: u32) -> StoreResult<Vec<StepEvent>> {
         let s = self.lock();
         s.run(run_id)?;
         let ev = s.events.get(&run_id).map(|v| v.as_slice()).unwrap_or(&[]);
         let start = (after as usize).min(ev.len());
-        Ok(ev[start..]
-            .iter()
-            .take(limit.clamp(1, 10_000) as usize)
-            .cloned()
-            .collect())
+        Ok(ev[start..].iter().take(limit.clamp(1, 10_000) as usize).cloned().collect())
     }
 
     async fn info_requests_create(&self, p: InfoAsk) -> StoreResult<Vec<InfoRequest>> {
@@ -1704,10 +1390,7 @@ impl Store for MemoryStore {
             s.info_by_run.entry(run.id).or_default().push(r.id);
             out.push(r);
         }
-        let r = s
-            .runs
-            .get_mut(&run.id)
-            .ok_or_else(|| StoreError::not_found(EntityKind::Run, run.id))?;
+        let r = s.runs.get_mut(&run.id).ok_or_else(|| StoreError::not_found(EntityKind::Run, run.id))?;
         r.state = RunState::WaitingInput;
         r.lease_expires_at = None;
         s.set_state(wid, WorkItemState::WaitingInput, p.now)?;
@@ -1715,11 +1398,7 @@ impl Store for MemoryStore {
     }
 
     async fn info_request_get(&self, id: InfoRequestId) -> StoreResult<InfoRequest> {
-        self.lock()
-            .info
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, id))
+        self.lock().info.get(&id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, id))
     }
 
     async fn info_request_list(&self, f: InfoRequestFilter) -> StoreResult<Vec<InfoRequest>> {
@@ -1737,22 +1416,11 @@ impl Store for MemoryStore {
 
     async fn info_request_answer(&self, p: InfoAnswer) -> StoreResult<InfoAnswered> {
         let mut s = self.lock();
-        let req = s
-            .info
-            .get(&p.id)
-            .cloned()
-            .ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, p.id))?;
+        let req = s.info.get(&p.id).cloned().ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, p.id))?;
         if req.state != InfoRequestState::Pending {
-            return Err(StoreError::conflict(format!(
-                "info request {} is {}",
-                p.id,
-                req.state.as_str()
-            )));
+            return Err(StoreError::conflict(format!("info request {} is {}", p.id, req.state.as_str())));
         }
-        let r = s
-            .info
-            .get_mut(&p.id)
-            .ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, p.id))?;
+        let r = s.info.get_mut(&p.id).ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, p.id))?;
         r.state = InfoRequestState::Answered;
         r.answer = Some(p.answer);
         r.answered_at = Some(p.now);
@@ -1761,13 +1429,7 @@ impl Store for MemoryStore {
         let all_answered = s
             .info_by_run
             .get(&req.run_id)
-            .map(|ids| {
-                ids.iter().all(|i| {
-                    s.info
-                        .get(i)
-                        .is_none_or(|x| x.state != InfoRequestState::Pending)
-                })
-            })
+            .map(|ids| ids.iter().all(|i| s.info.get(i).is_none_or(|x| x.state != InfoRequestState::Pending)))
             .unwrap_or(true);
         let mut resumed = false;
         if all_answered && s.item(req.work_item_id)?.state == WorkItemState::WaitingInput {
@@ -1804,23 +1466,13 @@ impl Store for MemoryStore {
         let s = self.lock();
         let mut st = QueueStats::zeroed();
         for w in s.items.values() {
-            *st.work_items
-                .entry(w.state.as_str().to_string())
-                .or_default() += 1;
+            *st.work_items.entry(w.state.as_str().to_string()).or_default() += 1;
         }
         for r in s.runs.values() {
             *st.runs.entry(r.state.as_str().to_string()).or_default() += 1;
         }
-        st.pending_info_requests = s
-            .info
-            .values()
-            .filter(|r| r.state == InfoRequestState::Pending)
-            .count() as u64;
-        st.pending_approvals = s
-            .approvals
-            .values()
-            .filter(|a| a.state == ApprovalState::Pending)
-            .count() as u64;
+        st.pending_info_requests = s.info.values().filter(|r| r.state == InfoRequestState::Pending).count() as u64;
+        st.pending_approvals = s.approvals.values().filter(|a| a.state == ApprovalState::Pending).count() as u64;
         Ok(st)
     }
 }

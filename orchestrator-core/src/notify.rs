@@ -74,9 +74,6 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn times_out() {
         let n = Notifier::new();
-        assert!(
-            !n.wait_changed(n.generation(), Duration::from_millis(10))
-                .await
-        );
+        assert!(!n.wait_changed(n.generation(), Duration::from_millis(10)).await);
     }
 }

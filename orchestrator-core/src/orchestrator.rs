@@ -101,9 +101,7 @@ pub struct Orchestrator {
 
 impl std::fmt::Debug for Orchestrator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Orchestrator")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Orchestrator").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
@@ -119,17 +117,11 @@ fn check_text(field: &str, v: &str, max: usize, required: bool) -> Result<()> {
 
 fn check_labels(labels: &[String]) -> Result<()> {
     if labels.len() > rules::MAX_LABELS {
-        return Err(Error::invalid(
-            "labels",
-            format!("at most {} labels", rules::MAX_LABELS),
-        ));
+        return Err(Error::invalid("labels", format!("at most {} labels", rules::MAX_LABELS)));
     }
     for (i, l) in labels.iter().enumerate() {
         if l.trim().is_empty() || l.len() > 100 {
-            return Err(Error::invalid(
-                format!("labels[{i}]"),
-                "labels are 1..=100 characters",
-            ));
+            return Err(Error::invalid(format!("labels[{i}]"), "labels are 1..=100 characters"));
         }
     }
     Ok(())
@@ -142,24 +134,15 @@ fn check_questions(qs: &[NewInfoRequest]) -> Result<()> {
     for (i, q) in qs.iter().enumerate() {
         check_text(&format!("questions[{i}].key"), &q.key, 200, true)?;
         if qs[..i].iter().any(|p| p.key == q.key) {
-            return Err(Error::invalid(
-                format!("questions[{i}].key"),
-                format!("duplicate key `{}`", q.key),
-            ));
+            return Err(Error::invalid(format!("questions[{i}].key"), format!("duplicate key `{}`", q.key)));
         }
         check_text(&format!("questions[{i}].prompt"), &q.prompt, 10_000, true)?;
         match q.kind {
             InputKind::Choice if q.choices.is_empty() => {
-                return Err(Error::invalid(
-                    format!("questions[{i}].choices"),
-                    "a choice question needs choices",
-                ));
+                return Err(Error::invalid(format!("questions[{i}].choices"), "a choice question needs choices"));
             }
             InputKind::Text | InputKind::Secret if !q.choices.is_empty() => {
-                return Err(Error::invalid(
-                    format!("questions[{i}].choices"),
-                    "only choice questions have choices",
-                ));
+                return Err(Error::invalid(format!("questions[{i}].choices"), "only choice questions have choices"));
             }
             _ => {}
         }
@@ -174,16 +157,8 @@ impl Orchestrator {
     }
 
     /// A facade with a specific clock (tests use [`crate::ManualClock`]).
-    pub fn with_clock(
-        store: Arc<dyn Store>,
-        config: OrchestratorConfig,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
-        Orchestrator {
-            store,
-            clock,
-            config: Arc::new(config),
-        }
+    pub fn with_clock(store: Arc<dyn Store>, config: OrchestratorConfig, clock: Arc<dyn Clock>) -> Self {
+        Orchestrator { store, clock, config: Arc::new(config) }
     }
 
     /// The store.
@@ -247,22 +222,9 @@ impl Orchestrator {
     }
 
     /// Writes a new vision version.
-    pub async fn put_vision(
-        &self,
-        project_id: ProjectId,
-        text: &str,
-        author: Option<String>,
-    ) -> Result<Vision> {
+    pub async fn put_vision(&self, project_id: ProjectId, text: &str, author: Option<String>) -> Result<Vision> {
         check_text("text", text, rules::MAX_TEXT_LEN, true)?;
-        Ok(self
-            .store
-            .vision_put(VisionPut {
-                project_id,
-                text: text.to_string(),
-                author,
-                now: self.now(),
-            })
-            .await?)
+        Ok(self.store.vision_put(VisionPut { project_id, text: text.to_string(), author, now: self.now() }).await?)
     }
 
     // ---- requirements and approvals ----
@@ -277,24 +239,11 @@ impl Orchestrator {
     ) -> Result<(RequirementsDraft, Option<ApprovalRequest>)> {
         check_text("title", title, rules::MAX_TITLE_LEN, true)?;
         if requirements.is_empty() || requirements.len() > 1000 {
-            return Err(Error::invalid(
-                "requirements",
-                "between 1 and 1000 requirements",
-            ));
+            return Err(Error::invalid("requirements", "between 1 and 1000 requirements"));
         }
         for (i, r) in requirements.iter().enumerate() {
-            check_text(
-                &format!("requirements[{i}].title"),
-                &r.title,
-                rules::MAX_TITLE_LEN,
-                true,
-            )?;
-            check_text(
-                &format!("requirements[{i}].description"),
-                &r.description,
-                rules::MAX_TEXT_LEN,
-                false,
-            )?;
+            check_text(&format!("requirements[{i}].title"), &r.title, rules::MAX_TITLE_LEN, true)?;
+            check_text(&format!("requirements[{i}].description"), &r.description, rules::MAX_TEXT_LEN, false)?;
             check_labels(&r.labels)?;
         }
         Ok(self
@@ -322,15 +271,7 @@ impl Orchestrator {
         check_text("decided_by", by, 200, true)?;
         Ok(self
             .store
-            .draft_decide(
-                id,
-                Decide {
-                    decision,
-                    decided_by: by.to_string(),
-                    reason,
-                    now: self.now(),
-                },
-            )
+            .draft_decide(id, Decide { decision, decided_by: by.to_string(), reason, now: self.now() })
             .await?)
     }
 
@@ -345,15 +286,7 @@ impl Orchestrator {
         check_text("decided_by", by, 200, true)?;
         Ok(self
             .store
-            .approval_decide(
-                id,
-                Decide {
-                    decision,
-                    decided_by: by.to_string(),
-                    reason,
-                    now: self.now(),
-                },
-            )
+            .approval_decide(id, Decide { decision, decided_by: by.to_string(), reason, now: self.now() })
             .await?)
     }
 
@@ -365,46 +298,23 @@ impl Orchestrator {
     }
 
     /// Parses, validates and stores a recipe.
-    pub async fn create_recipe(
-        &self,
-        project_id: Option<ProjectId>,
-        yaml: &str,
-    ) -> Result<ToolRecipe> {
+    pub async fn create_recipe(&self, project_id: Option<ProjectId>, yaml: &str) -> Result<ToolRecipe> {
         let spec = parse_recipe(yaml)?;
         Ok(self
             .store
-            .recipe_create(NewRecipe {
-                id: RecipeId::new(),
-                project_id,
-                yaml: yaml.to_string(),
-                spec,
-                now: self.now(),
-            })
+            .recipe_create(NewRecipe { id: RecipeId::new(), project_id, yaml: yaml.to_string(), spec, now: self.now() })
             .await?)
     }
 
     /// Attaches a recipe to a work item (an edit: under the approval policy it needs a new approval).
-    pub async fn attach_recipe(
-        &self,
-        work_item_id: WorkItemId,
-        recipe_id: RecipeId,
-    ) -> Result<WorkItemChanged> {
-        self.update_work_item(
-            work_item_id,
-            UpdateWorkItem {
-                recipe_id: Some(recipe_id),
-                ..Default::default()
-            },
-        )
-        .await
+    pub async fn attach_recipe(&self, work_item_id: WorkItemId, recipe_id: RecipeId) -> Result<WorkItemChanged> {
+        self.update_work_item(work_item_id, UpdateWorkItem { recipe_id: Some(recipe_id), ..Default::default() }).await
     }
 
     // ---- work items ----
 
     fn new_work_item(&self, c: CreateWorkItem) -> Result<NewWorkItem> {
-        let project_id = c
-            .project_id
-            .ok_or_else(|| Error::invalid("project_id", "required"))?;
+        let project_id = c.project_id.ok_or_else(|| Error::invalid("project_id", "required"))?;
         check_text("title", &c.title, rules::MAX_TITLE_LEN, true)?;
         check_text("description", &c.description, rules::MAX_TEXT_LEN, false)?;
         check_labels(&c.labels)?;
@@ -420,16 +330,11 @@ impl Orchestrator {
             WorkItemState::Ready
         };
         if c.enqueue.is_some() && state != WorkItemState::Ready {
-            return Err(Error::Store(StoreError::conflict(
-                "the work item needs approval before it can be enqueued",
-            )));
+            return Err(Error::Store(StoreError::conflict("the work item needs approval before it can be enqueued")));
         }
         if let Some(e) = &c.enqueue {
             if e.depends_on.len() > rules::MAX_DEPENDENCIES {
-                return Err(Error::invalid(
-                    "depends_on",
-                    format!("at most {} dependencies", rules::MAX_DEPENDENCIES),
-                ));
+                return Err(Error::invalid("depends_on", format!("at most {} dependencies", rules::MAX_DEPENDENCIES)));
             }
         }
         Ok(NewWorkItem {
@@ -450,28 +355,17 @@ impl Orchestrator {
     /// Creates a work item (awaiting approval under the policy, else ready; enqueued when asked).
     pub async fn create_work_item(&self, c: CreateWorkItem) -> Result<WorkItemCreated> {
         let mut v = self.create_work_items(vec![c]).await?;
-        v.pop()
-            .ok_or_else(|| Error::Store(StoreError::conflict("no work item created")))
+        v.pop().ok_or_else(|| Error::Store(StoreError::conflict("no work item created")))
     }
 
     /// Creates work items in one unit (all or none).
-    pub async fn create_work_items(
-        &self,
-        items: Vec<CreateWorkItem>,
-    ) -> Result<Vec<WorkItemCreated>> {
-        let items = items
-            .into_iter()
-            .map(|c| self.new_work_item(c))
-            .collect::<Result<Vec<_>>>()?;
+    pub async fn create_work_items(&self, items: Vec<CreateWorkItem>) -> Result<Vec<WorkItemCreated>> {
+        let items = items.into_iter().map(|c| self.new_work_item(c)).collect::<Result<Vec<_>>>()?;
         Ok(self.store.work_items_create(items, self.now()).await?)
     }
 
     /// Edits a work item.
-    pub async fn update_work_item(
-        &self,
-        id: WorkItemId,
-        u: UpdateWorkItem,
-    ) -> Result<WorkItemChanged> {
+    pub async fn update_work_item(&self, id: WorkItemId, u: UpdateWorkItem) -> Result<WorkItemChanged> {
         if let Some(t) = &u.title {
             check_text("title", t, rules::MAX_TITLE_LEN, true)?;
         }
@@ -481,11 +375,7 @@ impl Orchestrator {
         if let Some(l) = &u.labels {
             check_labels(l)?;
         }
-        let recipe_id = if u.detach_recipe {
-            Some(None)
-        } else {
-            u.recipe_id.map(Some)
-        };
+        let recipe_id = if u.detach_recipe { Some(None) } else { u.recipe_id.map(Some) };
         Ok(self
             .store
             .work_item_update(WorkItemUpdate {
@@ -503,42 +393,19 @@ impl Orchestrator {
 
     /// Submits a draft work item (for approval under the policy).
     pub async fn submit_work_item(&self, id: WorkItemId) -> Result<WorkItemChanged> {
-        Ok(self
-            .store
-            .work_item_submit(id, self.config.require_approval, self.now())
-            .await?)
+        Ok(self.store.work_item_submit(id, self.config.require_approval, self.now()).await?)
     }
 
     /// Sets per-item retry overrides (validated against the defaults).
-    pub async fn set_retry_policy(
-        &self,
-        id: WorkItemId,
-        retry: RetryOverrides,
-    ) -> Result<WorkItem> {
+    pub async fn set_retry_policy(&self, id: WorkItemId, retry: RetryOverrides) -> Result<WorkItem> {
         self.config.retry.with_overrides(&retry)?;
-        Ok(self
-            .store
-            .work_item_set_policy(id, retry, self.now())
-            .await?)
+        Ok(self.store.work_item_set_policy(id, retry, self.now()).await?)
     }
 
     /// Cancels a work item.
-    pub async fn cancel_work_item(
-        &self,
-        id: WorkItemId,
-        reason: Option<String>,
-    ) -> Result<WorkItem> {
+    pub async fn cancel_work_item(&self, id: WorkItemId, reason: Option<String>) -> Result<WorkItem> {
         let reason = reason.unwrap_or_else(|| "cancelled".to_string());
-        Ok(self
-            .store
-            .work_item_cancel(
-                id,
-                Cancel {
-                    reason,
-                    now: self.now(),
-                },
-            )
-            .await?)
+        Ok(self.store.work_item_cancel(id, Cancel { reason, now: self.now() }).await?)
     }
 
     fn requeue_at(&self, item: &WorkItem, r: &RequeueRequest) -> Result<Requeue> {
@@ -551,11 +418,7 @@ impl Orchestrator {
             let policy = self.config.retry.with_overrides(&item.retry)?;
             delay += policy.backoff_delay(item.attempts.max(1), crate::retry::jitter_unit());
         }
-        Ok(Requeue {
-            run_at: now + delay,
-            reason: "requeued".into(),
-            now,
-        })
+        Ok(Requeue { run_at: now + delay, reason: "requeued".into(), now })
     }
 
     /// Requeues a work item after `delay_seconds` (plus backoff when asked).
@@ -576,40 +439,22 @@ impl Orchestrator {
     /// Cancels a run and its work item.
     pub async fn cancel_run(&self, id: RunId, reason: Option<String>) -> Result<Run> {
         let reason = reason.unwrap_or_else(|| "cancelled".to_string());
-        Ok(self
-            .store
-            .run_cancel(
-                id,
-                Cancel {
-                    reason,
-                    now: self.now(),
-                },
-            )
-            .await?)
+        Ok(self.store.run_cancel(id, Cancel { reason, now: self.now() }).await?)
     }
 
     // ---- scheduler ----
 
     /// Enqueues one work item.
     pub async fn enqueue(&self, id: WorkItemId, options: EnqueueOptions) -> Result<ScheduledTask> {
-        let mut v = self
-            .enqueue_many(vec![Enqueue {
-                work_item_id: id,
-                options,
-            }])
-            .await?;
-        v.pop()
-            .ok_or_else(|| Error::Store(StoreError::conflict("nothing enqueued")))
+        let mut v = self.enqueue_many(vec![Enqueue { work_item_id: id, options }]).await?;
+        v.pop().ok_or_else(|| Error::Store(StoreError::conflict("nothing enqueued")))
     }
 
     /// Enqueues work items in one unit.
     pub async fn enqueue_many(&self, items: Vec<Enqueue>) -> Result<Vec<ScheduledTask>> {
         for e in &items {
             if e.options.depends_on.len() > rules::MAX_DEPENDENCIES {
-                return Err(Error::invalid(
-                    "depends_on",
-                    format!("at most {} dependencies", rules::MAX_DEPENDENCIES),
-                ));
+                return Err(Error::invalid("depends_on", format!("at most {} dependencies", rules::MAX_DEPENDENCIES)));
             }
         }
         Ok(self.store.enqueue_many(items, self.now()).await?)
@@ -617,14 +462,7 @@ impl Orchestrator {
 
     /// Promotes due retries and reaps expired leases.
     pub async fn tick(&self) -> Result<TickReport> {
-        Ok(self
-            .store
-            .tick(Tick {
-                retry_defaults: self.config.retry.clone(),
-                limit: 10_000,
-                now: self.now(),
-            })
-            .await?)
+        Ok(self.store.tick(Tick { retry_defaults: self.config.retry.clone(), limit: 10_000, now: self.now() }).await?)
     }
 
     /// Completes many runs in one unit of work (each guarded on its own): the batched form of
@@ -634,10 +472,7 @@ impl Orchestrator {
         completions: Vec<RunCompletion>,
     ) -> Result<Vec<std::result::Result<CompletionResult, StoreError>>> {
         if completions.len() > Page::MAX_LIMIT as usize {
-            return Err(Error::invalid(
-                "completions",
-                format!("at most {} per call", Page::MAX_LIMIT),
-            ));
+            return Err(Error::invalid("completions", format!("at most {} per call", Page::MAX_LIMIT)));
         }
         Ok(self
             .store
@@ -652,26 +487,15 @@ impl Orchestrator {
     // ---- info requests ----
 
     /// Answers a pending info request: validated for its kind and encrypted at rest.
-    pub async fn answer_info_request(
-        &self,
-        id: InfoRequestId,
-        value: &str,
-        answered_by: &str,
-    ) -> Result<InfoAnswered> {
+    pub async fn answer_info_request(&self, id: InfoRequestId, value: &str, answered_by: &str) -> Result<InfoAnswered> {
         check_text("answered_by", answered_by, 200, true)?;
         check_text("value", value, 64 * 1024, false)?;
         let req = self.store.info_request_get(id).await?;
         if req.state != InfoRequestState::Pending {
-            return Err(Error::Store(StoreError::conflict(format!(
-                "info request {id} is {}",
-                req.state.as_str()
-            ))));
+            return Err(Error::Store(StoreError::conflict(format!("info request {id} is {}", req.state.as_str()))));
         }
         if req.kind == InputKind::Choice && !req.choices.iter().any(|c| c == value) {
-            return Err(Error::invalid(
-                "value",
-                format!("must be one of: {}", req.choices.join(", ")),
-            ));
+            return Err(Error::invalid("value", format!("must be one of: {}", req.choices.join(", "))));
         }
         let answer = match &self.config.keyring {
             Some(k) => k.seal(value.as_bytes(), id.0.as_bytes())?,
@@ -680,12 +504,7 @@ impl Orchestrator {
         };
         Ok(self
             .store
-            .info_request_answer(InfoAnswer {
-                id,
-                answer,
-                answered_by: answered_by.to_string(),
-                now: self.now(),
-            })
+            .info_request_answer(InfoAnswer { id, answer, answered_by: answered_by.to_string(), now: self.now() })
             .await?)
     }
 
@@ -699,9 +518,7 @@ impl Orchestrator {
             None if !sealed.is_encrypted() => sealed.ciphertext.clone(),
             None => return Err(Error::EncryptionKeyMissing),
         };
-        String::from_utf8(bytes)
-            .map(Some)
-            .map_err(|_| Error::invalid("answer", "stored answer is not UTF-8"))
+        String::from_utf8(bytes).map(Some).map_err(|_| Error::invalid("answer", "stored answer is not UTF-8"))
     }
 
     async fn assignment(&self, claimed: ClaimedRun) -> Result<Assignment> {
@@ -712,27 +529,13 @@ impl Orchestrator {
         let mut answers = BTreeMap::new();
         if claimed.resumed {
             let now = self.now();
-            for r in self
-                .store
-                .info_answers_for_run(claimed.run.id, claimed.lease.token, now)
-                .await?
-            {
+            for r in self.store.info_answers_for_run(claimed.run.id, claimed.lease.token, now).await? {
                 if let Some(v) = self.reveal_answer(&r)? {
-                    answers.insert(
-                        r.key.clone(),
-                        AnswerValue {
-                            value: v,
-                            secret: r.kind == InputKind::Secret,
-                        },
-                    );
+                    answers.insert(r.key.clone(), AnswerValue { value: v, secret: r.kind == InputKind::Secret });
                 }
             }
         }
-        Ok(Assignment {
-            claimed,
-            recipe,
-            answers,
-        })
+        Ok(Assignment { claimed, recipe, answers })
     }
 }
 
@@ -741,10 +544,7 @@ impl AgentApi for Orchestrator {
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<Assignment>> {
         check_text("agent_id", &req.agent_id, 200, true)?;
         if req.max == 0 || req.max > Page::MAX_LIMIT {
-            return Err(Error::invalid(
-                "max",
-                format!("between 1 and {}", Page::MAX_LIMIT),
-            ));
+            return Err(Error::invalid("max", format!("between 1 and {}", Page::MAX_LIMIT)));
         }
         let ttl = match req.lease_ttl_seconds {
             Some(s) => {
@@ -782,34 +582,14 @@ impl AgentApi for Orchestrator {
     }
 
     async fn heartbeat(&self, run_id: RunId, token: u64) -> Result<Lease> {
-        Ok(self
-            .store
-            .lease_renew(LeaseRenew {
-                run_id,
-                token,
-                ttl: None,
-                now: self.now(),
-            })
-            .await?)
+        Ok(self.store.lease_renew(LeaseRenew { run_id, token, ttl: None, now: self.now() }).await?)
     }
 
     async fn start(&self, run_id: RunId, token: u64) -> Result<Run> {
-        Ok(self
-            .store
-            .run_start(RunStart {
-                run_id,
-                token,
-                now: self.now(),
-            })
-            .await?)
+        Ok(self.store.run_start(RunStart { run_id, token, now: self.now() }).await?)
     }
 
-    async fn append_logs(
-        &self,
-        run_id: RunId,
-        token: u64,
-        mut lines: Vec<NewLogLine>,
-    ) -> Result<u64> {
+    async fn append_logs(&self, run_id: RunId, token: u64, mut lines: Vec<NewLogLine>) -> Result<u64> {
         if lines.len() > 10_000 {
             return Err(Error::invalid("lines", "at most 10000 lines per call"));
         }
@@ -823,53 +603,19 @@ impl AgentApi for Orchestrator {
                 l.line.push_str(" [truncated]");
             }
         }
-        Ok(self
-            .store
-            .logs_append(LogAppend {
-                run_id,
-                token,
-                lines,
-                now: self.now(),
-            })
-            .await?)
+        Ok(self.store.logs_append(LogAppend { run_id, token, lines, now: self.now() }).await?)
     }
 
-    async fn record_steps(
-        &self,
-        run_id: RunId,
-        token: u64,
-        events: Vec<NewStepEvent>,
-    ) -> Result<Vec<StepEvent>> {
+    async fn record_steps(&self, run_id: RunId, token: u64, events: Vec<NewStepEvent>) -> Result<Vec<StepEvent>> {
         if events.len() > 1000 {
             return Err(Error::invalid("events", "at most 1000 events per call"));
         }
-        Ok(self
-            .store
-            .step_events_append(StepEventsAppend {
-                run_id,
-                token,
-                events,
-                now: self.now(),
-            })
-            .await?)
+        Ok(self.store.step_events_append(StepEventsAppend { run_id, token, events, now: self.now() }).await?)
     }
 
-    async fn ask(
-        &self,
-        run_id: RunId,
-        token: u64,
-        questions: Vec<NewInfoRequest>,
-    ) -> Result<Vec<InfoRequest>> {
+    async fn ask(&self, run_id: RunId, token: u64, questions: Vec<NewInfoRequest>) -> Result<Vec<InfoRequest>> {
         check_questions(&questions)?;
-        Ok(self
-            .store
-            .info_requests_create(InfoAsk {
-                run_id,
-                token,
-                questions,
-                now: self.now(),
-            })
-            .await?)
+        Ok(self.store.info_requests_create(InfoAsk { run_id, token, questions, now: self.now() }).await?)
     }
 
     async fn complete(
@@ -882,12 +628,7 @@ impl AgentApi for Orchestrator {
         let mut v = self
             .store
             .runs_complete_many(CompleteMany {
-                completions: vec![RunCompletion {
-                    run_id,
-                    token,
-                    outcome,
-                    usage,
-                }],
+                completions: vec![RunCompletion { run_id, token, outcome, usage }],
                 retry_defaults: self.config.retry.clone(),
                 now: self.now(),
             })

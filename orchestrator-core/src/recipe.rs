@@ -32,8 +32,7 @@ use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
 
 use serde::de::{
-    self, DeserializeSeed, Deserializer, EnumAccess, IgnoredAny, MapAccess, SeqAccess,
-    VariantAccess, Visitor,
+    self, DeserializeSeed, Deserializer, EnumAccess, IgnoredAny, MapAccess, SeqAccess, VariantAccess, Visitor,
 };
 use serde::{Deserialize, Serialize};
 
@@ -156,13 +155,7 @@ pub struct StepSpec {
 impl StepSpec {
     /// A step that just runs `run`, with no name, env, timeout or cwd.
     pub fn command(run: impl Into<String>) -> StepSpec {
-        StepSpec {
-            name: None,
-            run: run.into(),
-            env: BTreeMap::new(),
-            timeout: None,
-            cwd: None,
-        }
+        StepSpec { name: None, run: run.into(), env: BTreeMap::new(), timeout: None, cwd: None }
     }
 
     /// Validates the run/env/timeout/cwd rules; errors use the given path
@@ -200,13 +193,7 @@ struct StepObject {
 
 impl From<StepObject> for StepSpec {
     fn from(o: StepObject) -> StepSpec {
-        StepSpec {
-            name: o.name,
-            run: o.run,
-            env: o.env,
-            timeout: o.timeout,
-            cwd: o.cwd,
-        }
+        StepSpec { name: o.name, run: o.run, env: o.env, timeout: o.timeout, cwd: o.cwd }
     }
 }
 
@@ -240,9 +227,7 @@ impl<'de> Visitor<'de> for StepVisitor {
 
 /// `env`: a map of strings that rejects duplicate names (at the duplicate
 /// key) and accepts `null` as empty.
-fn deserialize_env<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<BTreeMap<String, String>, D::Error> {
+fn deserialize_env<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error> {
     deserializer.deserialize_any(EnvVisitor)
 }
 
@@ -322,12 +307,7 @@ pub struct RecipeError {
 
 impl RecipeError {
     fn document(message: impl Into<String>) -> RecipeError {
-        RecipeError {
-            path: String::new(),
-            line: None,
-            column: None,
-            message: message.into(),
-        }
+        RecipeError { path: String::new(), line: None, column: None, message: message.into() }
     }
 }
 
@@ -335,11 +315,7 @@ impl fmt::Display for RecipeError {
     /// `path (line L, column C): message`; `<document>` stands for the empty
     /// path and the parenthesis is left out when the location is unknown.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = if self.path.is_empty() {
-            "<document>"
-        } else {
-            self.path.as_str()
-        };
+        let path = if self.path.is_empty() { "<document>" } else { self.path.as_str() };
         match (self.line, self.column) {
             (Some(line), Some(column)) => {
                 write!(f, "{path} (line {line}, column {column}): {}", self.message)
@@ -357,11 +333,7 @@ impl fmt::Display for RecipeError {
 pub struct RecipeErrors(pub Vec<RecipeError>);
 
 fn join_errors(errors: &[RecipeError]) -> String {
-    errors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("\n")
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
 }
 
 impl RecipeErrors {
@@ -400,9 +372,7 @@ fn push_issue(out: &mut Vec<Issue>, base: &[Seg], tail: &[Seg], message: String)
 
 /// Keys that can be written after a `.` without ambiguity.
 fn is_plain_key(k: &str) -> bool {
-    !k.is_empty()
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn render_path(prefix: &str, segs: &[Seg]) -> String {
@@ -450,9 +420,7 @@ fn step_issues(step: &StepSpec, base: &[Seg], out: &mut Vec<Issue>) {
                 out,
                 base,
                 &[key("env"), key(name)],
-                format!(
-                    "invalid environment variable name {name:?}: expected [A-Za-z_][A-Za-z0-9_]*"
-                ),
+                format!("invalid environment variable name {name:?}: expected [A-Za-z_][A-Za-z0-9_]*"),
             );
         }
     }
@@ -483,14 +451,10 @@ fn cwd_problem(cwd: &str) -> Option<String> {
     let bytes = cwd.as_bytes();
     let drive = bytes.len() >= 2 && bytes[0].is_ascii_alphabetic() && bytes[1] == b':';
     if cwd.starts_with('/') || cwd.starts_with('\\') || drive {
-        return Some(format!(
-            "cwd must be a relative path inside the workspace (got {cwd:?})"
-        ));
+        return Some(format!("cwd must be a relative path inside the workspace (got {cwd:?})"));
     }
     if cwd.split(['/', '\\']).any(|part| part == "..") {
-        return Some(format!(
-            "cwd must not contain `..` components (got {cwd:?})"
-        ));
+        return Some(format!("cwd must not contain `..` components (got {cwd:?})"));
     }
     None
 }
@@ -498,12 +462,7 @@ fn cwd_problem(cwd: &str) -> Option<String> {
 fn recipe_issues(spec: &RecipeSpec) -> Vec<Issue> {
     let mut out = Vec::new();
     if spec.name.trim().is_empty() {
-        push_issue(
-            &mut out,
-            &[],
-            &[key("name")],
-            "name must not be blank".into(),
-        );
+        push_issue(&mut out, &[], &[key("name")], "name must not be blank".into());
     } else {
         let chars = spec.name.chars().count();
         if chars > MAX_NAME_CHARS {
@@ -524,20 +483,14 @@ fn recipe_issues(spec: &RecipeSpec) -> Vec<Issue> {
                 &mut out,
                 &base,
                 &[key("name")],
-                format!(
-                    "invalid input name {:?}: expected [A-Za-z_][A-Za-z0-9_]*",
-                    input.name
-                ),
+                format!("invalid input name {:?}: expected [A-Za-z_][A-Za-z0-9_]*", input.name),
             );
         } else if let Some(first) = seen.get(input.name.as_str()) {
             push_issue(
                 &mut out,
                 &base,
                 &[key("name")],
-                format!(
-                    "duplicate input name `{}` (already defined by inputs[{first}])",
-                    input.name
-                ),
+                format!("duplicate input name `{}` (already defined by inputs[{first}])", input.name),
             );
         } else {
             seen.insert(&input.name, i);
@@ -572,33 +525,20 @@ fn recipe_issues(spec: &RecipeSpec) -> Vec<Issue> {
                     );
                 }
                 if input.kind == InputKind::Secret && input.default.is_some() {
-                    push_issue(
-                        &mut out,
-                        &base,
-                        &[key("default")],
-                        "a secret input cannot have a default".into(),
-                    );
+                    push_issue(&mut out, &base, &[key("default")], "a secret input cannot have a default".into());
                 }
             }
         }
     }
 
     if spec.steps.is_empty() {
-        push_issue(
-            &mut out,
-            &[],
-            &[key("steps")],
-            "a recipe needs at least one step".into(),
-        );
+        push_issue(&mut out, &[], &[key("steps")], "a recipe needs at least one step".into());
     } else if spec.steps.len() > MAX_STEPS {
         push_issue(
             &mut out,
             &[],
             &[key("steps")],
-            format!(
-                "a recipe can have at most {MAX_STEPS} steps (got {})",
-                spec.steps.len()
-            ),
+            format!("a recipe can have at most {MAX_STEPS} steps (got {})", spec.steps.len()),
         );
     }
     for (i, step) in spec.steps.iter().enumerate() {
@@ -612,9 +552,7 @@ fn finish(mut errors: Vec<RecipeError>) -> RecipeErrors {
     if errors.len() > MAX_REPORTED_ERRORS {
         let more = errors.len() - MAX_REPORTED_ERRORS;
         errors.truncate(MAX_REPORTED_ERRORS);
-        errors.push(RecipeError::document(format!(
-            "{more} more problem(s) not shown"
-        )));
+        errors.push(RecipeError::document(format!("{more} more problem(s) not shown")));
     }
     RecipeErrors(errors)
 }
@@ -668,24 +606,17 @@ pub fn parse_recipe(yaml: &str) -> Result<RecipeSpec, RecipeErrors> {
     // rather than a consequence of it (such as a missing field).
     match serde_yaml_ng::from_str::<Option<IgnoredAny>>(yaml) {
         Ok(Some(_)) => {}
-        Ok(None) => {
-            return Err(RecipeErrors::one(RecipeError::document(
-                "the recipe document is empty",
-            )))
-        }
+        Ok(None) => return Err(RecipeErrors::one(RecipeError::document("the recipe document is empty"))),
         Err(e) if yaml.trim().is_empty() || is_end_of_stream(&e) => {
-            return Err(RecipeErrors::one(RecipeError::document(
-                "the recipe document is empty",
-            )))
+            return Err(RecipeErrors::one(RecipeError::document("the recipe document is empty")))
         }
         Err(e) => return Err(RecipeErrors::one(syntax_error(&e))),
     }
 
-    let spec: RecipeSpec =
-        match serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(yaml)) {
-            Ok(spec) => spec,
-            Err(e) => return Err(RecipeErrors::one(yaml_schema_error(&e))),
-        };
+    let spec: RecipeSpec = match serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(yaml)) {
+        Ok(spec) => spec,
+        Err(e) => return Err(RecipeErrors::one(yaml_schema_error(&e))),
+    };
 
     let mut issues = recipe_issues(&spec);
     if issues.is_empty() {
@@ -705,9 +636,7 @@ pub fn parse_recipe(yaml: &str) -> Result<RecipeSpec, RecipeErrors> {
         })
         .collect();
     if extra > 0 {
-        errors.push(RecipeError::document(format!(
-            "{extra} more problem(s) not shown"
-        )));
+        errors.push(RecipeError::document(format!("{extra} more problem(s) not shown")));
     }
     Err(RecipeErrors(errors))
 }
@@ -725,9 +654,7 @@ fn bracket_depth_error(yaml: &str) -> Option<RecipeError> {
                         path: String::new(),
                         line: Some(line),
                         column: Some(column),
-                        message: format!(
-                            "brackets are nested too deeply (more than {MAX_BRACKET_DEPTH} levels)"
-                        ),
+                        message: format!("brackets are nested too deeply (more than {MAX_BRACKET_DEPTH} levels)"),
                     });
                 }
             }
@@ -760,10 +687,7 @@ fn syntax_error(e: &serde_yaml_ng::Error) -> RecipeError {
     let loc = e.location();
     let mut message = e.to_string();
     if let Some(l) = &loc {
-        message = remove_first(
-            &message,
-            &format!(" at line {} column {}", l.line(), l.column()),
-        );
+        message = remove_first(&message, &format!(" at line {} column {}", l.line(), l.column()));
     }
     RecipeError {
         path: String::new(),
@@ -885,10 +809,7 @@ fn probe_loc(display: &str) -> Option<Loc> {
     }
     let rest = rest.strip_prefix(" at line ")?;
     let (line, column) = rest.split_once(" column ")?;
-    Some(Loc {
-        line: line.parse().ok()?,
-        column: column.trim().parse().ok()?,
-    })
+    Some(Loc { line: line.parse().ok()?, column: column.trim().parse().ok()? })
 }
 
 fn is_probe<E: fmt::Display>(e: &E) -> Option<String> {
@@ -917,20 +838,8 @@ fn fill(results: &mut [Option<Loc>], wants: &[Want<'_>], loc: Option<Loc>) {
 fn locate(yaml: &str, issues: &[Issue]) -> Vec<Option<Loc>> {
     let walk = || {
         let mut results = vec![None; issues.len()];
-        let wants = issues
-            .iter()
-            .enumerate()
-            .map(|(idx, issue)| Want {
-                idx,
-                rest: &issue.segs,
-            })
-            .collect();
-        let seed = NodeSeed {
-            wants,
-            here: None,
-            fallback: None,
-            results: &mut results,
-        };
+        let wants = issues.iter().enumerate().map(|(idx, issue)| Want { idx, rest: &issue.segs }).collect();
+        let seed = NodeSeed { wants, here: None, fallback: None, results: &mut results };
         // A failure leaves the positions found so far.
         let _ = seed.deserialize(serde_yaml_ng::Deserializer::from_str(yaml));
         results
@@ -953,29 +862,16 @@ impl<'de> DeserializeSeed<'de> for NodeSeed<'_, '_> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        let NodeSeed {
-            wants,
-            here,
-            fallback,
-            results,
-        } = self;
-        let outcome = deserializer.deserialize_any(NodeVisitor {
-            wants: &wants,
-            here,
-            fallback,
-            results: &mut *results,
-        });
+        let NodeSeed { wants, here, fallback, results } = self;
+        let outcome =
+            deserializer.deserialize_any(NodeVisitor { wants: &wants, here, fallback, results: &mut *results });
         match outcome {
             Ok(()) => Ok(()),
             Err(e) => match is_probe(&e) {
                 // A scalar (or tagged) node: everything wanted here or below
                 // resolves to it.
                 Some(text) => {
-                    fill(
-                        results,
-                        &wants,
-                        here.or_else(|| probe_loc(&text)).or(fallback),
-                    );
+                    fill(results, &wants, here.or_else(|| probe_loc(&text)).or(fallback));
                     Ok(())
                 }
                 None => Err(e),
@@ -1042,10 +938,7 @@ impl<'de> Visitor<'de> for NodeVisitor<'_, '_, '_> {
                 .wants
                 .iter()
                 .filter(|w| w.rest.first() == Some(&Seg::Index(index)))
-                .map(|w| Want {
-                    idx: w.idx,
-                    rest: &w.rest[1..],
-                })
+                .map(|w| Want { idx: w.idx, rest: &w.rest[1..] })
                 .collect();
             let more = if sub.is_empty() {
                 seq.next_element::<IgnoredAny>()?.is_some()
@@ -1088,16 +981,11 @@ impl<'de> Visitor<'de> for NodeVisitor<'_, '_, '_> {
                     }
                     if rest.is_empty() {
                         // Issues about a field point at its key.
-                        if let (Some(slot), Some(loc)) =
-                            (self.results.get_mut(want.idx), key_loc.or(node_loc))
-                        {
+                        if let (Some(slot), Some(loc)) = (self.results.get_mut(want.idx), key_loc.or(node_loc)) {
                             slot.get_or_insert(loc);
                         }
                     } else {
-                        deeper.push(Want {
-                            idx: want.idx,
-                            rest,
-                        });
+                        deeper.push(Want { idx: want.idx, rest });
                     }
                 }
             }
@@ -1245,16 +1133,11 @@ pub fn parse_plan_json(text: &str) -> Result<Vec<StepSpec>, RecipeErrors> {
         return Err(finish(errors));
     }
     if saw_empty {
-        return Err(RecipeErrors::one(RecipeError::document(
-            "the plan contains no steps",
-        )));
+        return Err(RecipeErrors::one(RecipeError::document("the plan contains no steps")));
     }
     Err(RecipeErrors::one(match first_syntax {
         Some(mut e) => {
-            e.message = format!(
-                "no valid JSON array found in the planner answer: {}",
-                e.message
-            );
+            e.message = format!("no valid JSON array found in the planner answer: {}", e.message);
             e
         }
         None => RecipeError::document("no JSON array found in the planner answer"),
@@ -1264,10 +1147,7 @@ pub fn parse_plan_json(text: &str) -> Result<Vec<StepSpec>, RecipeErrors> {
 fn plan_issues(steps: &[StepSpec]) -> Vec<RecipeError> {
     let mut errors = Vec::new();
     if steps.len() > MAX_STEPS {
-        errors.push(RecipeError::document(format!(
-            "a plan can have at most {MAX_STEPS} steps (got {})",
-            steps.len()
-        )));
+        errors.push(RecipeError::document(format!("a plan can have at most {MAX_STEPS} steps (got {})", steps.len())));
     }
     for (i, step) in steps.iter().enumerate() {
         errors.extend(step.validate(&format!("[{i}]")));
@@ -1301,12 +1181,7 @@ fn json_error(text: &str, start: usize, e: &serde_json::Error, segs: Vec<Seg>) -
             column = Some(e.column());
         }
     }
-    RecipeError {
-        path: schema_path(segs, &message),
-        line,
-        column,
-        message,
-    }
+    RecipeError { path: schema_path(segs, &message), line, column, message }
 }
 
 // ---------------------------------------------------------------------------
@@ -1397,24 +1272,17 @@ steps:
         let json = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<RecipeSpec>(&json).unwrap(), spec);
         // Steps serialize as objects without empty fields.
-        assert_eq!(
-            serde_json::to_value(StepSpec::command("ls")).unwrap(),
-            serde_json::json!({"run": "ls"})
-        );
+        assert_eq!(serde_json::to_value(StepSpec::command("ls")).unwrap(), serde_json::json!({"run": "ls"}));
     }
 
     #[test]
     fn string_steps_and_minimal_recipe() {
-        let spec =
-            parse_recipe("name: x\nsteps:\n  - cargo build\n  - 'true'\n  - \"a: b\"\n").unwrap();
+        let spec = parse_recipe("name: x\nsteps:\n  - cargo build\n  - 'true'\n  - \"a: b\"\n").unwrap();
         assert!(spec.inputs.is_empty());
         assert_eq!(spec.description, None);
         let runs: Vec<_> = spec.steps.iter().map(|s| s.run.as_str()).collect();
         assert_eq!(runs, ["cargo build", "true", "a: b"]);
-        assert!(spec
-            .steps
-            .iter()
-            .all(|s| s.env.is_empty() && s.timeout.is_none()));
+        assert!(spec.steps.iter().all(|s| s.env.is_empty() && s.timeout.is_none()));
         // Flow style, null env.
         let spec = parse_recipe("{name: x, steps: [a, {run: b, env: ~}]}").unwrap();
         assert_eq!(spec.steps, [StepSpec::command("a"), StepSpec::command("b")]);
@@ -1429,8 +1297,7 @@ steps:
         assert_eq!(steps[0], StepSpec::command("ls"));
         assert_eq!(steps[1].env["A"], "1");
         assert_eq!(steps[1].timeout, Some(5));
-        let steps: Vec<StepSpec> =
-            serde_yaml_ng::from_str("- ls\n- run: make\n  cwd: x\n").unwrap();
+        let steps: Vec<StepSpec> = serde_yaml_ng::from_str("- ls\n- run: make\n  cwd: x\n").unwrap();
         assert_eq!(steps[0], StepSpec::command("ls"));
         assert_eq!(steps[1].cwd.as_deref(), Some("x"));
         assert!(serde_json::from_str::<StepSpec>("42").is_err());
@@ -1500,14 +1367,7 @@ steps:
         assert_eq!(col("steps[1].env.BAD-KEY"), Some(20));
         assert!(errors.iter().all(|e| e.column.is_some()));
         // Messages say what is wrong.
-        let msg = |path: &str| {
-            errors
-                .iter()
-                .find(|e| e.path == path)
-                .unwrap()
-                .message
-                .clone()
-        };
+        let msg = |path: &str| errors.iter().find(|e| e.path == path).unwrap().message.clone();
         assert!(msg("name").contains("blank"));
         assert!(msg("inputs[2].name").contains("duplicate"));
         assert!(msg("inputs[2].default").contains("secret"));
@@ -1536,11 +1396,7 @@ steps:
         assert_eq!((e.path.as_str(), e.line), ("name", Some(2)));
         assert!(e.message.contains("at most 200"), "{}", e.message);
         // 200 multi-byte characters are fine.
-        parse_recipe(&format!(
-            "name: {}\nsteps: [a]\n",
-            "é".repeat(MAX_NAME_CHARS)
-        ))
-        .unwrap();
+        parse_recipe(&format!("name: {}\nsteps: [a]\n", "é".repeat(MAX_NAME_CHARS))).unwrap();
     }
 
     #[test]
@@ -1551,19 +1407,13 @@ steps:
         assert_eq!((e.path.as_str(), e.line), ("inputs[0].choices", Some(4)));
         let e = one_err("name: x\nsteps: [a]\ninputs:\n  - name: A\n    choices: [a]\n");
         assert_eq!((e.path.as_str(), e.line), ("inputs[0].choices", Some(5)));
-        let e = one_err(
-            "name: x\nsteps: [a]\ninputs:\n  - name: A\n    kind: secret\n    default: ''\n",
-        );
+        let e = one_err("name: x\nsteps: [a]\ninputs:\n  - name: A\n    kind: secret\n    default: ''\n");
         assert_eq!((e.path.as_str(), e.line), ("inputs[0].default", Some(6)));
-        let e = one_err(
-            "name: x\nsteps: [a]\ninputs:\n  - name: A\n    kind: choice\n    choices: [a]\n    default: b\n",
-        );
+        let e =
+            one_err("name: x\nsteps: [a]\ninputs:\n  - name: A\n    kind: choice\n    choices: [a]\n    default: b\n");
         assert_eq!((e.path.as_str(), e.line), ("inputs[0].default", Some(7)));
         let errors = errs("name: x\nsteps: [a]\ninputs:\n  - name: A\n  - name: B\n  - name: A\n");
-        assert_eq!(
-            paths_lines(&errors),
-            [("inputs[2].name".to_owned(), Some(6))]
-        );
+        assert_eq!(paths_lines(&errors), [("inputs[2].name".to_owned(), Some(6))]);
         assert!(errors[0].message.contains("inputs[0]"));
         // Valid variants.
         parse_recipe("name: x\nsteps: [a]\ninputs:\n  - {name: _a1, kind: text, default: d}\n  - {name: B, kind: choice, choices: [b]}\n")
@@ -1589,20 +1439,8 @@ steps:
         step.timeout = Some(0);
         step.env.insert("9X".into(), "v".into());
         step.cwd = Some("../up".into());
-        let paths: Vec<_> = step
-            .validate("steps[2]")
-            .into_iter()
-            .map(|e| e.path)
-            .collect();
-        assert_eq!(
-            paths,
-            [
-                "steps[2].run",
-                "steps[2].env.9X",
-                "steps[2].timeout",
-                "steps[2].cwd"
-            ]
-        );
+        let paths: Vec<_> = step.validate("steps[2]").into_iter().map(|e| e.path).collect();
+        assert_eq!(paths, ["steps[2].run", "steps[2].env.9X", "steps[2].timeout", "steps[2].cwd"]);
         let paths: Vec<_> = step.validate("").into_iter().map(|e| e.path).collect();
         assert_eq!(paths[0], "run");
         assert!(StepSpec::command("ok").validate("x").is_empty());
@@ -1611,10 +1449,7 @@ steps:
     #[test]
     fn semantic_errors_in_flow_style_and_aliases_are_located() {
         let errors = errs("name: x\nsteps: [a, {run: b, timeout: 0}]\n");
-        assert_eq!(
-            paths_lines(&errors),
-            [("steps[1].timeout".to_owned(), Some(2))]
-        );
+        assert_eq!(paths_lines(&errors), [("steps[1].timeout".to_owned(), Some(2))]);
         assert_eq!(errors[0].column, Some(21));
         let yaml = "name: x\ndefaults: &d\n  run: a\n";
         assert!(parse_recipe(yaml).is_err());
@@ -1634,25 +1469,11 @@ steps:
     #[test]
     fn unknown_fields_have_path_and_line() {
         let e = one_err("name: x\nbogus: 1\nsteps: [a]\n");
-        assert_eq!(
-            (e.path.as_str(), e.line, e.column),
-            ("bogus", Some(2), Some(1))
-        );
-        assert!(
-            e.message.starts_with("unknown field `bogus`"),
-            "{}",
-            e.message
-        );
+        assert_eq!((e.path.as_str(), e.line, e.column), ("bogus", Some(2), Some(1)));
+        assert!(e.message.starts_with("unknown field `bogus`"), "{}", e.message);
         let e = one_err("name: x\nsteps:\n  - run: a\n    colour: red\n");
-        assert_eq!(
-            (e.path.as_str(), e.line, e.column),
-            ("steps[0].colour", Some(4), Some(5))
-        );
-        assert!(
-            e.message.starts_with("unknown field `colour`"),
-            "{}",
-            e.message
-        );
+        assert_eq!((e.path.as_str(), e.line, e.column), ("steps[0].colour", Some(4), Some(5)));
+        assert!(e.message.starts_with("unknown field `colour`"), "{}", e.message);
         let e = one_err("name: x\nsteps: [a]\ninputs:\n  - name: A\n    secret: true\n");
         assert_eq!((e.path.as_str(), e.line), ("inputs[0].secret", Some(5)));
     }
@@ -1660,65 +1481,29 @@ steps:
     #[test]
     fn wrong_types_and_missing_fields() {
         let cases: &[(&str, &str, usize)] = &[
-            (
-                "name: x\nsteps:\n  - run: a\n    timeout: abc\n",
-                "steps[0].timeout",
-                4,
-            ),
-            (
-                "name: x\nsteps:\n  - run: a\n    timeout: -5\n",
-                "steps[0].timeout",
-                4,
-            ),
-            (
-                "name: x\nsteps:\n  - run: a\n    timeout: 99999999999999999999999\n",
-                "steps[0].timeout",
-                4,
-            ),
+            ("name: x\nsteps:\n  - run: a\n    timeout: abc\n", "steps[0].timeout", 4),
+            ("name: x\nsteps:\n  - run: a\n    timeout: -5\n", "steps[0].timeout", 4),
+            ("name: x\nsteps:\n  - run: a\n    timeout: 99999999999999999999999\n", "steps[0].timeout", 4),
             ("name: x\nsteps: hello\n", "steps", 2),
             ("name: x\nsteps: [a]\ninputs: 5\n", "inputs", 3),
-            (
-                "name: x\nsteps: [a]\ninputs:\n  - name: A\n    kind: bogus\n",
-                "inputs[0].kind",
-                5,
-            ),
-            (
-                "name: x\nsteps: [a]\ninputs:\n  - name: A\n    required: maybe\n",
-                "inputs[0].required",
-                5,
-            ),
+            ("name: x\nsteps: [a]\ninputs:\n  - name: A\n    kind: bogus\n", "inputs[0].kind", 5),
+            ("name: x\nsteps: [a]\ninputs:\n  - name: A\n    required: maybe\n", "inputs[0].required", 5),
             ("name: x\nsteps:\n  - a\n  - true\n", "steps[1]", 4),
             ("name: x\nsteps:\n  - a\n  - [b]\n", "steps[1]", 4),
-            (
-                "name: x\nsteps:\n  - run: a\n    env: [A]\n",
-                "steps[0].env",
-                4,
-            ),
-            (
-                "name: x\nsteps:\n  - run: a\n    env:\n      A: [1]\n",
-                "steps[0].env.A",
-                5,
-            ),
+            ("name: x\nsteps:\n  - run: a\n    env: [A]\n", "steps[0].env", 4),
+            ("name: x\nsteps:\n  - run: a\n    env:\n      A: [1]\n", "steps[0].env.A", 5),
             ("name: [x]\nsteps: [a]\n", "name", 1),
             ("name: x\nsteps:\n  - name: a\n", "steps[0].run", 3),
             ("steps: [a]\n", "name", 1),
             ("name: x\n", "steps", 1),
-            (
-                "name: x\nsteps:\n  - run: a\n    env: {A: 1, A: 2}\n",
-                "steps[0].env.A",
-                4,
-            ),
+            ("name: x\nsteps:\n  - run: a\n    env: {A: 1, A: 2}\n", "steps[0].env.A", 4),
             ("name: x\nsteps: [a]\nname: y\n", "name", 1),
             ("[]", "", 1),
             ("hello", "", 1),
         ];
         for (yaml, path, line) in cases {
             let e = one_err(yaml);
-            assert_eq!(
-                (e.path.as_str(), e.line),
-                (*path, Some(*line)),
-                "{yaml:?}: {e:?}"
-            );
+            assert_eq!((e.path.as_str(), e.line), (*path, Some(*line)), "{yaml:?}: {e:?}");
             assert!(e.column.is_some(), "{yaml:?}");
             assert!(!e.message.contains(" at line "), "{e:?}");
             assert!(!e.message.starts_with(path) || path.is_empty(), "{e:?}");
@@ -1729,12 +1514,7 @@ steps:
         let e = one_err("name: x\nsteps:\n  - name: a\n");
         assert_eq!(e.message, "missing field `run`");
         let e = one_err("name: x\nsteps:\n  - a\n  - true\n");
-        assert!(
-            e.message
-                .contains("expected a command string or a step mapping"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("expected a command string or a step mapping"), "{}", e.message);
     }
 
     #[test]
@@ -1775,10 +1555,7 @@ steps:
         let e = one_err(&deep);
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
         assert!(e.message.contains("nested too deeply"), "{e:?}");
-        assert_eq!(
-            (e.line, e.column),
-            (Some(2), Some(8 + 4 * MAX_BRACKET_DEPTH))
-        );
+        assert_eq!((e.line, e.column), (Some(2), Some(8 + 4 * MAX_BRACKET_DEPTH)));
         // Balanced brackets in commands are fine, however many.
         let cmd = "[[ -f x ]] && ".repeat(1000);
         parse_recipe(&format!("name: x\nsteps:\n  - '{cmd}true'\n")).unwrap();
@@ -1794,9 +1571,7 @@ steps:
         let errors = errs(&yaml);
         assert!(started.elapsed() < std::time::Duration::from_secs(10));
         assert_eq!(errors.len(), MAX_REPORTED_ERRORS + 1);
-        assert!(errors[..MAX_REPORTED_ERRORS]
-            .iter()
-            .all(|e| e.line.is_some()));
+        assert!(errors[..MAX_REPORTED_ERRORS].iter().all(|e| e.line.is_some()));
         assert_eq!(errors[MAX_REPORTED_ERRORS].path, "");
         assert!(errors[MAX_REPORTED_ERRORS].message.contains("2900 more"));
     }
@@ -1804,31 +1579,17 @@ steps:
     #[test]
     fn display_lists_one_error_per_line() {
         let errors = RecipeErrors(vec![
-            RecipeError {
-                path: "steps[1].timeout".into(),
-                line: Some(4),
-                column: Some(5),
-                message: "bad".into(),
-            },
+            RecipeError { path: "steps[1].timeout".into(), line: Some(4), column: Some(5), message: "bad".into() },
             RecipeError::document("worse"),
         ]);
-        assert_eq!(
-            errors.to_string(),
-            "steps[1].timeout (line 4, column 5): bad\n<document>: worse"
-        );
+        assert_eq!(errors.to_string(), "steps[1].timeout (line 4, column 5): bad\n<document>: worse");
         let e = parse_recipe("name: x\nsteps: []\n").unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "steps (line 2, column 1): a recipe needs at least one step"
-        );
+        assert_eq!(e.to_string(), "steps (line 2, column 1): a recipe needs at least one step");
     }
 
     #[test]
     fn plan_plain_array() {
-        let steps = parse_plan_json(
-            r#"["cargo build", {"name": "t", "run": "cargo test", "timeout": 60}]"#,
-        )
-        .unwrap();
+        let steps = parse_plan_json(r#"["cargo build", {"name": "t", "run": "cargo test", "timeout": 60}]"#).unwrap();
         assert_eq!(steps.len(), 2);
         assert_eq!(steps[0], StepSpec::command("cargo build"));
         assert_eq!(steps[1].timeout, Some(60));
@@ -1839,10 +1600,7 @@ steps:
     fn plan_with_fences_and_prose() {
         let text = "Sure! Here is the plan:\n```json\n[\n  \"make\",\n  {\"run\": \"make test\"}\n]\n```\nLet me know [if] you need more.";
         let steps = parse_plan_json(text).unwrap();
-        assert_eq!(
-            steps,
-            [StepSpec::command("make"), StepSpec::command("make test")]
-        );
+        assert_eq!(steps, [StepSpec::command("make"), StepSpec::command("make test")]);
         let steps = parse_plan_json("Steps [see below], option [1]: [\"a\"] and [\"b\"]").unwrap();
         assert_eq!(steps, [StepSpec::command("a")]);
         let steps = parse_plan_json(r#"{"steps": ["x", "y"]}"#).unwrap();
@@ -1963,10 +1721,7 @@ steps:
         v.push(format!("{laughs}name: x\nsteps: *a9\n"));
         v.push(format!("name: x\nsteps: [{}]", "a, ".repeat(60_000)));
         v.push("9".repeat(10_000));
-        v.push(format!(
-            "name: x\nsteps:\n  - run: a\n    timeout: {}",
-            "9".repeat(5_000)
-        ));
+        v.push(format!("name: x\nsteps:\n  - run: a\n    timeout: {}", "9".repeat(5_000)));
         v
     }
 

@@ -58,12 +58,7 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     /// 3 retries, base 2 s, cap 300 s, jitter 0.2.
     fn default() -> Self {
-        Self {
-            max_retries: 3,
-            backoff_base_seconds: 2.0,
-            backoff_cap_seconds: 300.0,
-            jitter: 0.2,
-        }
+        Self { max_retries: 3, backoff_base_seconds: 2.0, backoff_cap_seconds: 300.0, jitter: 0.2 }
     }
 }
 
@@ -149,10 +144,7 @@ pub enum PolicyError {
 
 impl PolicyError {
     fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        PolicyError::Invalid {
-            field,
-            message: message.into(),
-        }
+        PolicyError::Invalid { field, message: message.into() }
     }
 }
 
@@ -175,10 +167,7 @@ impl RetryPolicy {
         if self.max_retries > MAX_RETRIES_LIMIT {
             return Err(PolicyError::invalid(
                 FIELD_MAX_RETRIES,
-                format!(
-                    "must be at most {MAX_RETRIES_LIMIT}, got {}",
-                    self.max_retries
-                ),
+                format!("must be at most {MAX_RETRIES_LIMIT}, got {}", self.max_retries),
             ));
         }
         if !base.is_finite() || base < 0.0 {
@@ -188,10 +177,7 @@ impl RetryPolicy {
             ));
         }
         if !cap.is_finite() || cap < 0.0 {
-            return Err(PolicyError::invalid(
-                FIELD_CAP,
-                format!("must be a finite number of seconds >= 0, got {cap}"),
-            ));
+            return Err(PolicyError::invalid(FIELD_CAP, format!("must be a finite number of seconds >= 0, got {cap}")));
         }
         if cap > MAX_CAP_SECONDS {
             return Err(PolicyError::invalid(
@@ -200,16 +186,10 @@ impl RetryPolicy {
             ));
         }
         if cap < base {
-            return Err(PolicyError::invalid(
-                FIELD_CAP,
-                format!("must be >= {FIELD_BASE} ({base}), got {cap}"),
-            ));
+            return Err(PolicyError::invalid(FIELD_CAP, format!("must be >= {FIELD_BASE} ({base}), got {cap}")));
         }
         if !(0.0..=1.0).contains(&jitter) {
-            return Err(PolicyError::invalid(
-                FIELD_JITTER,
-                format!("must be in [0, 1], got {jitter}"),
-            ));
+            return Err(PolicyError::invalid(FIELD_JITTER, format!("must be in [0, 1], got {jitter}")));
         }
         Ok(())
     }
@@ -281,19 +261,14 @@ impl RetryPolicy {
     /// `next_attempt = attempt + 1`.
     pub fn decide(&self, attempt: u32, kind: FailureKind, unit: f64) -> RetryDecision {
         if kind == FailureKind::Permanent {
-            return RetryDecision::GiveUp {
-                reason: GiveUpReason::Permanent,
-            };
+            return RetryDecision::GiveUp { reason: GiveUpReason::Permanent };
         }
         let attempt = attempt.max(1);
         match attempt.checked_add(1) {
-            Some(next_attempt) if attempt <= self.max_retries => RetryDecision::Retry {
-                delay: self.backoff_delay(attempt, unit),
-                next_attempt,
-            },
-            _ => RetryDecision::GiveUp {
-                reason: GiveUpReason::RetriesExhausted,
-            },
+            Some(next_attempt) if attempt <= self.max_retries => {
+                RetryDecision::Retry { delay: self.backoff_delay(attempt, unit), next_attempt }
+            }
+            _ => RetryDecision::GiveUp { reason: GiveUpReason::RetriesExhausted },
         }
     }
 
@@ -306,9 +281,7 @@ impl RetryPolicy {
     /// resulting policy is an error whose `field` is the variable name.
     ///
     /// With the real environment: `RetryPolicy::from_lookup(|k| std::env::var(k).ok())`.
-    pub fn from_lookup(
-        lookup: impl Fn(&str) -> Option<String>,
-    ) -> Result<RetryPolicy, PolicyError> {
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<RetryPolicy, PolicyError> {
         let defaults = RetryPolicy::default();
         let max_retries = lookup(ENV_MAX_RETRIES);
         let base = lookup(ENV_BASE);
@@ -357,9 +330,7 @@ where
     T: std::str::FromStr,
     T::Err: std::fmt::Display,
 {
-    raw.trim()
-        .parse::<T>()
-        .map_err(|e| PolicyError::invalid(var, format!("expected {expected}, got {raw:?} ({e})")))
+    raw.trim().parse::<T>().map_err(|e| PolicyError::invalid(var, format!("expected {expected}, got {raw:?} ({e})")))
 }
 
 /// A uniform random sample in `[0, 1)` for jitter (fastrand).
@@ -374,12 +345,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn no_jitter(max_retries: u32, base: f64, cap: f64) -> RetryPolicy {
-        RetryPolicy {
-            max_retries,
-            backoff_base_seconds: base,
-            backoff_cap_seconds: cap,
-            jitter: 0.0,
-        }
+        RetryPolicy { max_retries, backoff_base_seconds: base, backoff_cap_seconds: cap, jitter: 0.0 }
     }
 
     fn secs(d: Duration) -> f64 {
@@ -422,13 +388,8 @@ mod tests {
     #[test]
     fn exact_delays_without_jitter() {
         let p = no_jitter(20, 2.0, 300.0);
-        let got: Vec<i64> = (1..=10)
-            .map(|a| p.backoff_delay(a, 0.5).num_milliseconds())
-            .collect();
-        assert_eq!(
-            got,
-            vec![2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 300_000, 300_000]
-        );
+        let got: Vec<i64> = (1..=10).map(|a| p.backoff_delay(a, 0.5).num_milliseconds()).collect();
+        assert_eq!(got, vec![2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 300_000, 300_000]);
         assert_eq!(p.backoff_delay(0, 0.0), Duration::seconds(2));
         assert_eq!(p.backoff_delay(u32::MAX, 0.0), Duration::seconds(300));
         assert_eq!(p.backoff_delay(1025, 0.0), Duration::seconds(300));
@@ -436,10 +397,7 @@ mod tests {
 
     #[test]
     fn jitter_reduces_delay() {
-        let p = RetryPolicy {
-            jitter: 0.5,
-            ..no_jitter(3, 2.0, 300.0)
-        };
+        let p = RetryPolicy { jitter: 0.5, ..no_jitter(3, 2.0, 300.0) };
         assert_eq!(p.backoff_delay(1, 0.0), Duration::milliseconds(2_000));
         assert_eq!(p.backoff_delay(1, 0.5), Duration::milliseconds(1_500));
         assert_eq!(p.backoff_delay(2, 0.999), Duration::milliseconds(2_002));
@@ -447,10 +405,7 @@ mod tests {
         assert_eq!(p.backoff_delay(1, -3.0), Duration::milliseconds(2_000));
         assert_eq!(p.backoff_delay(1, 7.0), Duration::milliseconds(1_000));
         assert_eq!(p.backoff_delay(1, f64::NAN), Duration::milliseconds(2_000));
-        assert_eq!(
-            p.backoff_delay(1, f64::INFINITY),
-            Duration::milliseconds(1_000)
-        );
+        assert_eq!(p.backoff_delay(1, f64::INFINITY), Duration::milliseconds(1_000));
     }
 
     #[test]
@@ -497,36 +452,21 @@ mod tests {
         let p = no_jitter(2, 2.0, 300.0);
         assert_eq!(
             p.decide(1, FailureKind::Retryable, 0.0),
-            RetryDecision::Retry {
-                delay: Duration::seconds(2),
-                next_attempt: 2
-            }
+            RetryDecision::Retry { delay: Duration::seconds(2), next_attempt: 2 }
         );
         assert_eq!(
             p.decide(2, FailureKind::Retryable, 0.0),
-            RetryDecision::Retry {
-                delay: Duration::seconds(4),
-                next_attempt: 3
-            }
+            RetryDecision::Retry { delay: Duration::seconds(4), next_attempt: 3 }
         );
         assert_eq!(
             p.decide(3, FailureKind::Retryable, 0.0),
-            RetryDecision::GiveUp {
-                reason: GiveUpReason::RetriesExhausted
-            }
+            RetryDecision::GiveUp { reason: GiveUpReason::RetriesExhausted }
         );
-        assert_eq!(
-            p.decide(1, FailureKind::Permanent, 0.0),
-            RetryDecision::GiveUp {
-                reason: GiveUpReason::Permanent
-            }
-        );
+        assert_eq!(p.decide(1, FailureKind::Permanent, 0.0), RetryDecision::GiveUp { reason: GiveUpReason::Permanent });
         let none = no_jitter(0, 2.0, 300.0);
         assert_eq!(
             none.decide(1, FailureKind::Retryable, 0.0),
-            RetryDecision::GiveUp {
-                reason: GiveUpReason::RetriesExhausted
-            }
+            RetryDecision::GiveUp { reason: GiveUpReason::RetriesExhausted }
         );
     }
 
@@ -535,16 +475,11 @@ mod tests {
         let p = no_jitter(u32::MAX, 2.0, 300.0);
         assert_eq!(
             p.decide(u32::MAX, FailureKind::Retryable, 0.0),
-            RetryDecision::GiveUp {
-                reason: GiveUpReason::RetriesExhausted
-            }
+            RetryDecision::GiveUp { reason: GiveUpReason::RetriesExhausted }
         );
         assert_eq!(
             p.decide(u32::MAX - 1, FailureKind::Retryable, 0.0),
-            RetryDecision::Retry {
-                delay: Duration::seconds(300),
-                next_attempt: u32::MAX
-            }
+            RetryDecision::Retry { delay: Duration::seconds(300), next_attempt: u32::MAX }
         );
     }
 
@@ -552,76 +487,16 @@ mod tests {
     fn validate_rejects_bad_values() {
         let ok = RetryPolicy::default();
         let cases: Vec<(RetryPolicy, &str)> = vec![
-            (
-                RetryPolicy {
-                    max_retries: 1001,
-                    ..ok.clone()
-                },
-                "max_retries",
-            ),
-            (
-                RetryPolicy {
-                    backoff_base_seconds: -0.1,
-                    ..ok.clone()
-                },
-                "backoff_base_seconds",
-            ),
-            (
-                RetryPolicy {
-                    backoff_base_seconds: f64::NAN,
-                    ..ok.clone()
-                },
-                "backoff_base_seconds",
-            ),
-            (
-                RetryPolicy {
-                    backoff_base_seconds: f64::INFINITY,
-                    ..ok.clone()
-                },
-                "backoff_base_seconds",
-            ),
-            (
-                RetryPolicy {
-                    backoff_cap_seconds: 1.0,
-                    ..ok.clone()
-                },
-                "backoff_cap_seconds",
-            ),
-            (
-                RetryPolicy {
-                    backoff_cap_seconds: f64::INFINITY,
-                    ..ok.clone()
-                },
-                "backoff_cap_seconds",
-            ),
-            (
-                RetryPolicy {
-                    backoff_cap_seconds: MAX_CAP_SECONDS + 1.0,
-                    ..ok.clone()
-                },
-                "backoff_cap_seconds",
-            ),
-            (
-                RetryPolicy {
-                    jitter: 1.01,
-                    ..ok.clone()
-                },
-                "jitter",
-            ),
-            (
-                RetryPolicy {
-                    jitter: -0.01,
-                    ..ok.clone()
-                },
-                "jitter",
-            ),
-            (
-                RetryPolicy {
-                    jitter: f64::NAN,
-                    ..ok.clone()
-                },
-                "jitter",
-            ),
+            (RetryPolicy { max_retries: 1001, ..ok.clone() }, "max_retries"),
+            (RetryPolicy { backoff_base_seconds: -0.1, ..ok.clone() }, "backoff_base_seconds"),
+            (RetryPolicy { backoff_base_seconds: f64::NAN, ..ok.clone() }, "backoff_base_seconds"),
+            (RetryPolicy { backoff_base_seconds: f64::INFINITY, ..ok.clone() }, "backoff_base_seconds"),
+            (RetryPolicy { backoff_cap_seconds: 1.0, ..ok.clone() }, "backoff_cap_seconds"),
+            (RetryPolicy { backoff_cap_seconds: f64::INFINITY, ..ok.clone() }, "backoff_cap_seconds"),
+            (RetryPolicy { backoff_cap_seconds: MAX_CAP_SECONDS + 1.0, ..ok.clone() }, "backoff_cap_seconds"),
+            (RetryPolicy { jitter: 1.01, ..ok.clone() }, "jitter"),
+            (RetryPolicy { jitter: -0.01, ..ok.clone() }, "jitter"),
+            (RetryPolicy { jitter: f64::NAN, ..ok.clone() }, "jitter"),
         ];
         for (p, field) in cases {
             let err = p.validate().expect_err("must be rejected");
@@ -640,12 +515,7 @@ mod tests {
 
     #[test]
     fn error_display_names_field() {
-        let err = RetryPolicy {
-            jitter: 2.0,
-            ..RetryPolicy::default()
-        }
-        .validate()
-        .unwrap_err();
+        let err = RetryPolicy { jitter: 2.0, ..RetryPolicy::default() }.validate().unwrap_err();
         let text = err.to_string();
         assert!(text.contains("jitter"), "{text}");
         assert!(text.contains('2'), "{text}");
@@ -655,34 +525,18 @@ mod tests {
     fn overrides_apply_and_validate() {
         let base = RetryPolicy::default();
         assert!(RetryOverrides::default().is_empty());
-        assert_eq!(
-            base.with_overrides(&RetryOverrides::default()),
-            Ok(base.clone())
-        );
-        let o = RetryOverrides {
-            max_retries: Some(7),
-            jitter: Some(0.0),
-            ..Default::default()
-        };
+        assert_eq!(base.with_overrides(&RetryOverrides::default()), Ok(base.clone()));
+        let o = RetryOverrides { max_retries: Some(7), jitter: Some(0.0), ..Default::default() };
         assert!(!o.is_empty());
         let p = base.with_overrides(&o).unwrap();
         assert_eq!(p, no_jitter(7, 2.0, 300.0));
-        let bad = RetryOverrides {
-            backoff_base_seconds: Some(1000.0),
-            ..Default::default()
-        };
-        assert_eq!(
-            field_of(base.with_overrides(&bad).unwrap_err()),
-            "backoff_cap_seconds"
-        );
+        let bad = RetryOverrides { backoff_base_seconds: Some(1000.0), ..Default::default() };
+        assert_eq!(field_of(base.with_overrides(&bad).unwrap_err()), "backoff_cap_seconds");
     }
 
     #[test]
     fn env_missing_is_default() {
-        assert_eq!(
-            RetryPolicy::from_lookup(|_| None),
-            Ok(RetryPolicy::default())
-        );
+        assert_eq!(RetryPolicy::from_lookup(|_| None), Ok(RetryPolicy::default()));
     }
 
     #[test]
@@ -706,54 +560,28 @@ mod tests {
             ("ORCH_MAX_RETRIES", "2.5", "ORCH_MAX_RETRIES"),
             ("ORCH_MAX_RETRIES", "", "ORCH_MAX_RETRIES"),
             ("ORCH_MAX_RETRIES", "1001", "ORCH_MAX_RETRIES"),
-            (
-                "ORCH_BACKOFF_BASE_SECONDS",
-                "2s",
-                "ORCH_BACKOFF_BASE_SECONDS",
-            ),
-            (
-                "ORCH_BACKOFF_BASE_SECONDS",
-                "-1",
-                "ORCH_BACKOFF_BASE_SECONDS",
-            ),
-            (
-                "ORCH_BACKOFF_BASE_SECONDS",
-                "NaN",
-                "ORCH_BACKOFF_BASE_SECONDS",
-            ),
-            (
-                "ORCH_BACKOFF_BASE_SECONDS",
-                "inf",
-                "ORCH_BACKOFF_BASE_SECONDS",
-            ),
+            ("ORCH_BACKOFF_BASE_SECONDS", "2s", "ORCH_BACKOFF_BASE_SECONDS"),
+            ("ORCH_BACKOFF_BASE_SECONDS", "-1", "ORCH_BACKOFF_BASE_SECONDS"),
+            ("ORCH_BACKOFF_BASE_SECONDS", "NaN", "ORCH_BACKOFF_BASE_SECONDS"),
+            ("ORCH_BACKOFF_BASE_SECONDS", "inf", "ORCH_BACKOFF_BASE_SECONDS"),
             // Only the base was set, and it exceeds the default cap.
-            (
-                "ORCH_BACKOFF_BASE_SECONDS",
-                "301",
-                "ORCH_BACKOFF_BASE_SECONDS",
-            ),
+            ("ORCH_BACKOFF_BASE_SECONDS", "301", "ORCH_BACKOFF_BASE_SECONDS"),
             ("ORCH_BACKOFF_CAP_SECONDS", "", "ORCH_BACKOFF_CAP_SECONDS"),
             ("ORCH_BACKOFF_CAP_SECONDS", "1", "ORCH_BACKOFF_CAP_SECONDS"),
-            (
-                "ORCH_BACKOFF_CAP_SECONDS",
-                "1e9",
-                "ORCH_BACKOFF_CAP_SECONDS",
-            ),
+            ("ORCH_BACKOFF_CAP_SECONDS", "1e9", "ORCH_BACKOFF_CAP_SECONDS"),
             ("ORCH_BACKOFF_JITTER", "20%", "ORCH_BACKOFF_JITTER"),
             ("ORCH_BACKOFF_JITTER", "1.5", "ORCH_BACKOFF_JITTER"),
         ];
         for &(var, value, expected) in cases {
-            let err = RetryPolicy::from_lookup(env(&[(var, value)]))
-                .expect_err(&format!("{var}={value:?} must be rejected"));
+            let err =
+                RetryPolicy::from_lookup(env(&[(var, value)])).expect_err(&format!("{var}={value:?} must be rejected"));
             assert!(err.to_string().contains(expected), "{err}");
             assert_eq!(field_of(err), expected, "{var}={value:?}");
         }
         // Both set and inconsistent: the cap is blamed.
-        let err = RetryPolicy::from_lookup(env(&[
-            ("ORCH_BACKOFF_BASE_SECONDS", "10"),
-            ("ORCH_BACKOFF_CAP_SECONDS", "5"),
-        ]))
-        .unwrap_err();
+        let err =
+            RetryPolicy::from_lookup(env(&[("ORCH_BACKOFF_BASE_SECONDS", "10"), ("ORCH_BACKOFF_CAP_SECONDS", "5")]))
+                .unwrap_err();
         assert_eq!(field_of(err), "ORCH_BACKOFF_CAP_SECONDS");
     }
 
@@ -772,7 +600,8 @@ mod tests {
         );
         let back: RetryPolicy = serde_json::from_value(json).unwrap();
         assert_eq!(back, p);
-        let unknown = r#"{"max_retries":3,"backoff_base_seconds":2.0,"backoff_cap_seconds":300.0,"jitter":0.2,"extra":1}"#;
+        let unknown =
+            r#"{"max_retries":3,"backoff_base_seconds":2.0,"backoff_cap_seconds":300.0,"jitter":0.2,"extra":1}"#;
         assert!(serde_json::from_str::<RetryPolicy>(unknown).is_err());
         let missing = r#"{"max_retries":3}"#;
         assert!(serde_json::from_str::<RetryPolicy>(missing).is_err());
@@ -780,43 +609,22 @@ mod tests {
 
     #[test]
     fn serde_overrides() {
-        assert_eq!(
-            serde_json::to_string(&RetryOverrides::default()).unwrap(),
-            "{}"
-        );
-        let o = RetryOverrides {
-            jitter: Some(0.5),
-            ..Default::default()
-        };
+        assert_eq!(serde_json::to_string(&RetryOverrides::default()).unwrap(), "{}");
+        let o = RetryOverrides { jitter: Some(0.5), ..Default::default() };
         assert_eq!(serde_json::to_string(&o).unwrap(), r#"{"jitter":0.5}"#);
         let parsed: RetryOverrides = serde_json::from_str(r#"{"max_retries":1}"#).unwrap();
         assert_eq!(parsed.max_retries, Some(1));
         assert!(parsed.backoff_base_seconds.is_none());
-        assert_eq!(
-            serde_json::from_str::<RetryOverrides>("{}").unwrap(),
-            RetryOverrides::default()
-        );
+        assert_eq!(serde_json::from_str::<RetryOverrides>("{}").unwrap(), RetryOverrides::default());
         assert!(serde_json::from_str::<RetryOverrides>(r#"{"retries":1}"#).is_err());
     }
 
     #[test]
     fn serde_enums_are_snake_case() {
-        assert_eq!(
-            serde_json::to_string(&FailureKind::Retryable).unwrap(),
-            r#""retryable""#
-        );
-        assert_eq!(
-            serde_json::to_string(&FailureKind::Permanent).unwrap(),
-            r#""permanent""#
-        );
-        assert_eq!(
-            serde_json::to_string(&GiveUpReason::RetriesExhausted).unwrap(),
-            r#""retries_exhausted""#
-        );
-        assert_eq!(
-            serde_json::to_string(&GiveUpReason::Permanent).unwrap(),
-            r#""permanent""#
-        );
+        assert_eq!(serde_json::to_string(&FailureKind::Retryable).unwrap(), r#""retryable""#);
+        assert_eq!(serde_json::to_string(&FailureKind::Permanent).unwrap(), r#""permanent""#);
+        assert_eq!(serde_json::to_string(&GiveUpReason::RetriesExhausted).unwrap(), r#""retries_exhausted""#);
+        assert_eq!(serde_json::to_string(&GiveUpReason::Permanent).unwrap(), r#""permanent""#);
         assert_eq!(
             serde_json::from_str::<GiveUpReason>(r#""retries_exhausted""#).unwrap(),
             GiveUpReason::RetriesExhausted
@@ -836,26 +644,19 @@ mod tests {
 
     /// Valid policies: base in [0, 1000] s, cap in [base, 30 days].
     fn valid_policy() -> impl Strategy<Value = RetryPolicy> {
-        (0u32..=1000, 0.0f64..=1000.0, 0.0f64..=1.0, 0.0f64..=1.0).prop_map(
-            |(max_retries, base, cap_frac, jitter)| RetryPolicy {
+        (0u32..=1000, 0.0f64..=1000.0, 0.0f64..=1.0, 0.0f64..=1.0).prop_map(|(max_retries, base, cap_frac, jitter)| {
+            RetryPolicy {
                 max_retries,
                 backoff_base_seconds: base,
-                backoff_cap_seconds: (base + cap_frac * (MAX_CAP_SECONDS - base))
-                    .clamp(base, MAX_CAP_SECONDS),
+                backoff_cap_seconds: (base + cap_frac * (MAX_CAP_SECONDS - base)).clamp(base, MAX_CAP_SECONDS),
                 jitter,
-            },
-        )
+            }
+        })
     }
 
     /// Attempts biased towards interesting regions, including huge ones.
     fn attempt() -> impl Strategy<Value = u32> {
-        prop_oneof![
-            1u32..=64,
-            1000u32..=1100,
-            any::<u32>(),
-            Just(u32::MAX),
-            Just(0u32),
-        ]
+        prop_oneof![1u32..=64, 1000u32..=1100, any::<u32>(), Just(u32::MAX), Just(0u32),]
     }
 
     fn any_unit() -> impl Strategy<Value = f64> {

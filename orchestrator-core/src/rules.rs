@@ -22,15 +22,8 @@ pub const MAX_DEPENDENCIES: usize = 256;
 pub const MAX_LOG_LINE_LEN: usize = 16 * 1024;
 
 /// Whether an item in `state` with `pending` unfinished dependencies and `run_at` may be claimed at `now`.
-pub fn is_claimable(
-    state: WorkItemState,
-    pending: u32,
-    run_at: Option<DateTime<Utc>>,
-    now: DateTime<Utc>,
-) -> bool {
-    matches!(state, WorkItemState::Queued | WorkItemState::Retrying)
-        && pending == 0
-        && run_at.is_none_or(|t| t <= now)
+pub fn is_claimable(state: WorkItemState, pending: u32, run_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+    matches!(state, WorkItemState::Queued | WorkItemState::Retrying) && pending == 0 && run_at.is_none_or(|t| t <= now)
 }
 
 /// Whether an agent with `capabilities` may take an item with `labels` (every label is a capability).
@@ -41,16 +34,10 @@ pub fn labels_match(labels: &[String], capabilities: &[String]) -> bool {
 /// Checks that `token` is the run's current lease and that it has not expired.
 pub fn check_fence(run: &Run, token: u64, now: DateTime<Utc>) -> Result<(), StoreError> {
     if run.lease_token != token {
-        return Err(StoreError::lease_lost(
-            run.id,
-            "stale fencing token: the run was reclaimed",
-        ));
+        return Err(StoreError::lease_lost(run.id, "stale fencing token: the run was reclaimed"));
     }
     if !run.state.holds_lease() {
-        return Err(StoreError::lease_lost(
-            run.id,
-            format!("run is {}", run.state),
-        ));
+        return Err(StoreError::lease_lost(run.id, format!("run is {}", run.state)));
     }
     match run.lease_expires_at {
         Some(t) if t > now => Ok(()),
@@ -68,11 +55,7 @@ pub fn renewal_ttl(run: &Run, requested: Option<Duration>) -> Duration {
 
 /// The lease a claim or renewal grants.
 pub fn lease_for(run_id: RunId, token: u64, now: DateTime<Utc>, ttl: Duration) -> Lease {
-    Lease {
-        run_id,
-        token,
-        expires_at: now + ttl,
-    }
+    Lease { run_id, token, expires_at: now + ttl }
 }
 
 /// What follows a failed attempt of a work item: its next state and, when retrying, the next attempt time.
@@ -83,9 +66,7 @@ pub fn after_failure(
     kind: FailureKind,
     now: DateTime<Utc>,
 ) -> (WorkItemState, Option<DateTime<Utc>>) {
-    let policy = defaults
-        .with_overrides(overrides)
-        .unwrap_or_else(|_| defaults.clone());
+    let policy = defaults.with_overrides(overrides).unwrap_or_else(|_| defaults.clone());
     match policy.decide(attempts.max(1), kind, jitter_unit()) {
         RetryDecision::Retry { delay, .. } => (WorkItemState::Retrying, Some(now + delay)),
         RetryDecision::GiveUp { .. } => (WorkItemState::Failed, None),
@@ -93,13 +74,7 @@ pub fn after_failure(
 }
 
 /// A new run for a claim.
-pub fn new_run(
-    item: &WorkItem,
-    agent_id: &str,
-    attempt: u32,
-    lease: &Lease,
-    now: DateTime<Utc>,
-) -> Run {
+pub fn new_run(item: &WorkItem, agent_id: &str, attempt: u32, lease: &Lease, now: DateTime<Utc>) -> Run {
     Run {
         id: lease.run_id,
         work_item_id: item.id,
@@ -230,18 +205,12 @@ pub fn find_cycle(
 /// The error for a cycle found by [`find_cycle`].
 pub fn cycle_error(cycle: &[WorkItemId]) -> StoreError {
     let path: Vec<String> = cycle.iter().map(|i| i.to_string()).collect();
-    StoreError::invalid(
-        "depends_on",
-        format!("dependency cycle: {}", path.join(" -> ")),
-    )
+    StoreError::invalid("depends_on", format!("dependency cycle: {}", path.join(" -> ")))
 }
 
 /// The error for a dependency that does not exist (or belongs to another project).
 pub fn unknown_dependency(dep: WorkItemId, project: ProjectId) -> StoreError {
-    StoreError::invalid(
-        "depends_on",
-        format!("unknown dependency `{dep}` (not a work item of project `{project}`)"),
-    )
+    StoreError::invalid("depends_on", format!("unknown dependency `{dep}` (not a work item of project `{project}`)"))
 }
 
 /// The reason recorded on an item blocked by `dep`.
@@ -259,8 +228,7 @@ mod tests {
         let b = WorkItemId::new();
         let c = WorkItemId::new();
         // b -> a, c -> b; adding a -> c closes a cycle.
-        let graph: HashMap<WorkItemId, Vec<WorkItemId>> =
-            [(b, vec![a]), (c, vec![b])].into_iter().collect();
+        let graph: HashMap<WorkItemId, Vec<WorkItemId>> = [(b, vec![a]), (c, vec![b])].into_iter().collect();
         let cyc = find_cycle(a, &[c], |n| graph.get(&n).cloned().unwrap_or_default()).unwrap();
         assert_eq!(cyc.first(), Some(&a));
         assert_eq!(cyc.last(), Some(&a));

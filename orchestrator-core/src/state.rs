@@ -201,10 +201,7 @@ impl WorkItemState {
 
     /// States from which the item can be edited (content changes).
     pub fn is_editable(self) -> bool {
-        matches!(
-            self,
-            WorkItemState::Draft | WorkItemState::AwaitingApproval | WorkItemState::Ready
-        )
+        matches!(self, WorkItemState::Draft | WorkItemState::AwaitingApproval | WorkItemState::Ready)
     }
 
     /// States in which a run is attached and active (claimed, running or waiting for input).
@@ -226,18 +223,12 @@ impl WorkItemState {
 
     /// Finished states (no run will be created unless requeued).
     pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            WorkItemState::Succeeded | WorkItemState::Failed | WorkItemState::Cancelled
-        )
+        matches!(self, WorkItemState::Succeeded | WorkItemState::Failed | WorkItemState::Cancelled)
     }
 
     /// States a dependent treats as "this dependency will never succeed" (it becomes blocked).
     pub fn blocks_dependents(self) -> bool {
-        matches!(
-            self,
-            WorkItemState::Failed | WorkItemState::Cancelled | WorkItemState::Blocked
-        )
+        matches!(self, WorkItemState::Failed | WorkItemState::Cancelled | WorkItemState::Blocked)
     }
 }
 
@@ -325,10 +316,8 @@ state_enum!(
 
 impl DraftState {
     /// The transition table: `(from, to)` pairs.
-    pub const TRANSITIONS: &'static [(DraftState, DraftState)] = &[
-        (DraftState::Proposed, DraftState::Approved),
-        (DraftState::Proposed, DraftState::Rejected),
-    ];
+    pub const TRANSITIONS: &'static [(DraftState, DraftState)] =
+        &[(DraftState::Proposed, DraftState::Approved), (DraftState::Proposed, DraftState::Rejected)];
 }
 
 #[cfg(test)]
@@ -340,10 +329,7 @@ mod tests {
     fn names_roundtrip() {
         for s in WorkItemState::ALL {
             assert_eq!(s.as_str().parse::<WorkItemState>().unwrap(), *s);
-            assert_eq!(
-                serde_json::to_string(s).unwrap(),
-                format!("\"{}\"", s.as_str())
-            );
+            assert_eq!(serde_json::to_string(s).unwrap(), format!("\"{}\"", s.as_str()));
         }
         for s in RunState::ALL {
             assert_eq!(s.as_str().parse::<RunState>().unwrap(), *s);
@@ -353,16 +339,11 @@ mod tests {
 
     #[test]
     fn error_names_entity_and_states() {
-        let e = RunState::Succeeded
-            .transition(RunState::Running)
-            .unwrap_err();
+        let e = RunState::Succeeded.transition(RunState::Running).unwrap_err();
         assert_eq!(e.entity, EntityKind::Run);
         assert_eq!(e.from, "succeeded");
         assert_eq!(e.to, "running");
-        assert_eq!(
-            e.to_string(),
-            "invalid run transition from `succeeded` to `running`"
-        );
+        assert_eq!(e.to_string(), "invalid run transition from `succeeded` to `running`");
     }
 
     #[test]

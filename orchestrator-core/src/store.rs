@@ -41,10 +41,7 @@ impl Page {
 
 impl Default for Page {
     fn default() -> Self {
-        Page {
-            limit: 100,
-            after: None,
-        }
+        Page { limit: 100, after: None }
     }
 }
 
@@ -548,14 +545,8 @@ impl QueueStats {
     /// Stats with every state at zero.
     pub fn zeroed() -> Self {
         QueueStats {
-            work_items: WorkItemState::ALL
-                .iter()
-                .map(|s| (s.as_str().to_string(), 0))
-                .collect(),
-            runs: RunState::ALL
-                .iter()
-                .map(|s| (s.as_str().to_string(), 0))
-                .collect(),
+            work_items: WorkItemState::ALL.iter().map(|s| (s.as_str().to_string(), 0)).collect(),
+            runs: RunState::ALL.iter().map(|s| (s.as_str().to_string(), 0)).collect(),
             pending_info_requests: 0,
             pending_approvals: 0,
         }
@@ -591,18 +582,11 @@ pub trait Store: Send + Sync + 'static {
     async fn vision_list(&self, project_id: ProjectId) -> StoreResult<Vec<Vision>>;
 
     /// Proposes requirements (with a pending approval request when required).
-    async fn draft_create(
-        &self,
-        p: NewDraft,
-    ) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)>;
+    async fn draft_create(&self, p: NewDraft) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)>;
     /// Reads a draft.
     async fn draft_get(&self, id: DraftId) -> StoreResult<RequirementsDraft>;
     /// Lists a project's drafts.
-    async fn draft_list(
-        &self,
-        project_id: ProjectId,
-        page: Page,
-    ) -> StoreResult<Vec<RequirementsDraft>>;
+    async fn draft_list(&self, project_id: ProjectId, page: Page) -> StoreResult<Vec<RequirementsDraft>>;
     /// Approves (creating its work items, state `ready`) or rejects a draft, deciding its pending
     /// approval request too.
     async fn draft_decide(&self, id: DraftId, d: Decide) -> StoreResult<DecisionOutcome>;
@@ -625,11 +609,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates work items in one unit (all or none), with idempotency keys, approval requests and
     /// optional enqueue.
-    async fn work_items_create(
-        &self,
-        items: Vec<NewWorkItem>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<WorkItemCreated>>;
+    async fn work_items_create(&self, items: Vec<NewWorkItem>, now: DateTime<Utc>)
+        -> StoreResult<Vec<WorkItemCreated>>;
     /// Reads a work item.
     async fn work_item_get(&self, id: WorkItemId) -> StoreResult<WorkItem>;
     /// Lists work items.
@@ -660,11 +641,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Enqueues `ready` items with priority, dependencies and not-before time, in one unit. Unknown
     /// dependencies and cycles are refused (`Invalid`).
-    async fn enqueue_many(
-        &self,
-        items: Vec<Enqueue>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<ScheduledTask>>;
+    async fn enqueue_many(&self, items: Vec<Enqueue>, now: DateTime<Utc>) -> StoreResult<Vec<ScheduledTask>>;
     /// The scheduler's view of one item.
     async fn scheduled_task_get(&self, id: WorkItemId) -> StoreResult<ScheduledTask>;
     /// Items in the queue (`queued`, `retrying`, `blocked`), highest priority first, then oldest.
@@ -684,10 +661,7 @@ pub trait Store: Send + Sync + 'static {
     async fn run_start(&self, p: RunStart) -> StoreResult<Run>;
     /// Completes runs, each fenced and guarded on its own; successes release dependents, failures retry
     /// or fail (blocking dependents).
-    async fn runs_complete_many(
-        &self,
-        p: CompleteMany,
-    ) -> StoreResult<Vec<StoreResult<CompletionResult>>>;
+    async fn runs_complete_many(&self, p: CompleteMany) -> StoreResult<Vec<StoreResult<CompletionResult>>>;
     /// Reads a run.
     async fn run_get(&self, id: RunId) -> StoreResult<Run>;
     /// Lists runs.
@@ -700,21 +674,11 @@ pub trait Store: Send + Sync + 'static {
     /// Appends log lines (fenced); returns the last sequence number.
     async fn logs_append(&self, p: LogAppend) -> StoreResult<u64>;
     /// Reads log lines with `seq > after`, in order.
-    async fn logs_read_after(
-        &self,
-        run_id: RunId,
-        after: u64,
-        limit: u32,
-    ) -> StoreResult<Vec<LogEntry>>;
+    async fn logs_read_after(&self, run_id: RunId, after: u64, limit: u32) -> StoreResult<Vec<LogEntry>>;
     /// Appends step events (fenced).
     async fn step_events_append(&self, p: StepEventsAppend) -> StoreResult<Vec<StepEvent>>;
     /// Reads step events with `seq > after`, in order.
-    async fn step_events_read_after(
-        &self,
-        run_id: RunId,
-        after: u64,
-        limit: u32,
-    ) -> StoreResult<Vec<StepEvent>>;
+    async fn step_events_read_after(&self, run_id: RunId, after: u64, limit: u32) -> StoreResult<Vec<StepEvent>>;
 
     /// Asks questions (fenced): the run and its work item go to `waiting_input`, the lease is released.
     async fn info_requests_create(&self, p: InfoAsk) -> StoreResult<Vec<InfoRequest>>;

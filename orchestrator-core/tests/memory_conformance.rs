@@ -3,6 +3,4 @@
 use orchestrator_core::{MemoryStore, Store};
 use std::sync::Arc;
 
-orchestrator_core::store_conformance_tests!(|| async {
-    Arc::new(MemoryStore::new()) as Arc<dyn Store>
-});
+orchestrator_core::store_conformance_tests!(|| async { Arc::new(MemoryStore::new()) as Arc<dyn Store> });

@@ -114,11 +114,7 @@ type Job = Box<dyn FnOnce(&Connection) -> (bool, bool, Reply) + Send>;
 
 enum Readers {
     /// Read-only connections for a file database.
-    Pool {
-        path: PathBuf,
-        idle: Mutex<Vec<Connection>>,
-        max_idle: usize,
-    },
+    Pool { path: PathBuf, idle: Mutex<Vec<Connection>>, max_idle: usize },
     /// `:memory:`: reads go through the writer.
     Writer,
 }
@@ -130,15 +126,15 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     notifier: Notifier,
     path: Option<PathBuf>,
+    // Dropping it stops the checkpointer thread.
+    checkpointer: Option<mpsc::Sender<()>>,
     // Keeps a temporary directory alive for stores made by `open_temp`.
     _temp: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -147,26 +143,11 @@ fn map_open_err(path: &Path, e: rusqlite::Error) -> OpenError {
     if let rusqlite::Error::SqliteFailure(f, msg) = &e {
         let message = msg.clone().unwrap_or_else(|| f.to_string());
         match f.code {
-            ErrorCode::NotADatabase => {
-                return OpenError::NotADatabase {
-                    path: path.to_path_buf(),
-                }
-            }
-            ErrorCode::ReadOnly => {
-                return OpenError::ReadOnly {
-                    path: path.to_path_buf(),
-                    message,
-                }
-            }
+            ErrorCode::NotADatabase => return OpenError::NotADatabase { path: path.to_path_buf() },
+            ErrorCode::ReadOnly => return OpenError::ReadOnly { path: path.to_path_buf(), message },
             ErrorCode::CannotOpen => {
-                if let Some(dir) = path
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-                {
-                    return OpenError::MissingDirectory {
-                        path: path.to_path_buf(),
-                        dir: dir.to_path_buf(),
-                    };
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+                    return OpenError::MissingDirectory { path: path.to_path_buf(), dir: dir.to_path_buf() };
                 }
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     if !dir.is_dir() {
@@ -185,33 +166,18 @@ fn map_open_err(path: &Path, e: rusqlite::Error) -> OpenError {
                         };
                     }
                 }
-                return OpenError::Sqlite {
-                    path: path.to_path_buf(),
-                    message,
-                };
+                return OpenError::Sqlite { path: path.to_path_buf(), message };
             }
-            _ => {
-                return OpenError::Sqlite {
-                    path: path.to_path_buf(),
-                    message,
-                }
-            }
+            _ => return OpenError::Sqlite { path: path.to_path_buf(), message },
         }
     }
-    OpenError::Sqlite {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    }
+    OpenError::Sqlite { path: path.to_path_buf(), message: e.to_string() }
 }
 
 /// Whether a file can be created in `dir` (only asked after SQLite could not open a database there).
 fn dir_writable(dir: &Path) -> bool {
     let probe = dir.join(format!(".orchestrator-sqlite-probe-{}", std::process::id()));
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-    {
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
         Ok(_) => {
             let _ = std::fs::remove_file(&probe);
             true
@@ -235,35 +201,30 @@ fn configure_writer(conn: &Connection, opts: &SqliteOptions, memory: bool) -> ru
         Synchronous::Normal => "NORMAL",
         Synchronous::Full => "FULL",
     };
+    // Checkpoints run on their own thread (see `start_checkpointer`); the writer checkpoints itself
+    // only as a fallback when the WAL grows past ~80 MB.
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -65536;"
+        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -65536;
+         PRAGMA wal_autocheckpoint = 20000;"
     ))?;
     ops::register_functions(conn)?;
     Ok(())
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
-    let found: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|e| map_open_err(path, e))?;
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| map_open_err(path, e))?;
     let supported = schema::latest_version();
     if found > supported {
-        return Err(OpenError::NewerSchema {
-            path: path.to_path_buf(),
-            found,
-            supported,
-        });
+        return Err(OpenError::NewerSchema { path: path.to_path_buf(), found, supported });
     }
     if found == supported {
         return Ok(());
     }
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(|e| map_open_err(path, e))?;
+    let tx =
+        conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| map_open_err(path, e))?;
     for (i, m) in schema::MIGRATIONS.iter().enumerate().skip(found as usize) {
         tx.execute_batch(m).map_err(|e| map_open_err(path, e))?;
-        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
-            .map_err(|e| map_open_err(path, e))?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1)).map_err(|e| map_open_err(path, e))?;
     }
     tx.commit().map_err(|e| map_open_err(path, e))
 }
@@ -274,10 +235,7 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.exists() {
-                return Err(OpenError::MissingDirectory {
-                    path: path.clone(),
-                    dir: dir.to_path_buf(),
-                });
+                return Err(OpenError::MissingDirectory { path: path.clone(), dir: dir.to_path_buf() });
             }
         }
         let mut conn = Connection::open_with_flags(
@@ -291,19 +249,15 @@ impl SqliteStore {
         // SQLite silently falls back to a read-only open when the file cannot be opened for writing
         // (e.g. an immutable file); every write would then fail later. Refuse it here.
         if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
-            return Err(OpenError::ReadOnly {
-                path,
-                message: "the file cannot be opened for writing".into(),
-            });
+            return Err(OpenError::ReadOnly { path, message: "the file cannot be opened for writing".into() });
         }
         configure_writer(&conn, &opts, false).map_err(|e| map_open_err(&path, e))?;
         migrate(&mut conn, &path)?;
-        let readers = Readers::Pool {
-            path: path.clone(),
-            idle: Mutex::new(Vec::new()),
-            max_idle: opts.read_connections.max(1),
-        };
-        Ok(Self::start(conn, readers, opts, Some(path)))
+        let readers =
+            Readers::Pool { path: path.clone(), idle: Mutex::new(Vec::new()), max_idle: opts.read_connections.max(1) };
+        let mut store = Self::start(conn, readers, opts, Some(path.clone()));
+        store.checkpointer = start_checkpointer(&path);
+        Ok(store)
     }
 
     /// An in-memory database (for tests): nothing is persisted.
@@ -327,12 +281,7 @@ impl SqliteStore {
         self
     }
 
-    fn start(
-        conn: Connection,
-        readers: Readers,
-        opts: SqliteOptions,
-        path: Option<PathBuf>,
-    ) -> SqliteStore {
+    fn start(conn: Connection, readers: Readers, opts: SqliteOptions, path: Option<PathBuf>) -> SqliteStore {
         let (tx, rx) = mpsc::channel::<Job>();
         let notifier = Notifier::new();
         let n2 = notifier.clone();
@@ -343,13 +292,7 @@ impl SqliteStore {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "could not start the SQLite writer thread");
         }
-        SqliteStore {
-            jobs: tx,
-            readers: Arc::new(readers),
-            notifier,
-            path,
-            _temp: None,
-        }
+        SqliteStore { jobs: tx, readers: Arc::new(readers), notifier, path, checkpointer: None, _temp: None }
     }
 
     /// Runs `f` in the writer's transaction (inside its own savepoint); replies after commit. The bool
@@ -364,10 +307,7 @@ impl SqliteStore {
                 let reply: Reply = Box::new(move |commit_err: Option<String>| {
                     let _ = tx.send(match commit_err {
                         None => Ok(r),
-                        Some(m) => Err(StoreError::Unavailable {
-                            retryable: true,
-                            message: m,
-                        }),
+                        Some(m) => Err(StoreError::Unavailable { retryable: true, message: m }),
                     });
                 });
                 (true, notify, reply)
@@ -399,12 +339,7 @@ impl SqliteStore {
             Readers::Pool { .. } => {
                 let readers = self.readers.clone();
                 tokio::task::spawn_blocking(move || {
-                    let Readers::Pool {
-                        path,
-                        idle,
-                        max_idle,
-                    } = &*readers
-                    else {
+                    let Readers::Pool { path, idle, max_idle } = &*readers else {
                         return Err(StoreError::conflict("reader pool missing"));
                     };
                     let conn = idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
@@ -429,23 +364,47 @@ impl SqliteStore {
 fn open_reader(path: &Path) -> StoreResult<Connection> {
     let c = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
     )
     .map_err(ops::map_err)?;
-    c.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(ops::map_err)?;
+    c.busy_timeout(std::time::Duration::from_secs(5)).map_err(ops::map_err)?;
     ops::register_functions(&c).map_err(ops::map_err)?;
     Ok(c)
 }
 
-fn writer_loop(
-    mut conn: Connection,
-    rx: mpsc::Receiver<Job>,
-    notifier: Notifier,
-    max_batch: usize,
-) {
+/// Starts a thread that moves WAL pages into the database (PASSIVE checkpoints, which never block the
+/// writer or readers) every 50 ms, so the writer thread does not pay for checkpoints and their fsync.
+fn start_checkpointer(path: &Path) -> Option<mpsc::Sender<()>> {
+    let conn =
+        match Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "no checkpointer connection; the writer will checkpoint");
+                return None;
+            }
+        };
+    let (tx, rx) = mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new().name("orchestrator-sqlite-checkpointer".into()).spawn(move || {
+        let _ = conn.busy_timeout(std::time::Duration::from_millis(100));
+        while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(std::time::Duration::from_millis(50)) {
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::debug!(error = %e, "passive checkpoint skipped");
+            }
+        }
+    });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not start the checkpointer thread");
+            None
+        }
+    }
+}
+
+static DBG_JOBS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static DBG_BATCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, notifier: Notifier, max_batch: usize) {
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
@@ -455,7 +414,16 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        DBG_JOBS.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
+        DBG_BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         run_batch(&mut conn, batch, &notifier);
+    }
+    if std::env::var("ORCH_DEBUG").is_ok() {
+        eprintln!(
+            "batches={} jobs={}",
+            DBG_BATCHES.load(std::sync::atomic::Ordering::Relaxed),
+            DBG_JOBS.load(std::sync::atomic::Ordering::Relaxed)
+        );
     }
 }
 
@@ -473,10 +441,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, notifier: &Notifier) {
     let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
     let mut notify = false;
     for job in batch {
-        if let Err(e) = conn
-            .prepare_cached("SAVEPOINT job")
-            .and_then(|mut st| st.execute([]))
-        {
+        if let Err(e) = conn.prepare_cached("SAVEPOINT job").and_then(|mut st| st.execute([])) {
             tracing::error!(error = %e, "savepoint failed");
             drop(job);
             continue;
@@ -485,9 +450,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, notifier: &Notifier) {
         match res {
             Ok((ok, n, reply)) => {
                 let end = if ok {
-                    conn.prepare_cached("RELEASE job")
-                        .and_then(|mut st| st.execute([]))
-                        .map(|_| ())
+                    conn.prepare_cached("RELEASE job").and_then(|mut st| st.execute([])).map(|_| ())
                 } else {
                     conn.execute_batch("ROLLBACK TO job; RELEASE job")
                 };
@@ -530,16 +493,11 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        self.read(|c| {
-            c.query_row("SELECT 1", [], |_| Ok(()))
-                .map_err(ops::map_err)
-        })
-        .await
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(ops::map_err)).await
     }
 
     async fn project_create(&self, p: NewProject) -> StoreResult<Project> {
-        self.write(move |c| ops::project_create(c, p).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::project_create(c, p).map(|r| (r, false))).await
     }
     async fn project_get(&self, id: ProjectId) -> StoreResult<Project> {
         self.read(move |c| ops::project_get(c, id)).await
@@ -548,47 +506,33 @@ impl Store for SqliteStore {
         self.read(move |c| ops::project_list(c, page)).await
     }
     async fn project_update(&self, p: ProjectUpdate) -> StoreResult<Project> {
-        self.write(move |c| ops::project_update(c, p).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::project_update(c, p).map(|r| (r, false))).await
     }
     async fn project_delete(&self, id: ProjectId) -> StoreResult<()> {
-        self.write(move |c| ops::project_delete(c, id).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::project_delete(c, id).map(|r| (r, false))).await
     }
 
     async fn vision_put(&self, p: VisionPut) -> StoreResult<Vision> {
-        self.write(move |c| ops::vision_put(c, p).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::vision_put(c, p).map(|r| (r, false))).await
     }
     async fn vision_get(&self, project_id: ProjectId, version: Option<u32>) -> StoreResult<Vision> {
-        self.read(move |c| ops::vision_get(c, project_id, version))
-            .await
+        self.read(move |c| ops::vision_get(c, project_id, version)).await
     }
     async fn vision_list(&self, project_id: ProjectId) -> StoreResult<Vec<Vision>> {
         self.read(move |c| ops::vision_list(c, project_id)).await
     }
 
-    async fn draft_create(
-        &self,
-        p: NewDraft,
-    ) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)> {
-        self.write(move |c| ops::draft_create(c, p).map(|r| (r, false)))
-            .await
+    async fn draft_create(&self, p: NewDraft) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)> {
+        self.write(move |c| ops::draft_create(c, p).map(|r| (r, false))).await
     }
     async fn draft_get(&self, id: DraftId) -> StoreResult<RequirementsDraft> {
         self.read(move |c| ops::draft_get(c, id)).await
     }
-    async fn draft_list(
-        &self,
-        project_id: ProjectId,
-        page: Page,
-    ) -> StoreResult<Vec<RequirementsDraft>> {
-        self.read(move |c| ops::draft_list(c, project_id, page))
-            .await
+    async fn draft_list(&self, project_id: ProjectId, page: Page) -> StoreResult<Vec<RequirementsDraft>> {
+        self.read(move |c| ops::draft_list(c, project_id, page)).await
     }
     async fn draft_decide(&self, id: DraftId, d: Decide) -> StoreResult<DecisionOutcome> {
-        self.write(move |c| ops::decide(c, None, Some(id), &d).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::decide(c, None, Some(id), &d).map(|r| (r, false))).await
     }
 
     async fn approval_get(&self, id: ApprovalId) -> StoreResult<ApprovalRequest> {
@@ -598,13 +542,11 @@ impl Store for SqliteStore {
         self.read(move |c| ops::approval_list(c, &f)).await
     }
     async fn approval_decide(&self, id: ApprovalId, d: Decide) -> StoreResult<DecisionOutcome> {
-        self.write(move |c| ops::decide(c, Some(id), None, &d).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::decide(c, Some(id), None, &d).map(|r| (r, false))).await
     }
 
     async fn recipe_create(&self, p: NewRecipe) -> StoreResult<ToolRecipe> {
-        self.write(move |c| ops::recipe_create(c, p).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::recipe_create(c, p).map(|r| (r, false))).await
     }
     async fn recipe_get(&self, id: RecipeId) -> StoreResult<ToolRecipe> {
         self.read(move |c| ops::recipe_get(c, id)).await
@@ -618,8 +560,7 @@ impl Store for SqliteStore {
         items: Vec<NewWorkItem>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<WorkItemCreated>> {
-        self.write(move |c| ops::work_items_create(c, items, now))
-            .await
+        self.write(move |c| ops::work_items_create(c, items, now)).await
     }
     async fn work_item_get(&self, id: WorkItemId) -> StoreResult<WorkItem> {
         self.read(move |c| ops::work_item_get(c, id)).await
@@ -628,8 +569,7 @@ impl Store for SqliteStore {
         self.read(move |c| ops::work_item_list(c, &f)).await
     }
     async fn work_item_update(&self, p: WorkItemUpdate) -> StoreResult<WorkItemChanged> {
-        self.write(move |c| ops::work_item_update(c, p).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::work_item_update(c, p).map(|r| (r, false))).await
     }
     async fn work_item_submit(
         &self,
@@ -637,8 +577,7 @@ impl Store for SqliteStore {
         require_approval: bool,
         now: DateTime<Utc>,
     ) -> StoreResult<WorkItemChanged> {
-        self.write(move |c| ops::work_item_submit(c, id, require_approval, now).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::work_item_submit(c, id, require_approval, now).map(|r| (r, false))).await
     }
     async fn work_item_set_policy(
         &self,
@@ -646,25 +585,17 @@ impl Store for SqliteStore {
         retry: RetryOverrides,
         now: DateTime<Utc>,
     ) -> StoreResult<WorkItem> {
-        self.write(move |c| ops::work_item_set_policy(c, id, retry, now).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::work_item_set_policy(c, id, retry, now).map(|r| (r, false))).await
     }
     async fn work_item_cancel(&self, id: WorkItemId, x: Cancel) -> StoreResult<WorkItem> {
-        self.write(move |c| ops::cancel_item(c, id, &x.reason, x.now).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::cancel_item(c, id, &x.reason, x.now).map(|r| (r, false))).await
     }
     async fn work_item_requeue(&self, id: WorkItemId, r: Requeue) -> StoreResult<WorkItem> {
-        self.write(move |c| ops::work_item_requeue(c, id, &r).map(|w| (w, true)))
-            .await
+        self.write(move |c| ops::work_item_requeue(c, id, &r).map(|w| (w, true))).await
     }
 
-    async fn enqueue_many(
-        &self,
-        items: Vec<Enqueue>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<ScheduledTask>> {
-        self.write(move |c| ops::enqueue_checked(c, &items, now).map(|r| (r, true)))
-            .await
+    async fn enqueue_many(&self, items: Vec<Enqueue>, now: DateTime<Utc>) -> StoreResult<Vec<ScheduledTask>> {
+        self.write(move |c| ops::enqueue_checked(c, &items, now).map(|r| (r, true))).await
     }
     async fn scheduled_task_get(&self, id: WorkItemId) -> StoreResult<ScheduledTask> {
         self.read(move |c| ops::scheduled_task_get(c, id)).await
@@ -686,21 +617,15 @@ impl Store for SqliteStore {
     }
 
     async fn runs_claim(&self, cl: Claim) -> StoreResult<Vec<ClaimedRun>> {
-        self.write(move |c| ops::runs_claim(c, &cl).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::runs_claim(c, &cl).map(|r| (r, false))).await
     }
     async fn lease_renew(&self, p: LeaseRenew) -> StoreResult<Lease> {
-        self.write(move |c| ops::lease_renew(c, &p).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::lease_renew(c, &p).map(|r| (r, false))).await
     }
     async fn run_start(&self, p: RunStart) -> StoreResult<Run> {
-        self.write(move |c| ops::run_start(c, &p).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::run_start(c, &p).map(|r| (r, false))).await
     }
-    async fn runs_complete_many(
-        &self,
-        p: CompleteMany,
-    ) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
+    async fn runs_complete_many(&self, p: CompleteMany) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
         self.write(move |c| ops::runs_complete_many(c, &p)).await
     }
     async fn run_get(&self, id: RunId) -> StoreResult<Run> {
@@ -710,44 +635,27 @@ impl Store for SqliteStore {
         self.read(move |c| ops::run_list(c, &f)).await
     }
     async fn run_cancel(&self, id: RunId, x: Cancel) -> StoreResult<Run> {
-        self.write(move |c| ops::run_cancel(c, id, &x).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::run_cancel(c, id, &x).map(|r| (r, false))).await
     }
     async fn run_requeue(&self, id: RunId, r: Requeue) -> StoreResult<WorkItem> {
-        self.write(move |c| ops::run_requeue(c, id, &r).map(|w| (w, true)))
-            .await
+        self.write(move |c| ops::run_requeue(c, id, &r).map(|w| (w, true))).await
     }
 
     async fn logs_append(&self, p: LogAppend) -> StoreResult<u64> {
-        self.write(move |c| ops::logs_append(c, p).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::logs_append(c, p).map(|r| (r, false))).await
     }
-    async fn logs_read_after(
-        &self,
-        run_id: RunId,
-        after: u64,
-        limit: u32,
-    ) -> StoreResult<Vec<LogEntry>> {
-        self.read(move |c| ops::logs_read_after(c, run_id, after, limit))
-            .await
+    async fn logs_read_after(&self, run_id: RunId, after: u64, limit: u32) -> StoreResult<Vec<LogEntry>> {
+        self.read(move |c| ops::logs_read_after(c, run_id, after, limit)).await
     }
     async fn step_events_append(&self, p: StepEventsAppend) -> StoreResult<Vec<StepEvent>> {
-        self.write(move |c| ops::step_events_append(c, p).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::step_events_append(c, p).map(|r| (r, false))).await
     }
-    async fn step_events_read_after(
-        &self,
-        run_id: RunId,
-        after: u64,
-        limit: u32,
-    ) -> StoreResult<Vec<StepEvent>> {
-        self.read(move |c| ops::step_events_read_after(c, run_id, after, limit))
-            .await
+    async fn step_events_read_after(&self, run_id: RunId, after: u64, limit: u32) -> StoreResult<Vec<StepEvent>> {
+        self.read(move |c| ops::step_events_read_after(c, run_id, after, limit)).await
     }
 
     async fn info_requests_create(&self, p: InfoAsk) -> StoreResult<Vec<InfoRequest>> {
-        self.write(move |c| ops::info_requests_create(c, p).map(|r| (r, false)))
-            .await
+        self.write(move |c| ops::info_requests_create(c, p).map(|r| (r, false))).await
     }
     async fn info_request_get(&self, id: InfoRequestId) -> StoreResult<InfoRequest> {
         self.read(move |c| ops::info_request_get(c, id)).await
@@ -770,8 +678,7 @@ impl Store for SqliteStore {
         token: u64,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<InfoRequest>> {
-        self.read(move |c| ops::info_answers_for_run(c, run_id, token, now))
-            .await
+        self.read(move |c| ops::info_answers_for_run(c, run_id, token, now)).await
     }
 
     async fn stats(&self) -> StoreResult<QueueStats> {

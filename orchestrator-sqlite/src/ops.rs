@@ -29,15 +29,15 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         "UPDATE work_items SET
              state = 'running',
              updated_at = ?1,
-             attempts = attempts + (CASE WHEN EXISTS (SELECT 1 FROM runs r WHERE r.id = work_items.current_run_id AND r.state = 'waiting_input') THEN 0 ELSE 1 END),
-             current_run_id = (CASE WHEN EXISTS (SELECT 1 FROM runs r WHERE r.id = work_items.current_run_id AND r.state = 'waiting_input') THEN current_run_id ELSE uuid7() END)
+             attempts = attempts + 1 - resume_pending,
+             current_run_id = (CASE WHEN resume_pending = 1 THEN current_run_id ELSE uuid7() END)
          WHERE id IN (
              SELECT id FROM work_items INDEXED BY work_items_ready
              WHERE state IN ('queued', 'retrying') AND pending_deps = 0 AND run_at <= ?1
                AND (labels = '[]' OR NOT EXISTS (
                     SELECT 1 FROM json_each(work_items.labels) l WHERE l.value NOT IN (SELECT value FROM json_each(?2))))
-             ORDER BY priority DESC, run_at, id LIMIT ?3)
-         RETURNING {WI_COLS}, (SELECT r.state = 'waiting_input' FROM runs r WHERE r.id = work_items.current_run_id)"
+             ORDER BY priority DESC, run_at, id LIMIT (?3 + 0))
+         RETURNING {WI_COLS}, resume_pending"
     )
 });
 
@@ -48,6 +48,9 @@ static RESUME_RUN_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
     )
 });
 
+// Note: every `LIMIT` takes its bound value through an expression (`LIMIT (?n + 0)`): a bare bound
+// `LIMIT ?n` makes SQLite re-prepare the statement on every execution.
+
 /// Maps a rusqlite error to the backend-neutral error.
 pub fn map_err(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode;
@@ -55,19 +58,10 @@ pub fn map_err(e: rusqlite::Error) -> StoreError {
         let message = msg.clone().unwrap_or_else(|| f.to_string());
         match f.code {
             ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
-                return StoreError::Unavailable {
-                    retryable: true,
-                    message,
-                }
+                return StoreError::Unavailable { retryable: true, message }
             }
-            ErrorCode::DiskFull
-            | ErrorCode::SystemIoFailure
-            | ErrorCode::CannotOpen
-            | ErrorCode::ReadOnly => {
-                return StoreError::Unavailable {
-                    retryable: false,
-                    message,
-                }
+            ErrorCode::DiskFull | ErrorCode::SystemIoFailure | ErrorCode::CannotOpen | ErrorCode::ReadOnly => {
+                return StoreError::Unavailable { retryable: false, message }
             }
             _ => {}
         }
@@ -87,9 +81,7 @@ impl<T> Q<T> for rusqlite::Result<T> {
 /// Registers SQL functions the schema and queries use.
 pub fn register_functions(c: &Connection) -> rusqlite::Result<()> {
     use rusqlite::functions::FunctionFlags;
-    c.create_scalar_function("uuid7", 0, FunctionFlags::SQLITE_UTF8, |_| {
-        Ok(Uuid::now_v7().as_bytes().to_vec())
-    })
+    c.create_scalar_function("uuid7", 0, FunctionFlags::SQLITE_UTF8, |_| Ok(Uuid::now_v7().as_bytes().to_vec()))
 }
 
 fn i(v: u64) -> i64 {
@@ -99,36 +91,25 @@ fn i(v: u64) -> i64 {
 // ---------------------------------------------------------------- projects
 
 pub fn project_create(c: &Connection, p: NewProject) -> StoreResult<Project> {
-    let pr = Project {
-        id: p.id,
-        name: p.name,
-        description: p.description,
-        created_at: p.now,
-        updated_at: p.now,
-    };
+    let pr = Project { id: p.id, name: p.name, description: p.description, created_at: p.now, updated_at: p.now };
     let n = c
         .prepare_cached("INSERT INTO projects (id, name, description, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT DO NOTHING")
         .q()?
         .execute(params![b(pr.id), pr.name, pr.description, ts(p.now)])
         .q()?;
     if n == 0 {
-        return Err(StoreError::Duplicate {
-            entity: EntityKind::Project,
-            key: pr.id.to_string(),
-        });
+        return Err(StoreError::Duplicate { entity: EntityKind::Project, key: pr.id.to_string() });
     }
     Ok(pr)
 }
 
 pub fn project_get(c: &Connection, id: ProjectId) -> StoreResult<Project> {
-    c.prepare_cached(&format!(
-        "SELECT {PROJECT_COLS} FROM projects WHERE id = ?1"
-    ))
-    .q()?
-    .query_row([b(id)], project)
-    .optional()
-    .q()?
-    .ok_or_else(|| StoreError::not_found(EntityKind::Project, id))
+    c.prepare_cached(&format!("SELECT {PROJECT_COLS} FROM projects WHERE id = ?1"))
+        .q()?
+        .query_row([b(id)], project)
+        .optional()
+        .q()?
+        .ok_or_else(|| StoreError::not_found(EntityKind::Project, id))
 }
 
 fn project_exists(c: &Connection, id: ProjectId) -> StoreResult<()> {
@@ -138,29 +119,18 @@ fn project_exists(c: &Connection, id: ProjectId) -> StoreResult<()> {
         .query_row([b(id)], |r| r.get(0))
         .optional()
         .q()?;
-    found
-        .map(|_| ())
-        .ok_or_else(|| StoreError::not_found(EntityKind::Project, id))
+    found.map(|_| ()).ok_or_else(|| StoreError::not_found(EntityKind::Project, id))
 }
 
 fn after(page: &Page) -> Vec<u8> {
-    page.after
-        .map(|u| u.as_bytes().to_vec())
-        .unwrap_or_default()
+    page.after.map(|u| u.as_bytes().to_vec()).unwrap_or_default()
 }
 
 pub fn project_list(c: &Connection, page: Page) -> StoreResult<Vec<Project>> {
     let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {PROJECT_COLS} FROM projects WHERE id > ?1 ORDER BY id LIMIT ?2"
-        ))
+        .prepare_cached(&format!("SELECT {PROJECT_COLS} FROM projects WHERE id > ?1 ORDER BY id LIMIT (?2 + 0)"))
         .q()?;
-    let rows = st
-        .query_map(
-            params![after(&page), page.effective_limit() as i64],
-            project,
-        )
-        .q()?;
+    let rows = st.query_map(params![after(&page), page.effective_limit() as i64], project).q()?;
     rows.collect::<rusqlite::Result<Vec<_>>>().q()
 }
 
@@ -186,43 +156,19 @@ pub fn project_delete(c: &Connection, id: ProjectId) -> StoreResult<()> {
         .optional()
         .q()?;
     if let Some((wid, state)) = busy {
-        return Err(StoreError::conflict(format!(
-            "project has active work item {} ({state}); cancel it first",
-            wid.0
-        )));
+        return Err(StoreError::conflict(format!("project has active work item {} ({state}); cancel it first", wid.0)));
     }
-    c.execute_batch("CREATE TEMP TABLE IF NOT EXISTS del_runs (id BLOB PRIMARY KEY); DELETE FROM temp.del_runs;").q()?;
-    c.execute(
-        "INSERT INTO temp.del_runs SELECT id FROM runs WHERE project_id = ?1",
-        [b(id)],
-    )
-    .q()?;
-    c.execute(
-        "DELETE FROM logs WHERE run_id IN (SELECT id FROM temp.del_runs)",
-        [],
-    )
-    .q()?;
-    c.execute(
-        "DELETE FROM step_events WHERE run_id IN (SELECT id FROM temp.del_runs)",
-        [],
-    )
-    .q()?;
+    c.execute_batch("CREATE TEMP TABLE IF NOT EXISTS del_runs (id BLOB PRIMARY KEY); DELETE FROM temp.del_runs;")
+        .q()?;
+    c.execute("INSERT INTO temp.del_runs SELECT id FROM runs WHERE project_id = ?1", [b(id)]).q()?;
+    c.execute("DELETE FROM logs WHERE run_id IN (SELECT id FROM temp.del_runs)", []).q()?;
+    c.execute("DELETE FROM step_events WHERE run_id IN (SELECT id FROM temp.del_runs)", []).q()?;
     c.execute("DELETE FROM work_item_deps WHERE work_item_id IN (SELECT id FROM work_items WHERE project_id = ?1) OR depends_on IN (SELECT id FROM work_items WHERE project_id = ?1)", [b(id)]).q()?;
-    for t in [
-        "runs",
-        "info_requests",
-        "approvals",
-        "drafts",
-        "work_items",
-        "visions",
-    ] {
-        c.execute(&format!("DELETE FROM {t} WHERE project_id = ?1"), [b(id)])
-            .q()?;
+    for t in ["runs", "info_requests", "approvals", "drafts", "work_items", "visions"] {
+        c.execute(&format!("DELETE FROM {t} WHERE project_id = ?1"), [b(id)]).q()?;
     }
-    c.execute("DELETE FROM recipes WHERE project_id = ?1", [b(id)])
-        .q()?;
-    c.execute("DELETE FROM projects WHERE id = ?1", [b(id)])
-        .q()?;
+    c.execute("DELETE FROM recipes WHERE project_id = ?1", [b(id)]).q()?;
+    c.execute("DELETE FROM projects WHERE id = ?1", [b(id)]).q()?;
     c.execute_batch("DELETE FROM temp.del_runs;").q()?;
     Ok(())
 }
@@ -240,15 +186,13 @@ pub fn vision_put(c: &Connection, p: VisionPut) -> StoreResult<Vision> {
     .q()
 }
 
-pub fn vision_get(
-    c: &Connection,
-    project_id: ProjectId,
-    version: Option<u32>,
-) -> StoreResult<Vision> {
+pub fn vision_get(c: &Connection, project_id: ProjectId, version: Option<u32>) -> StoreResult<Vision> {
     project_exists(c, project_id)?;
     let v = match version {
         None => c
-            .prepare_cached(&format!("SELECT {VISION_COLS} FROM visions WHERE project_id = ?1 ORDER BY version DESC LIMIT 1"))
+            .prepare_cached(&format!(
+                "SELECT {VISION_COLS} FROM visions WHERE project_id = ?1 ORDER BY version DESC LIMIT 1"
+            ))
             .q()?
             .query_row([b(project_id)], vision)
             .optional()
@@ -263,21 +207,15 @@ pub fn vision_get(
     v.ok_or_else(|| {
         StoreError::not_found(
             EntityKind::Vision,
-            format!(
-                "{project_id}@{}",
-                version.map_or("latest".to_string(), |n| n.to_string())
-            ),
+            format!("{project_id}@{}", version.map_or("latest".to_string(), |n| n.to_string())),
         )
     })
 }
 
 pub fn vision_list(c: &Connection, project_id: ProjectId) -> StoreResult<Vec<Vision>> {
     project_exists(c, project_id)?;
-    let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {VISION_COLS} FROM visions WHERE project_id = ?1 ORDER BY version"
-        ))
-        .q()?;
+    let mut st =
+        c.prepare_cached(&format!("SELECT {VISION_COLS} FROM visions WHERE project_id = ?1 ORDER BY version")).q()?;
     let rows = st.query_map([b(project_id)], vision).q()?;
     rows.collect::<rusqlite::Result<Vec<_>>>().q()
 }
@@ -285,12 +223,8 @@ pub fn vision_list(c: &Connection, project_id: ProjectId) -> StoreResult<Vec<Vis
 // ---------------------------------------------------------------- drafts and approvals
 
 fn recipe_exists(c: &Connection, id: RecipeId) -> StoreResult<bool> {
-    let found: Option<i64> = c
-        .prepare_cached("SELECT 1 FROM recipes WHERE id = ?1")
-        .q()?
-        .query_row([b(id)], |r| r.get(0))
-        .optional()
-        .q()?;
+    let found: Option<i64> =
+        c.prepare_cached("SELECT 1 FROM recipes WHERE id = ?1").q()?.query_row([b(id)], |r| r.get(0)).optional().q()?;
     Ok(found.is_some())
 }
 
@@ -322,24 +256,19 @@ fn insert_approval(
     Ok(a)
 }
 
-fn supersede_pending(
-    c: &Connection,
-    approval_id: Option<ApprovalId>,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
+fn supersede_pending(c: &Connection, approval_id: Option<ApprovalId>, now: DateTime<Utc>) -> StoreResult<()> {
     if let Some(id) = approval_id {
-        c.prepare_cached("UPDATE approvals SET state = 'superseded', decided_at = ?2 WHERE id = ?1 AND state = 'pending'")
-            .q()?
-            .execute(params![b(id), ts(now)])
-            .q()?;
+        c.prepare_cached(
+            "UPDATE approvals SET state = 'superseded', decided_at = ?2 WHERE id = ?1 AND state = 'pending'",
+        )
+        .q()?
+        .execute(params![b(id), ts(now)])
+        .q()?;
     }
     Ok(())
 }
 
-pub fn draft_create(
-    c: &Connection,
-    p: NewDraft,
-) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)> {
+pub fn draft_create(c: &Connection, p: NewDraft) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)> {
     project_exists(c, p.project_id)?;
     for (i, r) in p.requirements.iter().enumerate() {
         if let Some(rid) = r.recipe_id {
@@ -364,30 +293,22 @@ pub fn draft_create(
         created_at: p.now,
         decided_at: None,
     };
-    c.prepare_cached(&format!(
-        "INSERT INTO drafts ({DRAFT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL)"
-    ))
-    .q()?
-    .execute(params![
-        b(d.id),
-        b(d.project_id),
-        d.title,
-        to_json(&d.requirements)?,
-        d.state.as_str(),
-        d.content_hash,
-        d.proposed_by,
-        "[]",
-        ts(d.created_at)
-    ])
-    .q()?;
+    c.prepare_cached(&format!("INSERT INTO drafts ({DRAFT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL)"))
+        .q()?
+        .execute(params![
+            b(d.id),
+            b(d.project_id),
+            d.title,
+            to_json(&d.requirements)?,
+            d.state.as_str(),
+            d.content_hash,
+            d.proposed_by,
+            "[]",
+            ts(d.created_at)
+        ])
+        .q()?;
     let a = if p.require_approval {
-        Some(insert_approval(
-            c,
-            d.project_id,
-            ApprovalSubject::RequirementsDraft(d.id),
-            &hash,
-            p.now,
-        )?)
+        Some(insert_approval(c, d.project_id, ApprovalSubject::RequirementsDraft(d.id), &hash, p.now)?)
     } else {
         None
     };
@@ -403,59 +324,42 @@ pub fn draft_get(c: &Connection, id: DraftId) -> StoreResult<RequirementsDraft> 
         .ok_or_else(|| StoreError::not_found(EntityKind::RequirementsDraft, id))
 }
 
-pub fn draft_list(
-    c: &Connection,
-    project_id: ProjectId,
-    page: Page,
-) -> StoreResult<Vec<RequirementsDraft>> {
+pub fn draft_list(c: &Connection, project_id: ProjectId, page: Page) -> StoreResult<Vec<RequirementsDraft>> {
     project_exists(c, project_id)?;
-    let mut st = c.prepare_cached(&format!("SELECT {DRAFT_COLS} FROM drafts WHERE project_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3")).q()?;
-    let rows = st
-        .query_map(
-            params![b(project_id), after(&page), page.effective_limit() as i64],
-            draft,
-        )
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {DRAFT_COLS} FROM drafts WHERE project_id = ?1 AND id > ?2 ORDER BY id LIMIT (?3 + 0)"
+        ))
         .q()?;
+    let rows = st.query_map(params![b(project_id), after(&page), page.effective_limit() as i64], draft).q()?;
     rows.collect::<rusqlite::Result<Vec<_>>>().q()
 }
 
 pub fn approval_get(c: &Connection, id: ApprovalId) -> StoreResult<ApprovalRequest> {
-    c.prepare_cached(&format!(
-        "SELECT {APPROVAL_COLS} FROM approvals WHERE id = ?1"
-    ))
-    .q()?
-    .query_row([b(id)], approval)
-    .optional()
-    .q()?
-    .ok_or_else(|| StoreError::not_found(EntityKind::ApprovalRequest, id))
+    c.prepare_cached(&format!("SELECT {APPROVAL_COLS} FROM approvals WHERE id = ?1"))
+        .q()?
+        .query_row([b(id)], approval)
+        .optional()
+        .q()?
+        .ok_or_else(|| StoreError::not_found(EntityKind::ApprovalRequest, id))
 }
 
 pub fn approval_list(c: &Connection, f: &ApprovalFilter) -> StoreResult<Vec<ApprovalRequest>> {
     let mut st = c
         .prepare_cached(&format!(
-            "SELECT {APPROVAL_COLS} FROM approvals WHERE id > ?1 AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR project_id = ?3) ORDER BY id LIMIT ?4"
+            "SELECT {APPROVAL_COLS} FROM approvals WHERE id > ?1 AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR project_id = ?3) ORDER BY id LIMIT (?4 + 0)"
         ))
         .q()?;
     let rows = st
         .query_map(
-            params![
-                after(&f.page),
-                f.state.map(|s| s.as_str()),
-                f.project_id.map(b),
-                f.page.effective_limit() as i64
-            ],
+            params![after(&f.page), f.state.map(|s| s.as_str()), f.project_id.map(b), f.page.effective_limit() as i64],
             approval,
         )
         .q()?;
     rows.collect::<rusqlite::Result<Vec<_>>>().q()
 }
 
-fn record_decision(
-    c: &Connection,
-    id: ApprovalId,
-    to: ApprovalState,
-    d: &Decide,
-) -> StoreResult<ApprovalRequest> {
+fn record_decision(c: &Connection, id: ApprovalId, to: ApprovalState, d: &Decide) -> StoreResult<ApprovalRequest> {
     c.prepare_cached(&format!("UPDATE approvals SET state = ?2, decided_by = ?3, decided_at = ?4, reason = ?5 WHERE id = ?1 RETURNING {APPROVAL_COLS}"))
         .q()?
         .query_row(params![b(id), to.as_str(), d.decided_by, ts(d.now), d.reason], approval)
@@ -484,11 +388,7 @@ pub fn decide(
         (None, Some(did)) => ApprovalSubject::RequirementsDraft(did),
         (None, None) => return Err(StoreError::invalid("id", "nothing to decide")),
     };
-    let mut out = DecisionOutcome {
-        approval: None,
-        draft: None,
-        work_items: Vec::new(),
-    };
+    let mut out = DecisionOutcome { approval: None, draft: None, work_items: Vec::new() };
     match subject {
         ApprovalSubject::RequirementsDraft(did) => {
             let dr = draft_get(c, did)?;
@@ -499,19 +399,18 @@ pub fn decide(
             dr.state.transition(to)?;
             if let Some(a) = &approval {
                 if a.content_hash != dr.content_hash {
-                    return Err(StoreError::conflict(
-                        "the draft changed after this approval was requested",
-                    ));
+                    return Err(StoreError::conflict("the draft changed after this approval was requested"));
                 }
             }
             let pending: Option<U> = c
-                .query_row("SELECT id FROM approvals WHERE subject_id = ?1 AND state = 'pending' ORDER BY id LIMIT 1", [b(did)], |r| r.get(0))
+                .query_row(
+                    "SELECT id FROM approvals WHERE subject_id = ?1 AND state = 'pending' ORDER BY id LIMIT 1",
+                    [b(did)],
+                    |r| r.get(0),
+                )
                 .optional()
                 .q()?;
-            let approval_id = approval
-                .as_ref()
-                .map(|a| a.id)
-                .or(pending.map(|u| ApprovalId(u.0)));
+            let approval_id = approval.as_ref().map(|a| a.id).or(pending.map(|u| ApprovalId(u.0)));
             let mut items = Vec::new();
             if d.decision == Decision::Approve {
                 items = rules::draft_work_items(&dr, d.now);
@@ -532,9 +431,7 @@ pub fn decide(
             }
         }
         ApprovalSubject::WorkItem(wid) => {
-            let a = approval.ok_or_else(|| {
-                StoreError::invalid("id", "work items are decided through approvals")
-            })?;
+            let a = approval.ok_or_else(|| StoreError::invalid("id", "work items are decided through approvals"))?;
             let item = work_item_get(c, wid)?;
             if item.state != WorkItemState::AwaitingApproval || item.approval_id != Some(a.id) {
                 return Err(StoreError::conflict(format!(
@@ -543,7 +440,9 @@ pub fn decide(
                 )));
             }
             if item.content_hash != a.content_hash {
-                return Err(StoreError::conflict("the work item changed after this approval was requested; a new approval is needed"));
+                return Err(StoreError::conflict(
+                    "the work item changed after this approval was requested; a new approval is needed",
+                ));
             }
             let to = match d.decision {
                 Decision::Approve => WorkItemState::Ready,
@@ -572,19 +471,10 @@ pub fn recipe_create(c: &Connection, p: NewRecipe) -> StoreResult<ToolRecipe> {
         spec: p.spec,
         created_at: p.now,
     };
-    c.prepare_cached(&format!(
-        "INSERT INTO recipes ({RECIPE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-    ))
-    .q()?
-    .execute(params![
-        b(r.id),
-        r.project_id.map(b),
-        r.name,
-        r.yaml,
-        to_json(&r.spec)?,
-        ts(r.created_at)
-    ])
-    .q()?;
+    c.prepare_cached(&format!("INSERT INTO recipes ({RECIPE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"))
+        .q()?
+        .execute(params![b(r.id), r.project_id.map(b), r.name, r.yaml, to_json(&r.spec)?, ts(r.created_at)])
+        .q()?;
     Ok(r)
 }
 
@@ -598,14 +488,9 @@ pub fn recipe_get(c: &Connection, id: RecipeId) -> StoreResult<ToolRecipe> {
 }
 
 pub fn recipe_list(c: &Connection, page: Page) -> StoreResult<Vec<ToolRecipe>> {
-    let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {RECIPE_COLS} FROM recipes WHERE id > ?1 ORDER BY id LIMIT ?2"
-        ))
-        .q()?;
-    let rows = st
-        .query_map(params![after(&page), page.effective_limit() as i64], recipe)
-        .q()?;
+    let mut st =
+        c.prepare_cached(&format!("SELECT {RECIPE_COLS} FROM recipes WHERE id > ?1 ORDER BY id LIMIT (?2 + 0)")).q()?;
+    let rows = st.query_map(params![after(&page), page.effective_limit() as i64], recipe).q()?;
     rows.collect::<rusqlite::Result<Vec<_>>>().q()
 }
 
@@ -649,7 +534,7 @@ fn save_work_item(c: &Connection, w: &WorkItem) -> StoreResult<()> {
     c.prepare_cached(
         "UPDATE work_items SET title = ?2, description = ?3, recipe_id = ?4, labels = ?5, state = ?6, priority = ?7, dependencies = ?8,
          retry = ?9, content_hash = ?10, approval_id = ?11, blocked_reason = ?12, attempts = ?13, current_run_id = ?14, run_at = ?15,
-         last_error = ?16, updated_at = ?17, enqueued_at = ?18 WHERE id = ?1",
+         last_error = ?16, updated_at = ?17, enqueued_at = ?18, resume_pending = 0 WHERE id = ?1",
     )
     .q()?
     .execute(params![
@@ -689,12 +574,7 @@ fn work_item_get_pending(c: &Connection, id: WorkItemId) -> StoreResult<(WorkIte
         .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
 }
 
-fn set_item_state(
-    c: &Connection,
-    id: WorkItemId,
-    to: WorkItemState,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
+fn set_item_state(c: &Connection, id: WorkItemId, to: WorkItemState, now: DateTime<Utc>) -> StoreResult<()> {
     c.prepare_cached("UPDATE work_items SET state = ?2, updated_at = ?3 WHERE id = ?1")
         .q()?
         .execute(params![b(id), to.as_str(), ts(now)])
@@ -714,17 +594,11 @@ fn count_pending(c: &Connection, id: WorkItemId) -> StoreResult<u32> {
 
 fn refresh_pending(c: &Connection, id: WorkItemId) -> StoreResult<u32> {
     let n = count_pending(c, id)?;
-    c.prepare_cached("UPDATE work_items SET pending_deps = ?2 WHERE id = ?1")
-        .q()?
-        .execute(params![b(id), n])
-        .q()?;
+    c.prepare_cached("UPDATE work_items SET pending_deps = ?2 WHERE id = ?1").q()?.execute(params![b(id), n]).q()?;
     Ok(n)
 }
 
-fn blocking_dep(
-    c: &Connection,
-    id: WorkItemId,
-) -> StoreResult<Option<(WorkItemId, WorkItemState)>> {
+fn blocking_dep(c: &Connection, id: WorkItemId) -> StoreResult<Option<(WorkItemId, WorkItemState)>> {
     let r: Option<(U, String)> = c
         .prepare_cached(
             "SELECT w.id, w.state FROM work_item_deps d JOIN work_items w ON w.id = d.depends_on
@@ -737,31 +611,22 @@ fn blocking_dep(
     match r {
         Some((u, s)) => Ok(Some((
             WorkItemId(u.0),
-            s.parse()
-                .map_err(|e: UnknownState| StoreError::invalid("state", e.to_string()))?,
+            s.parse().map_err(|e: UnknownState| StoreError::invalid("state", e.to_string()))?,
         ))),
         None => Ok(None),
     }
 }
 
 fn dependents(c: &Connection, id: WorkItemId) -> StoreResult<Vec<WorkItemId>> {
-    let mut st = c
-        .prepare_cached("SELECT work_item_id FROM work_item_deps WHERE depends_on = ?1")
-        .q()?;
+    let mut st = c.prepare_cached("SELECT work_item_id FROM work_item_deps WHERE depends_on = ?1").q()?;
     let rows = st.query_map([b(id)], |r| r.get::<_, U>(0)).q()?;
-    rows.map(|r| r.map(|u| WorkItemId(u.0)))
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .q()
+    rows.map(|r| r.map(|u| WorkItemId(u.0))).collect::<rusqlite::Result<Vec<_>>>().q()
 }
 
 fn deps_of(c: &Connection, id: WorkItemId) -> StoreResult<Vec<WorkItemId>> {
-    let mut st = c
-        .prepare_cached("SELECT depends_on FROM work_item_deps WHERE work_item_id = ?1")
-        .q()?;
+    let mut st = c.prepare_cached("SELECT depends_on FROM work_item_deps WHERE work_item_id = ?1").q()?;
     let rows = st.query_map([b(id)], |r| r.get::<_, U>(0)).q()?;
-    rows.map(|r| r.map(|u| WorkItemId(u.0)))
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .q()
+    rows.map(|r| r.map(|u| WorkItemId(u.0))).collect::<rusqlite::Result<Vec<_>>>().q()
 }
 
 /// Item `id` succeeded: refreshes its dependents' pending counts; returns those now claimable.
@@ -784,11 +649,7 @@ fn release_dependents(c: &Connection, id: WorkItemId) -> StoreResult<Vec<WorkIte
     Ok(released)
 }
 
-fn block_dependents(
-    c: &Connection,
-    id: WorkItemId,
-    now: DateTime<Utc>,
-) -> StoreResult<Vec<WorkItemId>> {
+fn block_dependents(c: &Connection, id: WorkItemId, now: DateTime<Utc>) -> StoreResult<Vec<WorkItemId>> {
     let mut blocked = Vec::new();
     let mut stack = vec![id];
     while let Some(cur) = stack.pop() {
@@ -797,9 +658,8 @@ fn block_dependents(
             .q()?
             .query_row([b(cur)], |r| r.get(0))
             .q()?;
-        let cur_state: WorkItemState = cur_state
-            .parse()
-            .map_err(|e: UnknownState| StoreError::invalid("state", e.to_string()))?;
+        let cur_state: WorkItemState =
+            cur_state.parse().map_err(|e: UnknownState| StoreError::invalid("state", e.to_string()))?;
         let reason = rules::blocked_reason(cur, cur_state);
         let mut st = c
             .prepare_cached(
@@ -863,11 +723,7 @@ fn transition_err(from: WorkItemState, to: WorkItemState) -> StoreError {
     }
 }
 
-pub fn enqueue_checked(
-    c: &Connection,
-    items: &[Enqueue],
-    now: DateTime<Utc>,
-) -> StoreResult<Vec<ScheduledTask>> {
+pub fn enqueue_checked(c: &Connection, items: &[Enqueue], now: DateTime<Utc>) -> StoreResult<Vec<ScheduledTask>> {
     let mut extra: HashMap<WorkItemId, Vec<WorkItemId>> = HashMap::new();
     let mut loaded = Vec::with_capacity(items.len());
     for e in items {
@@ -876,10 +732,7 @@ pub fn enqueue_checked(
             return Err(transition_err(item.state, WorkItemState::Queued));
         }
         if e.options.depends_on.len() + item.dependencies.len() > rules::MAX_DEPENDENCIES {
-            return Err(StoreError::invalid(
-                "depends_on",
-                format!("at most {} dependencies", rules::MAX_DEPENDENCIES),
-            ));
+            return Err(StoreError::invalid("depends_on", format!("at most {} dependencies", rules::MAX_DEPENDENCIES)));
         }
         for dep in &e.options.depends_on {
             let p: Option<U> = c
@@ -913,10 +766,7 @@ pub fn enqueue_checked(
             if let Some(cy) = cyc {
                 return Err(rules::cycle_error(&cy));
             }
-            extra
-                .entry(e.work_item_id)
-                .or_default()
-                .extend(e.options.depends_on.iter().copied());
+            extra.entry(e.work_item_id).or_default().extend(e.options.depends_on.iter().copied());
         }
         loaded.push(item);
     }
@@ -926,12 +776,11 @@ pub fn enqueue_checked(
             if !it.dependencies.contains(d) {
                 it.dependencies.push(*d);
             }
-            c.prepare_cached(
-                "INSERT OR IGNORE INTO work_item_deps (depends_on, work_item_id) VALUES (?1, ?2)",
-            )
-            .q()?
-            .execute(params![b(*d), b(it.id)])
-            .q()?;
+            c.prepare_cached("INSERT OR IGNORE INTO work_item_deps (depends_on, work_item_id) VALUES (?1, ?2)")
+                .q()?
+                .execute(params![b(*d), b(it.id)])
+                .q()?;
+            c.prepare_cached("UPDATE work_items SET has_dependents = 1 WHERE id = ?1").q()?.execute([b(*d)]).q()?;
         }
         if let Some(p) = e.options.priority {
             it.priority = p;
@@ -951,11 +800,7 @@ pub fn enqueue_checked(
             // Items already waiting on this one can no longer run either.
             block_dependents(c, it.id, now)?;
         }
-        let pending = if it.dependencies.is_empty() {
-            0
-        } else {
-            refresh_pending(c, it.id)?
-        };
+        let pending = if it.dependencies.is_empty() { 0 } else { refresh_pending(c, it.id)? };
         out.push(it.scheduled_task(pending));
     }
     Ok(out)
@@ -976,53 +821,33 @@ pub fn work_items_create(
         }
         if let Some(rid) = p.recipe_id {
             if !recipe_exists(c, rid)? {
-                return Err(StoreError::invalid(
-                    "recipe_id",
-                    format!("unknown recipe `{rid}`"),
-                ));
+                return Err(StoreError::invalid("recipe_id", format!("unknown recipe `{rid}`")));
             }
         }
-        if !matches!(
-            p.state,
-            WorkItemState::Draft | WorkItemState::AwaitingApproval | WorkItemState::Ready
-        ) {
-            return Err(StoreError::invalid(
-                "state",
-                format!("a work item cannot be created as {}", p.state),
-            ));
+        if !matches!(p.state, WorkItemState::Draft | WorkItemState::AwaitingApproval | WorkItemState::Ready) {
+            return Err(StoreError::invalid("state", format!("a work item cannot be created as {}", p.state)));
         }
         if p.enqueue.is_some() && p.state != WorkItemState::Ready {
-            return Err(StoreError::conflict(format!(
-                "work item {} needs approval before it can be enqueued",
-                p.id
-            )));
+            return Err(StoreError::conflict(format!("work item {} needs approval before it can be enqueued", p.id)));
         }
         let mut w = rules::new_work_item(&p, now);
         if let Some(k) = &p.idempotency_key {
             if seen_keys.insert((p.project_id, k.clone()), ()).is_some() {
-                return Err(StoreError::Duplicate {
-                    entity: EntityKind::WorkItem,
-                    key: k.clone(),
-                });
+                return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: k.clone() });
             }
             let ex: Option<WorkItem> = c
-                .prepare_cached(&format!("SELECT {WI_COLS} FROM work_items WHERE project_id = ?1 AND idempotency_key = ?2"))
+                .prepare_cached(&format!(
+                    "SELECT {WI_COLS} FROM work_items WHERE project_id = ?1 AND idempotency_key = ?2"
+                ))
                 .q()?
                 .query_row(params![b(p.project_id), k], work_item)
                 .optional()
                 .q()?;
             if let Some(ex) = ex {
                 if ex.content_hash != w.content_hash {
-                    return Err(StoreError::Duplicate {
-                        entity: EntityKind::WorkItem,
-                        key: k.clone(),
-                    });
+                    return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: k.clone() });
                 }
-                out.push(WorkItemCreated {
-                    work_item: ex,
-                    created: false,
-                    approval: None,
-                });
+                out.push(WorkItemCreated { work_item: ex, created: false, approval: None });
                 continue;
             }
         }
@@ -1059,13 +884,7 @@ pub fn work_items_create(
             _ => false,
         };
         let approval = if p.state == WorkItemState::AwaitingApproval {
-            Some(insert_approval(
-                c,
-                w.project_id,
-                ApprovalSubject::WorkItem(w.id),
-                &w.content_hash,
-                now,
-            )?)
+            Some(insert_approval(c, w.project_id, ApprovalSubject::WorkItem(w.id), &w.content_hash, now)?)
         } else {
             None
         };
@@ -1079,33 +898,17 @@ pub fn work_items_create(
                     .optional()
                     .q()?;
                 if exists.is_some() {
-                    return Err(StoreError::Duplicate {
-                        entity: EntityKind::WorkItem,
-                        key: w.id.to_string(),
-                    });
+                    return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: w.id.to_string() });
                 }
             }
             return Err(e);
         }
         if let Some(e) = p.enqueue.filter(|_| !direct_enqueue) {
-            enqueues.push((
-                out.len(),
-                Enqueue {
-                    work_item_id: w.id,
-                    options: e,
-                },
-            ));
+            enqueues.push((out.len(), Enqueue { work_item_id: w.id, options: e }));
         }
-        out.push(WorkItemCreated {
-            work_item: w,
-            created: true,
-            approval,
-        });
+        out.push(WorkItemCreated { work_item: w, created: true, approval });
     }
-    let notify = !enqueues.is_empty()
-        || out
-            .iter()
-            .any(|o| o.created && o.work_item.state == WorkItemState::Queued);
+    let notify = !enqueues.is_empty() || out.iter().any(|o| o.created && o.work_item.state == WorkItemState::Queued);
     if !enqueues.is_empty() {
         let list: Vec<Enqueue> = enqueues.iter().map(|(_, e)| e.clone()).collect();
         let tasks = enqueue_checked(c, &list, now)?;
@@ -1127,7 +930,7 @@ pub fn work_item_list(c: &Connection, f: &WorkItemFilter) -> StoreResult<Vec<Wor
     let mut st = c
         .prepare_cached(&format!(
             "SELECT {WI_COLS} FROM work_items WHERE id > ?1 AND (?2 IS NULL OR project_id = ?2) AND (?3 IS NULL OR state = ?3)
-             AND (?4 IS NULL OR EXISTS (SELECT 1 FROM json_each(work_items.labels) WHERE value = ?4)) ORDER BY id LIMIT ?5"
+             AND (?4 IS NULL OR EXISTS (SELECT 1 FROM json_each(work_items.labels) WHERE value = ?4)) ORDER BY id LIMIT (?5 + 0)"
         ))
         .q()?;
     let rows = st
@@ -1147,8 +950,7 @@ pub fn work_item_list(c: &Connection, f: &WorkItemFilter) -> StoreResult<Vec<Wor
 
 pub fn work_item_update(c: &Connection, p: WorkItemUpdate) -> StoreResult<WorkItemChanged> {
     let item = work_item_get(c, p.id)?;
-    let content_change =
-        p.title.is_some() || p.description.is_some() || p.recipe_id.is_some() || p.labels.is_some();
+    let content_change = p.title.is_some() || p.description.is_some() || p.recipe_id.is_some() || p.labels.is_some();
     if content_change && !item.state.is_editable() {
         return Err(StoreError::conflict(format!(
             "work item {} is {}; its content can be edited only in draft, awaiting_approval or ready",
@@ -1156,17 +958,11 @@ pub fn work_item_update(c: &Connection, p: WorkItemUpdate) -> StoreResult<WorkIt
         )));
     }
     if p.priority.is_some() && item.state.is_finished() {
-        return Err(StoreError::conflict(format!(
-            "work item {} is {}",
-            item.id, item.state
-        )));
+        return Err(StoreError::conflict(format!("work item {} is {}", item.id, item.state)));
     }
     if let Some(Some(rid)) = p.recipe_id {
         if !recipe_exists(c, rid)? {
-            return Err(StoreError::invalid(
-                "recipe_id",
-                format!("unknown recipe `{rid}`"),
-            ));
+            return Err(StoreError::invalid("recipe_id", format!("unknown recipe `{rid}`")));
         }
     }
     let mut w = item.clone();
@@ -1190,28 +986,16 @@ pub fn work_item_update(c: &Connection, p: WorkItemUpdate) -> StoreResult<WorkIt
     let mut approval = None;
     if w.content_hash != item.content_hash
         && p.require_approval
-        && matches!(
-            item.state,
-            WorkItemState::Ready | WorkItemState::AwaitingApproval
-        )
+        && matches!(item.state, WorkItemState::Ready | WorkItemState::AwaitingApproval)
     {
         supersede_pending(c, item.approval_id, p.now)?;
-        let a = insert_approval(
-            c,
-            item.project_id,
-            ApprovalSubject::WorkItem(item.id),
-            &w.content_hash,
-            p.now,
-        )?;
+        let a = insert_approval(c, item.project_id, ApprovalSubject::WorkItem(item.id), &w.content_hash, p.now)?;
         w.approval_id = Some(a.id);
         w.state = WorkItemState::AwaitingApproval;
         approval = Some(a);
     }
     save_work_item(c, &w)?;
-    Ok(WorkItemChanged {
-        work_item: w,
-        approval,
-    })
+    Ok(WorkItemChanged { work_item: w, approval })
 }
 
 pub fn work_item_submit(
@@ -1221,11 +1005,7 @@ pub fn work_item_submit(
     now: DateTime<Utc>,
 ) -> StoreResult<WorkItemChanged> {
     let mut item = work_item_get(c, id)?;
-    let to = if require_approval {
-        WorkItemState::AwaitingApproval
-    } else {
-        WorkItemState::Ready
-    };
+    let to = if require_approval { WorkItemState::AwaitingApproval } else { WorkItemState::Ready };
     if item.state != WorkItemState::Draft {
         return Err(transition_err(item.state, to));
     }
@@ -1233,21 +1013,12 @@ pub fn work_item_submit(
     item.updated_at = now;
     let mut approval = None;
     if require_approval {
-        let a = insert_approval(
-            c,
-            item.project_id,
-            ApprovalSubject::WorkItem(id),
-            &item.content_hash,
-            now,
-        )?;
+        let a = insert_approval(c, item.project_id, ApprovalSubject::WorkItem(id), &item.content_hash, now)?;
         item.approval_id = Some(a.id);
         approval = Some(a);
     }
     save_work_item(c, &item)?;
-    Ok(WorkItemChanged {
-        work_item: item,
-        approval,
-    })
+    Ok(WorkItemChanged { work_item: item, approval })
 }
 
 pub fn work_item_set_policy(
@@ -1256,22 +1027,15 @@ pub fn work_item_set_policy(
     retry: RetryOverrides,
     now: DateTime<Utc>,
 ) -> StoreResult<WorkItem> {
-    c.prepare_cached(&format!(
-        "UPDATE work_items SET retry = ?2, updated_at = ?3 WHERE id = ?1 RETURNING {WI_COLS}"
-    ))
-    .q()?
-    .query_row(params![b(id), to_json(&retry)?, ts(now)], work_item)
-    .optional()
-    .q()?
-    .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
+    c.prepare_cached(&format!("UPDATE work_items SET retry = ?2, updated_at = ?3 WHERE id = ?1 RETURNING {WI_COLS}"))
+        .q()?
+        .query_row(params![b(id), to_json(&retry)?, ts(now)], work_item)
+        .optional()
+        .q()?
+        .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
 }
 
-fn cancel_run_row(
-    c: &Connection,
-    run_id: RunId,
-    reason: &str,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
+fn cancel_run_row(c: &Connection, run_id: RunId, reason: &str, now: DateTime<Utc>) -> StoreResult<()> {
     c.prepare_cached(
         "UPDATE runs SET state = 'cancelled', error = ?2, finished_at = ?3, lease_expires_at = NULL
          WHERE id = ?1 AND state IN ('claimed', 'running', 'waiting_input')",
@@ -1279,21 +1043,14 @@ fn cancel_run_row(
     .q()?
     .execute(params![b(run_id), reason, ts(now)])
     .q()?;
-    c.prepare_cached(
-        "UPDATE info_requests SET state = 'cancelled' WHERE run_id = ?1 AND state = 'pending'",
-    )
-    .q()?
-    .execute([b(run_id)])
-    .q()?;
+    c.prepare_cached("UPDATE info_requests SET state = 'cancelled' WHERE run_id = ?1 AND state = 'pending'")
+        .q()?
+        .execute([b(run_id)])
+        .q()?;
     Ok(())
 }
 
-pub fn cancel_item(
-    c: &Connection,
-    id: WorkItemId,
-    reason: &str,
-    now: DateTime<Utc>,
-) -> StoreResult<WorkItem> {
+pub fn cancel_item(c: &Connection, id: WorkItemId, reason: &str, now: DateTime<Utc>) -> StoreResult<WorkItem> {
     let mut item = work_item_get(c, id)?;
     item.state.transition(WorkItemState::Cancelled)?;
     if let Some(run_id) = item.current_run_id {
@@ -1316,11 +1073,7 @@ fn requeue_item(c: &Connection, id: WorkItemId, r: &Requeue) -> StoreResult<Work
     }
     let was = item.state;
     let blocking = blocking_dep(c, id)?;
-    item.state = if blocking.is_some() {
-        WorkItemState::Blocked
-    } else {
-        WorkItemState::Queued
-    };
+    item.state = if blocking.is_some() { WorkItemState::Blocked } else { WorkItemState::Queued };
     item.blocked_reason = blocking.map(|(d, s)| rules::blocked_reason(d, s));
     if was.is_finished() {
         item.attempts = 0;
@@ -1355,11 +1108,7 @@ pub fn work_item_requeue(c: &Connection, id: WorkItemId, r: &Requeue) -> StoreRe
 
 pub fn scheduled_task_get(c: &Connection, id: WorkItemId) -> StoreResult<ScheduledTask> {
     let (w, _) = work_item_get_pending(c, id)?;
-    let pending = if w.dependencies.is_empty() {
-        0
-    } else {
-        count_pending(c, id)?
-    };
+    let pending = if w.dependencies.is_empty() { 0 } else { count_pending(c, id)? };
     Ok(w.scheduled_task(pending))
 }
 
@@ -1370,22 +1119,14 @@ pub fn queue_list(c: &Connection, f: &QueueFilter) -> StoreResult<Vec<ScheduledT
              ORDER BY priority DESC, COALESCE(run_at, created_at), id"
         ))
         .q()?;
-    let rows = st
-        .query_map(params![f.project_id.map(b)], work_item)
-        .q()?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .q()?;
+    let rows = st.query_map(params![f.project_id.map(b)], work_item).q()?.collect::<rusqlite::Result<Vec<_>>>().q()?;
     let start = match f.page.after {
         Some(a) => rows.iter().position(|w| w.id.0 == a).map_or(0, |i| i + 1),
         None => 0,
     };
     let mut out = Vec::new();
     for w in rows.into_iter().skip(start).take(f.page.effective_limit()) {
-        let pending = if w.dependencies.is_empty() {
-            0
-        } else {
-            count_pending(c, w.id)?
-        };
+        let pending = if w.dependencies.is_empty() { 0 } else { count_pending(c, w.id)? };
         out.push(w.scheduled_task(pending));
     }
     Ok(out)
@@ -1408,9 +1149,7 @@ fn fail_item(
         .optional()
         .q()?
         .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))?;
-    let state: WorkItemState = state
-        .parse()
-        .map_err(|e: UnknownState| StoreError::invalid("state", e.to_string()))?;
+    let state: WorkItemState = state.parse().map_err(|e: UnknownState| StoreError::invalid("state", e.to_string()))?;
     let overrides: RetryOverrides = serde_json::from_str(&retry).map_err(StoreError::backend)?;
     let (mut next, mut retry_at) = rules::after_failure(defaults, &overrides, attempts, kind, now);
     state.transition(next)?;
@@ -1426,11 +1165,7 @@ fn fail_item(
         .q()?
         .execute(params![b(id), next.as_str(), error, ts(now), ts_opt(retry_at), reason])
         .q()?;
-    let blocked = if next.blocks_dependents() {
-        block_dependents(c, id, now)?
-    } else {
-        Vec::new()
-    };
+    let blocked = if next.blocks_dependents() { block_dependents(c, id, now)? } else { Vec::new() };
     Ok((next, retry_at, blocked))
 }
 
@@ -1438,34 +1173,21 @@ pub fn reap(c: &Connection, t: &Tick) -> StoreResult<Vec<ReapedRun>> {
     let mut st = c
         .prepare_cached(
             "UPDATE runs SET state = 'lost', error = 'lease expired', failure_kind = 'retryable', finished_at = ?1, lease_expires_at = NULL
-             WHERE id IN (SELECT id FROM runs WHERE state IN ('claimed', 'running') AND lease_expires_at <= ?1 ORDER BY lease_expires_at LIMIT ?2)
+             WHERE id IN (SELECT id FROM runs WHERE state IN ('claimed', 'running') AND lease_expires_at <= ?1 ORDER BY lease_expires_at LIMIT (?2 + 0))
              RETURNING id, work_item_id",
         )
         .q()?;
     let rows = st
-        .query_map(params![ts(t.now), t.limit.max(1) as i64], |r| {
-            Ok((r.get::<_, U>(0)?, r.get::<_, U>(1)?))
-        })
+        .query_map(params![ts(t.now), t.limit.max(1) as i64], |r| Ok((r.get::<_, U>(0)?, r.get::<_, U>(1)?)))
         .q()?
         .collect::<rusqlite::Result<Vec<_>>>()
         .q()?;
     let mut out = Vec::with_capacity(rows.len());
     for (rid, wid) in rows {
         let wid = WorkItemId(wid.0);
-        let (state, retry_at, _) = fail_item(
-            c,
-            wid,
-            FailureKind::Retryable,
-            "lease expired",
-            &t.retry_defaults,
-            t.now,
-        )?;
-        out.push(ReapedRun {
-            run_id: RunId(rid.0),
-            work_item_id: wid,
-            work_item_state: state,
-            retry_at,
-        });
+        let (state, retry_at, _) =
+            fail_item(c, wid, FailureKind::Retryable, "lease expired", &t.retry_defaults, t.now)?;
+        out.push(ReapedRun { run_id: RunId(rid.0), work_item_id: wid, work_item_state: state, retry_at });
     }
     Ok(out)
 }
@@ -1474,22 +1196,17 @@ pub fn tick(c: &Connection, t: &Tick) -> StoreResult<(TickReport, bool)> {
     let mut st = c
         .prepare_cached(
             "UPDATE work_items SET state = 'queued', updated_at = ?1
-             WHERE id IN (SELECT id FROM work_items WHERE state = 'retrying' AND run_at <= ?1 LIMIT ?2) RETURNING id",
+             WHERE id IN (SELECT id FROM work_items WHERE state = 'retrying' AND run_at <= ?1 LIMIT (?2 + 0)) RETURNING id",
         )
         .q()?;
     let promoted = st
-        .query_map(params![ts(t.now), t.limit.max(1) as i64], |r| {
-            r.get::<_, U>(0)
-        })
+        .query_map(params![ts(t.now), t.limit.max(1) as i64], |r| r.get::<_, U>(0))
         .q()?
         .map(|r| r.map(|u| WorkItemId(u.0)))
         .collect::<rusqlite::Result<Vec<_>>>()
         .q()?;
     let reaped = reap(c, t)?;
-    let notify = !promoted.is_empty()
-        || reaped
-            .iter()
-            .any(|r| r.work_item_state == WorkItemState::Retrying);
+    let notify = !promoted.is_empty() || reaped.iter().any(|r| r.work_item_state == WorkItemState::Retrying);
     Ok((TickReport { promoted, reaped }, notify))
 }
 
@@ -1506,12 +1223,7 @@ pub fn runs_claim(c: &Connection, cl: &Claim) -> StoreResult<Vec<ClaimedRun>> {
     // waiting run when it has one; otherwise it gets a fresh run id and one more attempt.
     let mut st = c.prepare_cached(&CLAIM_SQL).q()?;
     let mut items = st
-        .query_map(params![now, caps, limit], |r| {
-            Ok((
-                work_item(r)?,
-                r.get::<_, Option<bool>>(23)?.unwrap_or(false),
-            ))
-        })
+        .query_map(params![now, caps, limit], |r| Ok((work_item(r)?, r.get::<_, Option<bool>>(23)?.unwrap_or(false))))
         .q()?
         .collect::<rusqlite::Result<Vec<_>>>()
         .q()?;
@@ -1524,6 +1236,7 @@ pub fn runs_claim(c: &Connection, cl: &Claim) -> StoreResult<Vec<ClaimedRun>> {
             return Err(StoreError::conflict("claimed work item has no run id"));
         };
         let (run, was_resumed) = if resume {
+            c.prepare_cached("UPDATE work_items SET resume_pending = 0 WHERE id = ?1").q()?.execute([b(w.id)]).q()?;
             let r = c
                 .prepare_cached(&RESUME_RUN_SQL)
                 .q()?
@@ -1542,17 +1255,9 @@ pub fn runs_claim(c: &Connection, cl: &Claim) -> StoreResult<Vec<ClaimedRun>> {
             .q()?;
             (r, false)
         };
-        let lease = Lease {
-            run_id: run.id,
-            token: run.lease_token,
-            expires_at: run.lease_expires_at.unwrap_or(expires),
-        };
-        out.push(ClaimedRun {
-            run,
-            lease,
-            work_item: w,
-            resumed: was_resumed,
-        });
+        let lease =
+            Lease { run_id: run.id, token: run.lease_token, expires_at: run.lease_expires_at.unwrap_or(expires) };
+        out.push(ClaimedRun { run, lease, work_item: w, resumed: was_resumed });
     }
     Ok(out)
 }
@@ -1588,10 +1293,12 @@ pub fn run_start(c: &Connection, p: &RunStart) -> StoreResult<Run> {
         return Ok(r);
     }
     r.state.transition(RunState::Running)?;
-    c.prepare_cached(&format!("UPDATE runs SET state = 'running', started_at = COALESCE(started_at, ?2) WHERE id = ?1 RETURNING {RUN_COLS}"))
-        .q()?
-        .query_row(params![b(r.id), ts(p.now)], run)
-        .q()
+    c.prepare_cached(&format!(
+        "UPDATE runs SET state = 'running', started_at = COALESCE(started_at, ?2) WHERE id = ?1 RETURNING {RUN_COLS}"
+    ))
+    .q()?
+    .query_row(params![b(r.id), ts(p.now)], run)
+    .q()
 }
 
 fn complete_one(
@@ -1602,16 +1309,9 @@ fn complete_one(
 ) -> StoreResult<StoreResult<CompletionResult>> {
     let (run_to, error, exit_code, kind) = match &x.outcome {
         RunOutcome::Succeeded { exit_code } => (RunState::Succeeded, None, *exit_code, None),
-        RunOutcome::Failed {
-            error,
-            exit_code,
-            kind,
-        } => (
-            RunState::Failed,
-            Some(error.clone()),
-            *exit_code,
-            Some(*kind),
-        ),
+        RunOutcome::Failed { error, exit_code, kind } => {
+            (RunState::Failed, Some(error.clone()), *exit_code, Some(*kind))
+        }
     };
     let kind_s = match kind {
         Some(k) => Some(enum_str(&k)?),
@@ -1626,19 +1326,7 @@ fn complete_one(
     let run = c
         .prepare_cached(&COMPLETE_RUN_SQL)
         .q()?
-        .query_row(
-            params![
-                b(x.run_id),
-                run_to.as_str(),
-                ts(now),
-                exit_code,
-                error,
-                kind_s,
-                usage,
-                i(x.token)
-            ],
-            run,
-        )
+        .query_row(params![b(x.run_id), run_to.as_str(), ts(now), exit_code, error, kind_s, usage, i(x.token)], run)
         .optional()
         .q()?;
     // Refusals below happen before anything was written (inner error); any later failure breaks an
@@ -1656,10 +1344,7 @@ fn complete_one(
             if let Err(e) = r.state.transition(run_to) {
                 return Ok(Err(e.into()));
             }
-            return Ok(Err(StoreError::conflict(format!(
-                "run {} could not be completed",
-                x.run_id
-            ))));
+            return Ok(Err(StoreError::conflict(format!("run {} could not be completed", x.run_id))));
         }
     };
     let wid = run.work_item_id;
@@ -1672,26 +1357,23 @@ fn complete_one(
     };
     match kind {
         None => {
-            let n = c
-                .prepare_cached("UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = ?2 WHERE id = ?1 AND state = 'running'")
+            let has_dependents: Option<bool> = c
+                .prepare_cached("UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = ?2 WHERE id = ?1 AND state = 'running' RETURNING has_dependents")
                 .q()?
-                .execute(params![b(wid), ts(now)])
+                .query_row(params![b(wid), ts(now)], |r| r.get(0))
+                .optional()
                 .q()?;
-            if n == 0 {
-                let w = work_item_get(c, wid)?;
-                return Err(transition_err(w.state, WorkItemState::Succeeded));
+            match has_dependents {
+                None => {
+                    let w = work_item_get(c, wid)?;
+                    return Err(transition_err(w.state, WorkItemState::Succeeded));
+                }
+                Some(true) => res.released = release_dependents(c, wid)?,
+                Some(false) => {}
             }
-            res.released = release_dependents(c, wid)?;
         }
         Some(k) => {
-            let (state, retry_at, blocked) = fail_item(
-                c,
-                wid,
-                k,
-                error.as_deref().unwrap_or("failed"),
-                defaults,
-                now,
-            )?;
+            let (state, retry_at, blocked) = fail_item(c, wid, k, error.as_deref().unwrap_or("failed"), defaults, now)?;
             res.work_item_state = state;
             res.retry_at = retry_at;
             res.blocked = blocked;
@@ -1700,10 +1382,7 @@ fn complete_one(
     Ok(Ok(res))
 }
 
-pub fn runs_complete_many(
-    c: &Connection,
-    p: &CompleteMany,
-) -> StoreResult<(Vec<StoreResult<CompletionResult>>, bool)> {
+pub fn runs_complete_many(c: &Connection, p: &CompleteMany) -> StoreResult<(Vec<StoreResult<CompletionResult>>, bool)> {
     let mut out = Vec::with_capacity(p.completions.len());
     let mut notify = false;
     for x in &p.completions {
@@ -1721,7 +1400,7 @@ pub fn run_list(c: &Connection, f: &RunFilter) -> StoreResult<Vec<Run>> {
     let mut st = c
         .prepare_cached(&format!(
             "SELECT {RUN_COLS} FROM runs WHERE id > ?1 AND (?2 IS NULL OR work_item_id = ?2) AND (?3 IS NULL OR state = ?3)
-             AND (?4 IS NULL OR agent_id = ?4) ORDER BY id LIMIT ?5"
+             AND (?4 IS NULL OR agent_id = ?4) ORDER BY id LIMIT (?5 + 0)"
         ))
         .q()?;
     let rows = st
@@ -1753,17 +1432,11 @@ pub fn run_cancel(c: &Connection, id: RunId, x: &Cancel) -> StoreResult<Run> {
 pub fn run_requeue(c: &Connection, id: RunId, rq: &Requeue) -> StoreResult<WorkItem> {
     let r = run_get(c, id)?;
     let item = work_item_get(c, r.work_item_id)?;
-    let active = matches!(
-        r.state,
-        RunState::Claimed | RunState::Running | RunState::WaitingInput
-    );
+    let active = matches!(r.state, RunState::Claimed | RunState::Running | RunState::WaitingInput);
     if active {
         cancel_run_row(c, id, &rq.reason, rq.now)?;
     } else if item.current_run_id != Some(id) && item.state.has_active_run() {
-        return Err(StoreError::conflict(format!(
-            "work item {} has a newer active run",
-            item.id
-        )));
+        return Err(StoreError::conflict(format!("work item {} has a newer active run", item.id)));
     }
     requeue_item(c, item.id, rq)
 }
@@ -1773,60 +1446,37 @@ pub fn run_requeue(c: &Connection, id: RunId, rq: &Requeue) -> StoreResult<WorkI
 pub fn logs_append(c: &Connection, p: LogAppend) -> StoreResult<u64> {
     let r = run_get(c, p.run_id)?;
     rules::check_fence(&r, p.token, p.now)?;
-    let mut seq: i64 = c
-        .prepare_cached("SELECT log_seq FROM runs WHERE id = ?1")
-        .q()?
-        .query_row([b(p.run_id)], |r| r.get(0))
-        .q()?;
+    let mut seq: i64 =
+        c.prepare_cached("SELECT log_seq FROM runs WHERE id = ?1").q()?.query_row([b(p.run_id)], |r| r.get(0)).q()?;
     {
-        let mut ins = c
-            .prepare_cached(
-                "INSERT INTO logs (run_id, seq, stream, line, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .q()?;
+        let mut ins =
+            c.prepare_cached("INSERT INTO logs (run_id, seq, stream, line, at) VALUES (?1, ?2, ?3, ?4, ?5)").q()?;
         let at = ts(p.now);
         for l in &p.lines {
             seq += 1;
-            ins.execute(params![b(p.run_id), seq, l.stream.as_str(), l.line, at])
-                .q()?;
+            ins.execute(params![b(p.run_id), seq, l.stream.as_str(), l.line, at]).q()?;
         }
     }
-    c.prepare_cached("UPDATE runs SET log_seq = ?2 WHERE id = ?1")
-        .q()?
-        .execute(params![b(p.run_id), seq])
-        .q()?;
+    c.prepare_cached("UPDATE runs SET log_seq = ?2 WHERE id = ?1").q()?.execute(params![b(p.run_id), seq]).q()?;
     Ok(seq as u64)
 }
 
-pub fn logs_read_after(
-    c: &Connection,
-    run_id: RunId,
-    after: u64,
-    limit: u32,
-) -> StoreResult<Vec<LogEntry>> {
+pub fn logs_read_after(c: &Connection, run_id: RunId, after: u64, limit: u32) -> StoreResult<Vec<LogEntry>> {
     run_get(c, run_id)?;
     let mut st = c
         .prepare_cached(&format!(
-            "SELECT {LOG_COLS} FROM logs WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+            "SELECT {LOG_COLS} FROM logs WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT (?3 + 0)"
         ))
         .q()?;
-    let rows = st
-        .query_map(
-            params![b(run_id), i(after), limit.clamp(1, 10_000) as i64],
-            log,
-        )
-        .q()?;
+    let rows = st.query_map(params![b(run_id), i(after), limit.clamp(1, 10_000) as i64], log).q()?;
     rows.collect::<rusqlite::Result<Vec<_>>>().q()
 }
 
 pub fn step_events_append(c: &Connection, p: StepEventsAppend) -> StoreResult<Vec<StepEvent>> {
     let r = run_get(c, p.run_id)?;
     rules::check_fence(&r, p.token, p.now)?;
-    let mut seq: i64 = c
-        .prepare_cached("SELECT event_seq FROM runs WHERE id = ?1")
-        .q()?
-        .query_row([b(p.run_id)], |r| r.get(0))
-        .q()?;
+    let mut seq: i64 =
+        c.prepare_cached("SELECT event_seq FROM runs WHERE id = ?1").q()?.query_row([b(p.run_id)], |r| r.get(0)).q()?;
     let mut out = Vec::with_capacity(p.events.len());
     let mut last_done: Option<u32> = None;
     {
@@ -1866,20 +1516,14 @@ pub fn step_events_append(c: &Connection, p: StepEventsAppend) -> StoreResult<Ve
     Ok(out)
 }
 
-pub fn step_events_read_after(
-    c: &Connection,
-    run_id: RunId,
-    after: u64,
-    limit: u32,
-) -> StoreResult<Vec<StepEvent>> {
+pub fn step_events_read_after(c: &Connection, run_id: RunId, after: u64, limit: u32) -> StoreResult<Vec<StepEvent>> {
     run_get(c, run_id)?;
-    let mut st = c.prepare_cached(&format!("SELECT {EVENT_COLS} FROM step_events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")).q()?;
-    let rows = st
-        .query_map(
-            params![b(run_id), i(after), limit.clamp(1, 10_000) as i64],
-            event,
-        )
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {EVENT_COLS} FROM step_events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT (?3 + 0)"
+        ))
         .q()?;
+    let rows = st.query_map(params![b(run_id), i(after), limit.clamp(1, 10_000) as i64], event).q()?;
     rows.collect::<rusqlite::Result<Vec<_>>>().q()
 }
 
@@ -1928,25 +1572,21 @@ pub fn info_requests_create(c: &Connection, p: InfoAsk) -> StoreResult<Vec<InfoR
             .q()?;
         out.push(ir);
     }
-    c.prepare_cached(
-        "UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL WHERE id = ?1",
-    )
-    .q()?
-    .execute([b(r.id)])
-    .q()?;
+    c.prepare_cached("UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL WHERE id = ?1")
+        .q()?
+        .execute([b(r.id)])
+        .q()?;
     set_item_state(c, r.work_item_id, WorkItemState::WaitingInput, p.now)?;
     Ok(out)
 }
 
 pub fn info_request_get(c: &Connection, id: InfoRequestId) -> StoreResult<InfoRequest> {
-    c.prepare_cached(&format!(
-        "SELECT {INFO_COLS} FROM info_requests WHERE id = ?1"
-    ))
-    .q()?
-    .query_row([b(id)], info)
-    .optional()
-    .q()?
-    .ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, id))
+    c.prepare_cached(&format!("SELECT {INFO_COLS} FROM info_requests WHERE id = ?1"))
+        .q()?
+        .query_row([b(id)], info)
+        .optional()
+        .q()?
+        .ok_or_else(|| StoreError::not_found(EntityKind::InfoRequest, id))
 }
 
 pub fn info_request_list(c: &Connection, f: &InfoRequestFilter) -> StoreResult<Vec<InfoRequest>> {
@@ -1954,18 +1594,12 @@ pub fn info_request_list(c: &Connection, f: &InfoRequestFilter) -> StoreResult<V
     let mut st = c
         .prepare_cached(&format!(
             "SELECT {INFO_COLS} FROM info_requests WHERE id > ?1 AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR run_id = ?3)
-             AND (?4 IS NULL OR project_id = ?4) ORDER BY id LIMIT ?5"
+             AND (?4 IS NULL OR project_id = ?4) ORDER BY id LIMIT (?5 + 0)"
         ))
         .q()?;
     let rows = st
         .query_map(
-            params![
-                after(&f.page),
-                state,
-                f.run_id.map(b),
-                f.project_id.map(b),
-                f.page.effective_limit() as i64
-            ],
+            params![after(&f.page), state, f.run_id.map(b), f.project_id.map(b), f.page.effective_limit() as i64],
             info,
         )
         .q()?;
@@ -1975,11 +1609,7 @@ pub fn info_request_list(c: &Connection, f: &InfoRequestFilter) -> StoreResult<V
 pub fn info_request_answer(c: &Connection, p: InfoAnswer) -> StoreResult<InfoAnswered> {
     let req = info_request_get(c, p.id)?;
     if req.state != InfoRequestState::Pending {
-        return Err(StoreError::conflict(format!(
-            "info request {} is {}",
-            p.id,
-            req.state.as_str()
-        )));
+        return Err(StoreError::conflict(format!("info request {} is {}", p.id, req.state.as_str())));
     }
     let encoded = SealedValue::encode(&p.answer);
     let request = c
@@ -1990,16 +1620,14 @@ pub fn info_request_answer(c: &Connection, p: InfoAnswer) -> StoreResult<InfoAns
         .query_row(params![b(p.id), encoded, ts(p.now), p.answered_by], info)
         .q()?;
     let open: i64 = c
-        .prepare_cached(
-            "SELECT COUNT(*) FROM info_requests WHERE run_id = ?1 AND state = 'pending'",
-        )
+        .prepare_cached("SELECT COUNT(*) FROM info_requests WHERE run_id = ?1 AND state = 'pending'")
         .q()?
         .query_row([b(req.run_id)], |r| r.get(0))
         .q()?;
     let mut resumed = false;
     if open == 0 {
         let n = c
-            .prepare_cached("UPDATE work_items SET state = 'queued', run_at = ?2, updated_at = ?2 WHERE id = ?1 AND state = 'waiting_input'")
+            .prepare_cached("UPDATE work_items SET state = 'queued', run_at = ?2, updated_at = ?2, resume_pending = 1 WHERE id = ?1 AND state = 'waiting_input'")
             .q()?
             .execute(params![b(req.work_item_id), ts(p.now)])
             .q()?;
@@ -2015,11 +1643,8 @@ pub fn info_answers_for_run(
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<InfoRequest>> {
     fenced(c, run_id, token, now)?;
-    let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {INFO_COLS} FROM info_requests WHERE run_id = ?1 ORDER BY id"
-        ))
-        .q()?;
+    let mut st =
+        c.prepare_cached(&format!("SELECT {INFO_COLS} FROM info_requests WHERE run_id = ?1 ORDER BY id")).q()?;
     let rows = st.query_map([b(run_id)], info).q()?;
     rows.collect::<rusqlite::Result<Vec<_>>>().q()
 }
@@ -2029,42 +1654,23 @@ pub fn info_answers_for_run(
 pub fn stats(c: &Connection) -> StoreResult<QueueStats> {
     let mut s = QueueStats::zeroed();
     {
-        let mut st = c
-            .prepare_cached("SELECT state, COUNT(*) FROM work_items GROUP BY state")
-            .q()?;
-        for row in st
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-            .q()?
-        {
+        let mut st = c.prepare_cached("SELECT state, COUNT(*) FROM work_items GROUP BY state").q()?;
+        for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).q()? {
             let (k, v) = row.q()?;
             s.work_items.insert(k, v as u64);
         }
     }
     {
-        let mut st = c
-            .prepare_cached("SELECT state, COUNT(*) FROM runs GROUP BY state")
-            .q()?;
-        for row in st
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-            .q()?
-        {
+        let mut st = c.prepare_cached("SELECT state, COUNT(*) FROM runs GROUP BY state").q()?;
+        for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).q()? {
             let (k, v) = row.q()?;
             s.runs.insert(k, v as u64);
         }
     }
     s.pending_info_requests = c
-        .query_row(
-            "SELECT COUNT(*) FROM info_requests WHERE state = 'pending'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
+        .query_row("SELECT COUNT(*) FROM info_requests WHERE state = 'pending'", [], |r| r.get::<_, i64>(0))
         .q()? as u64;
-    s.pending_approvals = c
-        .query_row(
-            "SELECT COUNT(*) FROM approvals WHERE state = 'pending'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .q()? as u64;
+    s.pending_approvals =
+        c.query_row("SELECT COUNT(*) FROM approvals WHERE state = 'pending'", [], |r| r.get::<_, i64>(0)).q()? as u64;
     Ok(s)
 }

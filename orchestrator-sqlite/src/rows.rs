@@ -40,9 +40,7 @@ pub struct U(pub Uuid);
 impl FromSql for U {
     fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
         let b = v.as_blob()?;
-        Uuid::from_slice(b)
-            .map(U)
-            .map_err(|e| FromSqlError::Other(Box::new(e)))
+        Uuid::from_slice(b).map(U).map_err(|e| FromSqlError::Other(Box::new(e)))
     }
 }
 
@@ -93,10 +91,7 @@ pub fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String, StoreError
 pub fn enum_str<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
     match serde_json::to_value(v).map_err(StoreError::backend)? {
         serde_json::Value::String(s) => Ok(s),
-        other => Err(StoreError::invalid(
-            "enum",
-            format!("not a unit variant: {other}"),
-        )),
+        other => Err(StoreError::invalid("enum", format!("not a unit variant: {other}"))),
     }
 }
 
@@ -127,7 +122,8 @@ pub fn vision(r: &Row<'_>) -> rusqlite::Result<Vision> {
     })
 }
 
-pub const DRAFT_COLS: &str = "id, project_id, title, requirements, state, content_hash, proposed_by, work_item_ids, created_at, decided_at";
+pub const DRAFT_COLS: &str =
+    "id, project_id, title, requirements, state, content_hash, proposed_by, work_item_ids, created_at, decided_at";
 pub fn draft(r: &Row<'_>) -> rusqlite::Result<RequirementsDraft> {
     Ok(RequirementsDraft {
         id: DraftId(uid(r, 0)?),
@@ -143,7 +139,8 @@ pub fn draft(r: &Row<'_>) -> rusqlite::Result<RequirementsDraft> {
     })
 }
 
-pub const APPROVAL_COLS: &str = "id, project_id, subject_kind, subject_id, content_hash, state, requested_at, decided_by, decided_at, reason";
+pub const APPROVAL_COLS: &str =
+    "id, project_id, subject_kind, subject_id, content_hash, state, requested_at, decided_by, decided_at, reason";
 pub fn approval(r: &Row<'_>) -> rusqlite::Result<ApprovalRequest> {
     let kind: String = r.get(2)?;
     let sid = uid(r, 3)?;
@@ -237,10 +234,7 @@ pub fn run(r: &Row<'_>) -> rusqlite::Result<Run> {
         exit_code: r.get(12)?,
         error: r.get(13)?,
         failure_kind: match failure_kind {
-            Some(s) => Some(
-                serde_json::from_value(serde_json::Value::String(s))
-                    .map_err(|e| conv_err(14, e))?,
-            ),
+            Some(s) => Some(serde_json::from_value(serde_json::Value::String(s)).map_err(|e| conv_err(14, e))?),
             None => None,
         },
         usage: match usage {

@@ -80,7 +80,11 @@ CREATE TABLE work_items (
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL,
     enqueued_at INTEGER,
-    pending_deps INTEGER NOT NULL DEFAULT 0
+    pending_deps INTEGER NOT NULL DEFAULT 0,
+    -- 1 while the item waits to resume its run that asked for input.
+    resume_pending INTEGER NOT NULL DEFAULT 0,
+    -- Whether any item depends on this one (completions skip the dependents lookup when 0).
+    has_dependents INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX work_items_project ON work_items (project_id, id);
 CREATE UNIQUE INDEX work_items_idempotency ON work_items (project_id, idempotency_key) WHERE idempotency_key IS NOT NULL;

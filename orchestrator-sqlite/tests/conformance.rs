@@ -7,9 +7,7 @@ use std::sync::Arc;
 async fn file_store() -> Arc<dyn Store> {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("orchestrator.db");
-    let store = SqliteStore::open(&path, SqliteOptions::default())
-        .expect("open")
-        .with_guard(dir);
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open").with_guard(dir);
     Arc::new(store)
 }
 

@@ -51,16 +51,10 @@ static CHILD_START: OnceLock<Instant> = OnceLock::new();
 /// the child ran too long.
 fn ack(what: std::fmt::Arguments<'_>) {
     let mut out = std::io::stdout().lock();
-    if writeln!(out, "ACK {what}")
-        .and_then(|()| out.flush())
-        .is_err()
-    {
+    if writeln!(out, "ACK {what}").and_then(|()| out.flush()).is_err() {
         std::process::exit(0);
     }
-    if CHILD_START
-        .get()
-        .is_some_and(|t| t.elapsed() > CHILD_MAX_RUNTIME)
-    {
+    if CHILD_START.get().is_some_and(|t| t.elapsed() > CHILD_MAX_RUNTIME) {
         std::process::exit(0);
     }
 }
@@ -84,9 +78,7 @@ async fn creator(orch: Orchestrator, project: ProjectId, k: usize) {
             .unwrap_or_else(|e| fatal("create_work_item", e));
         let id = created.work_item.id;
         ack(format_args!("item {id}"));
-        orch.enqueue(id, EnqueueOptions::default())
-            .await
-            .unwrap_or_else(|e| fatal("enqueue", e));
+        orch.enqueue(id, EnqueueOptions::default()).await.unwrap_or_else(|e| fatal("enqueue", e));
         ack(format_args!("queued {id}"));
     }
 }
@@ -107,50 +99,31 @@ async fn logger(orch: Orchestrator, k: usize) {
             continue;
         };
         let (run, token) = (a.run_id(), a.token());
-        orch.start(run, token)
-            .await
-            .unwrap_or_else(|e| fatal("start", e));
+        orch.start(run, token).await.unwrap_or_else(|e| fatal("start", e));
         let mut seq = 0u64;
         for _ in 0..APPENDS_PER_RUN {
             let lines = (1..=LINES_PER_APPEND)
-                .map(|i| NewLogLine {
-                    stream: LogStream::Stdout,
-                    line: log_line(run, seq + i),
-                })
+                .map(|i| NewLogLine { stream: LogStream::Stdout, line: log_line(run, seq + i) })
                 .collect();
-            let last = orch
-                .append_logs(run, token, lines)
-                .await
-                .unwrap_or_else(|e| fatal("append_logs", e));
+            let last = orch.append_logs(run, token, lines).await.unwrap_or_else(|e| fatal("append_logs", e));
             if last != seq + LINES_PER_APPEND {
-                fatal(
-                    "append_logs",
-                    format!("expected last seq {}, got {last}", seq + LINES_PER_APPEND),
-                );
+                fatal("append_logs", format!("expected last seq {}, got {last}", seq + LINES_PER_APPEND));
             }
             seq = last;
             ack(format_args!("log {run} {seq}"));
         }
-        orch.complete(
-            run,
-            token,
-            RunOutcome::Succeeded { exit_code: Some(0) },
-            None,
-        )
-        .await
-        .unwrap_or_else(|e| fatal("complete", e));
+        orch.complete(run, token, RunOutcome::Succeeded { exit_code: Some(0) }, None)
+            .await
+            .unwrap_or_else(|e| fatal("complete", e));
         ack(format_args!("done {run}"));
     }
 }
 
 async fn child_main(path: PathBuf) {
-    let store =
-        SqliteStore::open(&path, SqliteOptions::default()).unwrap_or_else(|e| fatal("open", e));
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap_or_else(|e| fatal("open", e));
     let orch = Orchestrator::new(Arc::new(store), OrchestratorConfig::default());
-    let project = orch
-        .create_project("durability", "killed mid-stream")
-        .await
-        .unwrap_or_else(|e| fatal("create_project", e));
+    let project =
+        orch.create_project("durability", "killed mid-stream").await.unwrap_or_else(|e| fatal("create_project", e));
     ack(format_args!("project {}", project.id));
     let mut tasks = tokio::task::JoinSet::new();
     for k in 0..CREATORS {
@@ -179,11 +152,7 @@ fn child_writer() {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out).and_then(|()| out.flush());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().expect("runtime");
     rt.block_on(child_main(PathBuf::from(path)));
 }
 
@@ -220,10 +189,7 @@ impl Acks {
         };
         let parts: Vec<&str> = rest.split_whitespace().collect();
         let id = |i: usize| -> uuid::Uuid {
-            parts
-                .get(i)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("malformed ack line: {line:?}"))
+            parts.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("malformed ack line: {line:?}"))
         };
         match parts.first().copied() {
             Some("project") => {
@@ -236,10 +202,8 @@ impl Acks {
                 self.queued.insert(id(1).into());
             }
             Some("log") => {
-                let seq: u64 = parts
-                    .get(2)
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or_else(|| panic!("malformed ack line: {line:?}"));
+                let seq: u64 =
+                    parts.get(2).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("malformed ack line: {line:?}"));
                 let e = self.logs.entry(id(1).into()).or_insert(0);
                 *e = (*e).max(seq);
             }
@@ -254,13 +218,7 @@ impl Acks {
 
 /// Spawns the child writing to `db` and returns it with a channel of its complete stdout lines (the
 /// channel closes at the child's end of output).
-fn spawn_child(
-    db: &Path,
-) -> (
-    KillOnDrop,
-    mpsc::Receiver<String>,
-    std::thread::JoinHandle<()>,
-) {
+fn spawn_child(db: &Path) -> (KillOnDrop, mpsc::Receiver<String>, std::thread::JoinHandle<()>) {
     let exe = std::env::current_exe().expect("current test binary");
     let mut child = Command::new(exe)
         .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
@@ -303,15 +261,12 @@ fn durability_after_sigkill() {
     while acks.total < MIN_ACKS {
         match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(line) => acks.record(&line),
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                "only {} acknowledged writes within {ACK_DEADLINE:?}",
-                acks.total
-            ),
-            Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
-                "the child stopped after {} acknowledged writes: {:?}",
-                acks.total,
-                child.0.try_wait()
-            ),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("only {} acknowledged writes within {ACK_DEADLINE:?}", acks.total)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("the child stopped after {} acknowledged writes: {:?}", acks.total, child.0.try_wait())
+            }
         }
     }
 
@@ -320,11 +275,7 @@ fn durability_after_sigkill() {
     let status = child.0.wait().expect("wait for the child");
     {
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(
-            status.signal(),
-            Some(9),
-            "the child should die of SIGKILL, not end on its own: {status:?}"
-        );
+        assert_eq!(status.signal(), Some(9), "the child should die of SIGKILL, not end on its own: {status:?}");
     }
     // Everything it acknowledged before dying is still in the pipe.
     for line in lines.iter() {
@@ -344,16 +295,9 @@ fn durability_after_sigkill() {
     );
 
     // The child never closed the database: reopening must recover it from its WAL.
-    assert!(
-        PathBuf::from(format!("{}-wal", db.display())).exists(),
-        "the killed child should leave its WAL behind"
-    );
+    assert!(PathBuf::from(format!("{}-wal", db.display())).exists(), "the killed child should leave its WAL behind");
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(verify(&db, &acks));
 
     let conn = rusqlite::Connection::open(&db).expect("plain connection");
@@ -370,27 +314,15 @@ fn durability_after_sigkill() {
 async fn verify(db: &Path, acks: &Acks) {
     let store = SqliteStore::open(db, SqliteOptions::default()).expect("reopen after SIGKILL");
     let project = *acks.projects.first().expect("project ack");
-    store
-        .project_get(project)
-        .await
-        .expect("acknowledged project");
+    store.project_get(project).await.expect("acknowledged project");
     for id in &acks.items {
-        let w = store
-            .work_item_get(*id)
-            .await
-            .unwrap_or_else(|e| panic!("acknowledged work item {id} lost: {e}"));
+        let w = store.work_item_get(*id).await.unwrap_or_else(|e| panic!("acknowledged work item {id} lost: {e}"));
         assert_eq!(w.project_id, project);
     }
     for id in &acks.queued {
-        let w = store
-            .work_item_get(*id)
-            .await
-            .unwrap_or_else(|e| panic!("acknowledged enqueued item {id} lost: {e}"));
+        let w = store.work_item_get(*id).await.unwrap_or_else(|e| panic!("acknowledged enqueued item {id} lost: {e}"));
         assert!(
-            matches!(
-                w.state,
-                WorkItemState::Queued | WorkItemState::Running | WorkItemState::Succeeded
-            ),
+            matches!(w.state, WorkItemState::Queued | WorkItemState::Running | WorkItemState::Succeeded),
             "acknowledged enqueue of {id} lost: state {}",
             w.state
         );
@@ -400,11 +332,7 @@ async fn verify(db: &Path, acks: &Acks) {
             .logs_read_after(*run, 0, 10_000)
             .await
             .unwrap_or_else(|e| panic!("logs of acknowledged run {run} lost: {e}"));
-        assert!(
-            lines.len() as u64 >= *last,
-            "run {run}: {last} log lines acknowledged, {} readable",
-            lines.len()
-        );
+        assert!(lines.len() as u64 >= *last, "run {run}: {last} log lines acknowledged, {} readable", lines.len());
         for (i, l) in lines.iter().enumerate() {
             let seq = i as u64 + 1;
             assert_eq!(l.seq, seq, "run {run}: log sequence has a gap");
@@ -412,10 +340,7 @@ async fn verify(db: &Path, acks: &Acks) {
         }
     }
     for run in &acks.done {
-        let r = store
-            .run_get(*run)
-            .await
-            .unwrap_or_else(|e| panic!("acknowledged completed run {run} lost: {e}"));
+        let r = store.run_get(*run).await.unwrap_or_else(|e| panic!("acknowledged completed run {run} lost: {e}"));
         assert_eq!(r.state, RunState::Succeeded, "run {run}");
         let w = store.work_item_get(r.work_item_id).await.expect("its item");
         assert_eq!(w.state, WorkItemState::Succeeded, "item of run {run}");

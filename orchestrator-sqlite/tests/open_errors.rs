@@ -41,33 +41,24 @@ fn wait_released(path: &Path) {
     let wal = sidecar(path, "-wal");
     let deadline = Instant::now() + Duration::from_secs(10);
     while wal.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the writer thread did not release `{}` within 10 s",
-            path.display()
-        );
+        assert!(Instant::now() < deadline, "the writer thread did not release `{}` within 10 s", path.display());
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 fn fixed_now() -> DateTime<Utc> {
-    Utc.timestamp_opt(1_700_000_000, 0)
-        .single()
-        .expect("valid time")
+    Utc.timestamp_opt(1_700_000_000, 0).single().expect("valid time")
 }
 
 fn user_version(path: &Path) -> i64 {
     let c = rusqlite::Connection::open(path).expect("plain connection");
-    c.query_row("PRAGMA user_version", [], |r| r.get(0))
-        .expect("user_version")
+    c.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("user_version")
 }
 
 fn set_user_version(path: &Path, v: i64) {
     let c = rusqlite::Connection::open(path).expect("plain connection");
-    c.busy_timeout(Duration::from_secs(10))
-        .expect("busy_timeout");
-    c.execute_batch(&format!("PRAGMA user_version = {v}"))
-        .expect("set user_version");
+    c.busy_timeout(Duration::from_secs(10)).expect("busy_timeout");
+    c.execute_batch(&format!("PRAGMA user_version = {v}")).expect("set user_version");
 }
 
 /// Creates a database with one project (writes only) and waits until its writer released it.
@@ -105,22 +96,15 @@ fn missing_directory_is_named() {
     assert!(msg.contains(&shown(&missing)), "{msg}");
     assert!(msg.contains(&shown(&path)), "{msg}");
     assert!(msg.contains("does not exist"), "{msg}");
-    assert!(
-        !tmp.path().join("no-such-dir").exists(),
-        "open must not create directories"
-    );
+    assert!(!tmp.path().join("no-such-dir").exists(), "open must not create directories");
 }
 
 #[test]
 fn not_a_database_is_refused_and_left_untouched() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let path = tmp.path().join("notes.txt");
-    let bytes: Vec<u8> = b"this is not a SQLite database, just some text\n"
-        .iter()
-        .copied()
-        .cycle()
-        .take(4096)
-        .collect();
+    let bytes: Vec<u8> =
+        b"this is not a SQLite database, just some text\n".iter().copied().cycle().take(4096).collect();
     std::fs::write(&path, &bytes).expect("write file");
     let err = open_err(&path);
     match &err {
@@ -130,15 +114,8 @@ fn not_a_database_is_refused_and_left_untouched() {
     let msg = err.to_string();
     assert!(msg.contains(&shown(&path)), "{msg}");
     assert!(msg.contains("not a SQLite database"), "{msg}");
-    assert_eq!(
-        std::fs::read(&path).expect("read back"),
-        bytes,
-        "a refused open must not modify the file"
-    );
-    assert!(
-        !sidecar(&path, "-wal").exists(),
-        "no WAL next to a non-database"
-    );
+    assert_eq!(std::fs::read(&path).expect("read back"), bytes, "a refused open must not modify the file");
+    assert!(!sidecar(&path, "-wal").exists(), "no WAL next to a non-database");
     // Asking again gives the same answer (nothing was half-initialised by the first attempt).
     assert!(matches!(open_err(&path), OpenError::NotADatabase { .. }));
 }
@@ -153,11 +130,7 @@ async fn newer_schema_is_refused() {
     set_user_version(&path, 999);
     let err = open_err(&path);
     match &err {
-        OpenError::NewerSchema {
-            path: p,
-            found,
-            supported,
-        } => {
+        OpenError::NewerSchema { path: p, found, supported } => {
             assert_eq!(p, &path);
             assert_eq!(*found, 999);
             assert_eq!(*supported, schema_version());
@@ -208,18 +181,9 @@ async fn reopen_keeps_data() {
 
     for round in 0..2 {
         let store = open(&path).unwrap_or_else(|e| panic!("reopen {round}: {e}"));
-        assert_eq!(
-            store.project_get(project.id).await.expect("project"),
-            project
-        );
-        assert_eq!(
-            store.project_list(Page::default()).await.expect("list"),
-            vec![project.clone()]
-        );
-        assert_eq!(
-            store.vision_get(project.id, None).await.expect("vision"),
-            vision
-        );
+        assert_eq!(store.project_get(project.id).await.expect("project"), project);
+        assert_eq!(store.project_list(Page::default()).await.expect("list"), vec![project.clone()]);
+        assert_eq!(store.vision_get(project.id, None).await.expect("vision"), vision);
         drop(store);
     }
     assert_eq!(user_version(&path), schema_version());
@@ -233,10 +197,7 @@ fn parent_that_is_a_file_is_a_clear_error() {
     let path = file.join("orchestrator.db");
     let err = open_err(&path);
     let msg = err.to_string();
-    assert!(
-        matches!(&err, OpenError::Sqlite { path: p, .. } if p == &path),
-        "{err:?}"
-    );
+    assert!(matches!(&err, OpenError::Sqlite { path: p, .. } if p == &path), "{err:?}");
     assert!(msg.contains(&shown(&path)), "{msg}");
     assert!(msg.contains("is not a directory"), "{msg}");
     assert_eq!(std::fs::read(&file).expect("read back"), b"not a directory");
@@ -250,17 +211,9 @@ impl Immutable {
     /// Sets the immutable attribute on `path`; `None` (with a note) where that is unsupported or does
     /// not actually stop writes.
     fn set(path: &Path) -> Option<Immutable> {
-        let ok = Command::new("chattr")
-            .arg("+i")
-            .arg(path)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+        let ok = Command::new("chattr").arg("+i").arg(path).status().map(|s| s.success()).unwrap_or(false);
         if !ok {
-            eprintln!(
-                "note: `chattr +i {}` is unavailable here; read-only test skipped",
-                path.display()
-            );
+            eprintln!("note: `chattr +i {}` is unavailable here; read-only test skipped", path.display());
             return None;
         }
         let guard = Immutable(path.to_path_buf());
@@ -311,10 +264,7 @@ async fn read_only_database_file() {
     }
     assert_eq!(std::fs::read(&path).expect("read db"), before);
     let store = open(&path).expect("writable again");
-    store
-        .project_get(project)
-        .await
-        .expect("data intact after the refused open");
+    store.project_get(project).await.expect("data intact after the refused open");
 }
 
 #[tokio::test]
@@ -346,8 +296,5 @@ async fn read_only_directory() {
         assert!(!fresh.exists());
     }
     let store = open(&existing).expect("writable again");
-    store
-        .project_get(project)
-        .await
-        .expect("data intact after the refused open");
+    store.project_get(project).await.expect("data intact after the refused open");
 }

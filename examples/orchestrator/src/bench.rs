@@ -26,9 +26,7 @@ pub struct Opts {
 }
 
 fn num<T: std::str::FromStr>(name: &str, v: Option<&String>) -> Result<T, String> {
-    v.ok_or_else(|| format!("{name} needs a value"))?
-        .parse()
-        .map_err(|_| format!("{name}: not a valid number"))
+    v.ok_or_else(|| format!("{name} needs a value"))?.parse().map_err(|_| format!("{name}: not a valid number"))
 }
 
 /// Parses `bench` arguments.
@@ -64,10 +62,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         }
     }
     if !matches!(o.backend.as_str(), "sqlite" | "memory") {
-        return Err(format!(
-            "unknown backend `{}` (sqlite or memory)",
-            o.backend
-        ));
+        return Err(format!("unknown backend `{}` (sqlite or memory)", o.backend));
     }
     if o.items == 0 || o.claimers == 0 || o.batch == 0 || o.enqueue_batch == 0 {
         return Err("--items, --claimers, --batch and --enqueue-batch must be positive".into());
@@ -83,11 +78,7 @@ struct Backend {
 
 fn open(o: &Opts) -> Result<Backend, String> {
     match o.backend.as_str() {
-        "memory" => Ok(Backend {
-            store: Arc::new(MemoryStore::new()),
-            _dir: None,
-            path: None,
-        }),
+        "memory" => Ok(Backend { store: Arc::new(MemoryStore::new()), _dir: None, path: None }),
         _ => {
             let (dir, path) = match &o.db {
                 Some(p) => (None, p.clone()),
@@ -97,16 +88,9 @@ fn open(o: &Opts) -> Result<Backend, String> {
                     (Some(d), p)
                 }
             };
-            let opts = SqliteOptions {
-                synchronous: o.synchronous,
-                ..Default::default()
-            };
+            let opts = SqliteOptions { synchronous: o.synchronous, ..Default::default() };
             let s = SqliteStore::open(&path, opts).map_err(|e| e.to_string())?;
-            Ok(Backend {
-                store: Arc::new(s),
-                _dir: dir,
-                path: Some(path),
-            })
+            Ok(Backend { store: Arc::new(s), _dir: dir, path: Some(path) })
         }
     }
 }
@@ -156,12 +140,7 @@ struct ClaimStats {
     latencies: Vec<Duration>,
 }
 
-async fn claim_complete(
-    orch: &Orchestrator,
-    n: usize,
-    claimers: usize,
-    batch: u32,
-) -> Result<ClaimStats, String> {
+async fn claim_complete(orch: &Orchestrator, n: usize, claimers: usize, batch: u32) -> Result<ClaimStats, String> {
     let done = Arc::new(AtomicUsize::new(0));
     let t = Instant::now();
     let mut tasks = Vec::new();
@@ -200,11 +179,7 @@ async fn claim_complete(
                     })
                     .collect();
                 let k = completions.len();
-                for r in orch
-                    .complete_many(completions)
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
+                for r in orch.complete_many(completions).await.map_err(|e| e.to_string())? {
                     r.map_err(|e| e.to_string())?;
                 }
                 done.fetch_add(k, Ordering::Relaxed);
@@ -217,21 +192,14 @@ async fn claim_complete(
         latencies.extend(t.await.map_err(|e| e.to_string())??);
     }
     latencies.sort();
-    Ok(ClaimStats {
-        seconds: t.elapsed().as_secs_f64(),
-        runs: done.load(Ordering::Relaxed),
-        latencies,
-    })
+    Ok(ClaimStats { seconds: t.elapsed().as_secs_f64(), runs: done.load(Ordering::Relaxed), latencies })
 }
 
 /// Runs every measurement and prints one JSON line each.
 pub async fn run(o: Opts) -> Result<(), String> {
     let b = open(&o)?;
     let orch = Orchestrator::new(b.store.clone(), OrchestratorConfig::default());
-    let project = orch
-        .create_project("bench", "")
-        .await
-        .map_err(|e| e.to_string())?;
+    let project = orch.create_project("bench", "").await.map_err(|e| e.to_string())?;
     let base = json!({"backend": o.backend, "synchronous": format!("{:?}", o.synchronous).to_lowercase(), "db": b.path.as_ref().map(|p| p.display().to_string())});
     let with = |mut v: serde_json::Value| {
         if let (Some(m), Some(b)) = (v.as_object_mut(), base.as_object()) {
@@ -257,9 +225,7 @@ pub async fn run(o: Opts) -> Result<(), String> {
                 if i >= n {
                     return Ok::<(), String>(());
                 }
-                orch.create_work_item(item(pid, i))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                orch.create_work_item(item(pid, i)).await.map_err(|e| e.to_string())?;
             }
         }));
     }
@@ -295,34 +261,16 @@ pub async fn run(o: Opts) -> Result<(), String> {
             claim_complete(&orch, k, o.claimers, 1000).await?;
             left -= k;
         }
-        let finished = orch
-            .store()
-            .stats()
-            .await
-            .map_err(|e| e.to_string())?
-            .runs
-            .get("succeeded")
-            .copied()
-            .unwrap_or(0);
-        eprintln!(
-            "preloaded {finished} finished runs in {:.1}s",
-            t.elapsed().as_secs_f64()
-        );
+        let finished =
+            orch.store().stats().await.map_err(|e| e.to_string())?.runs.get("succeeded").copied().unwrap_or(0);
+        eprintln!("preloaded {finished} finished runs in {:.1}s", t.elapsed().as_secs_f64());
         enqueue_batched(&orch, project.id, o.items, o.enqueue_batch).await?;
         let st = claim_complete(&orch, o.items, o.claimers, o.batch).await?;
         let mut v = json!({"finished_runs": finished});
         if let Some(m) = v.as_object_mut() {
-            m.insert(
-                "note".into(),
-                json!("claims with finished runs in the database"),
-            );
+            m.insert("note".into(), json!("claims with finished runs in the database"));
         }
-        report_claims(
-            &|x| with(merge(x, &v)),
-            "claim_complete_with_finished",
-            &o,
-            &st,
-        );
+        report_claims(&|x| with(merge(x, &v)), "claim_complete_with_finished", &o, &st);
     }
     Ok(())
 }
@@ -336,12 +284,7 @@ fn merge(mut a: serde_json::Value, b: &serde_json::Value) -> serde_json::Value {
     a
 }
 
-fn report_claims(
-    with: &dyn Fn(serde_json::Value) -> serde_json::Value,
-    name: &str,
-    o: &Opts,
-    st: &ClaimStats,
-) {
+fn report_claims(with: &dyn Fn(serde_json::Value) -> serde_json::Value, name: &str, o: &Opts, st: &ClaimStats) {
     emit(with(json!({
         "bench": name,
         "runs": st.runs,

@@ -13,77 +13,35 @@ pub async fn project_crud(store: Arc<dyn Store>) {
     let b = h.orch.create_project("beta", "").await.unwrap();
     assert_eq!(h.store.project_get(a.id).await.unwrap(), a);
     let all = h.store.project_list(Page::default()).await.unwrap();
-    assert_eq!(
-        all.iter().map(|p| p.id).collect::<Vec<_>>(),
-        vec![a.id, b.id]
-    );
-    let page = h
-        .store
-        .project_list(Page {
-            limit: 1,
-            after: Some(a.id.0),
-        })
-        .await
-        .unwrap();
+    assert_eq!(all.iter().map(|p| p.id).collect::<Vec<_>>(), vec![a.id, b.id]);
+    let page = h.store.project_list(Page { limit: 1, after: Some(a.id.0) }).await.unwrap();
     assert_eq!(page.len(), 1);
     assert_eq!(page[0].id, b.id);
     h.clock.advance(chrono::Duration::seconds(5));
-    let u = h
-        .orch
-        .update_project(a.id, Some("alpha2".into()), None)
-        .await
-        .unwrap();
+    let u = h.orch.update_project(a.id, Some("alpha2".into()), None).await.unwrap();
     assert_eq!(u.name, "alpha2");
     assert_eq!(u.description, "first");
     assert!(u.updated_at > a.updated_at);
     assert!(h.orch.create_project("  ", "").await.is_err());
     h.store.project_delete(b.id).await.unwrap();
-    assert!(matches!(
-        h.store.project_get(b.id).await,
-        Err(StoreError::NotFound { .. })
-    ));
-    assert!(matches!(
-        h.store.project_delete(b.id).await,
-        Err(StoreError::NotFound { .. })
-    ));
+    assert!(matches!(h.store.project_get(b.id).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(h.store.project_delete(b.id).await, Err(StoreError::NotFound { .. })));
 }
 
 /// Visions are versioned: each put adds a version; get returns the latest or a given one.
 pub async fn vision_versions(store: Arc<dyn Store>) {
     let h = Harness::new(store);
     let p = h.project().await;
-    assert!(matches!(
-        h.store.vision_get(p.id, None).await,
-        Err(StoreError::NotFound { .. })
-    ));
-    let v1 = h
-        .orch
-        .put_vision(p.id, "first vision", Some("ann".into()))
-        .await
-        .unwrap();
-    let v2 = h
-        .orch
-        .put_vision(p.id, "second vision", None)
-        .await
-        .unwrap();
+    assert!(matches!(h.store.vision_get(p.id, None).await, Err(StoreError::NotFound { .. })));
+    let v1 = h.orch.put_vision(p.id, "first vision", Some("ann".into())).await.unwrap();
+    let v2 = h.orch.put_vision(p.id, "second vision", None).await.unwrap();
     assert_eq!((v1.version, v2.version), (1, 2));
-    assert_eq!(
-        h.store.vision_get(p.id, None).await.unwrap().text,
-        "second vision"
-    );
-    assert_eq!(
-        h.store.vision_get(p.id, Some(1)).await.unwrap().text,
-        "first vision"
-    );
+    assert_eq!(h.store.vision_get(p.id, None).await.unwrap().text, "second vision");
+    assert_eq!(h.store.vision_get(p.id, Some(1)).await.unwrap().text, "first vision");
     assert_eq!(h.store.vision_list(p.id).await.unwrap().len(), 2);
+    assert!(matches!(h.store.vision_get(p.id, Some(9)).await, Err(StoreError::NotFound { .. })));
     assert!(matches!(
-        h.store.vision_get(p.id, Some(9)).await,
-        Err(StoreError::NotFound { .. })
-    ));
-    assert!(matches!(
-        h.orch
-            .put_vision(crate::ids::ProjectId::new(), "x", None)
-            .await,
+        h.orch.put_vision(crate::ids::ProjectId::new(), "x", None).await,
         Err(crate::Error::Store(StoreError::NotFound { .. }))
     ));
 }
@@ -93,16 +51,10 @@ pub async fn project_delete_refused_while_active(store: Arc<dyn Store>) {
     let h = Harness::new(store);
     let p = h.project().await;
     let w = h.queued(p.id, "busy", 0, &[]).await;
-    assert!(matches!(
-        h.store.project_delete(p.id).await,
-        Err(StoreError::Conflict { .. })
-    ));
+    assert!(matches!(h.store.project_delete(p.id).await, Err(StoreError::Conflict { .. })));
     h.orch.cancel_work_item(w.id, None).await.unwrap();
     h.store.project_delete(p.id).await.unwrap();
-    assert!(matches!(
-        h.store.work_item_get(w.id).await,
-        Err(StoreError::NotFound { .. })
-    ));
+    assert!(matches!(h.store.work_item_get(w.id).await, Err(StoreError::NotFound { .. })));
     assert_eq!(h.state_of_opt(w.id).await, None);
 }
 

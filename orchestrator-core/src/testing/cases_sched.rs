@@ -45,43 +45,17 @@ async fn claim_as(h: &Harness, agent: &str, caps: &[&str], max: u32) -> Vec<Assi
 
 async fn fail_with(h: &Harness, a: &Assignment, kind: FailureKind) -> CompletionResult {
     h.orch
-        .complete(
-            a.run_id(),
-            a.token(),
-            RunOutcome::Failed {
-                error: "boom".into(),
-                exit_code: Some(1),
-                kind,
-            },
-            None,
-        )
+        .complete(a.run_id(), a.token(), RunOutcome::Failed { error: "boom".into(), exit_code: Some(1), kind }, None)
         .await
         .expect("complete")
 }
 
-async fn enqueue_with(
-    h: &Harness,
-    id: WorkItemId,
-    deps: &[WorkItemId],
-) -> Result<ScheduledTask, Error> {
-    h.orch
-        .enqueue(
-            id,
-            EnqueueOptions {
-                priority: None,
-                depends_on: deps.to_vec(),
-                not_before: None,
-            },
-        )
-        .await
+async fn enqueue_with(h: &Harness, id: WorkItemId, deps: &[WorkItemId]) -> Result<ScheduledTask, Error> {
+    h.orch.enqueue(id, EnqueueOptions { priority: None, depends_on: deps.to_vec(), not_before: None }).await
 }
 
 fn tick_now(h: &Harness) -> Tick {
-    Tick {
-        retry_defaults: h.orch.config().retry.clone(),
-        limit: 1000,
-        now: h.clock.now(),
-    }
+    Tick { retry_defaults: h.orch.config().retry.clone(), limit: 1000, now: h.clock.now() }
 }
 
 fn question(key: &str) -> NewInfoRequest {
@@ -95,10 +69,7 @@ fn question(key: &str) -> NewInfoRequest {
 }
 
 fn log_line(s: &str) -> Vec<NewLogLine> {
-    vec![NewLogLine {
-        stream: LogStream::Stdout,
-        line: s.into(),
-    }]
+    vec![NewLogLine { stream: LogStream::Stdout, line: s.into() }]
 }
 
 fn step_event() -> Vec<NewStepEvent> {
@@ -134,38 +105,18 @@ async fn assert_all_writes_lost(h: &Harness, a: &Assignment, token: u64) {
     let run = a.run_id();
     assert_lease_lost(h.orch.heartbeat(run, token).await, "heartbeat");
     assert_lease_lost(h.orch.start(run, token).await, "start");
-    assert_lease_lost(
-        h.orch.append_logs(run, token, log_line("late")).await,
-        "append_logs",
-    );
-    assert_lease_lost(
-        h.orch.record_steps(run, token, step_event()).await,
-        "record_steps",
-    );
+    assert_lease_lost(h.orch.append_logs(run, token, log_line("late")).await, "append_logs");
+    assert_lease_lost(h.orch.record_steps(run, token, step_event()).await, "record_steps");
     assert_lease_lost(h.orch.ask(run, token, vec![question("late")]).await, "ask");
     assert_lease_lost(
-        h.orch
-            .complete(
-                run,
-                token,
-                RunOutcome::Succeeded { exit_code: Some(0) },
-                None,
-            )
-            .await,
+        h.orch.complete(run, token, RunOutcome::Succeeded { exit_code: Some(0) }, None).await,
         "complete",
     );
 }
 
 async fn runs_of(h: &Harness, id: WorkItemId) -> Vec<Run> {
     h.store
-        .run_list(RunFilter {
-            work_item_id: Some(id),
-            page: Page {
-                limit: 1000,
-                after: None,
-            },
-            ..Default::default()
-        })
+        .run_list(RunFilter { work_item_id: Some(id), page: Page { limit: 1000, after: None }, ..Default::default() })
         .await
         .expect("run list")
 }
@@ -188,17 +139,7 @@ pub async fn claim_order_priority_then_oldest(store: Arc<dyn Store>) {
     for _ in 0..6 {
         order.push(h.claim_one("agent").await.claimed.work_item.id);
     }
-    assert_eq!(
-        order,
-        vec![
-            high.id,
-            high_newer.id,
-            mid.id,
-            low_old.id,
-            low_new.id,
-            negative.id
-        ]
-    );
+    assert_eq!(order, vec![high.id, high_newer.id, mid.id, low_old.id, low_new.id, negative.id]);
     assert!(h.claim("agent", 5).await.is_empty());
 }
 
@@ -244,11 +185,7 @@ pub async fn claim_batch_returns_claim_order(store: Arc<dyn Store>) {
     }
     let rest = h.claim("agent", 10).await;
     assert_eq!(item_ids(&rest), vec![c.id, e.id]);
-    let runs: HashSet<RunId> = first
-        .iter()
-        .chain(rest.iter())
-        .map(|x| x.run_id())
-        .collect();
+    let runs: HashSet<RunId> = first.iter().chain(rest.iter()).map(|x| x.run_id()).collect();
     assert_eq!(runs.len(), 6, "one distinct run per claimed item");
 }
 
@@ -259,17 +196,9 @@ pub async fn claim_respects_limit_and_empty_queue(store: Arc<dyn Store>) {
     assert!(h.claim("agent", 10).await.is_empty());
     let zero = h
         .orch
-        .claim(ClaimRequest {
-            agent_id: "agent".into(),
-            capabilities: vec![],
-            max: 0,
-            lease_ttl_seconds: None,
-        })
+        .claim(ClaimRequest { agent_id: "agent".into(), capabilities: vec![], max: 0, lease_ttl_seconds: None })
         .await;
-    assert!(
-        matches!(zero, Err(Error::Invalid { .. })),
-        "max 0: {zero:?}"
-    );
+    assert!(matches!(zero, Err(Error::Invalid { .. })), "max 0: {zero:?}");
     let too_many = h
         .orch
         .claim(ClaimRequest {
@@ -279,10 +208,7 @@ pub async fn claim_respects_limit_and_empty_queue(store: Arc<dyn Store>) {
             lease_ttl_seconds: None,
         })
         .await;
-    assert!(
-        matches!(too_many, Err(Error::Invalid { .. })),
-        "max too large: {too_many:?}"
-    );
+    assert!(matches!(too_many, Err(Error::Invalid { .. })), "max too large: {too_many:?}");
     for i in 0..5 {
         h.queued(p.id, &format!("item {i}"), 0, &[]).await;
     }
@@ -312,14 +238,7 @@ pub async fn claim_creates_run_and_lease(store: Arc<dyn Store>) {
     assert_eq!(run.claimed_at, t0);
     assert_eq!(run.started_at, None);
     assert_eq!(run.finished_at, None);
-    assert_eq!(
-        a.claimed.lease,
-        Lease {
-            run_id: run.id,
-            token: 1,
-            expires_at: t0 + secs(30)
-        }
-    );
+    assert_eq!(a.claimed.lease, Lease { run_id: run.id, token: 1, expires_at: t0 + secs(30) });
     assert_eq!(a.claimed.work_item.state, WorkItemState::Running);
     assert_eq!(a.claimed.work_item.attempts, 1);
     assert_eq!(a.claimed.work_item.current_run_id, Some(run.id));
@@ -333,27 +252,14 @@ pub async fn claim_creates_run_and_lease(store: Arc<dyn Store>) {
     for bad in [0u64, 7200] {
         let r = h
             .orch
-            .claim(ClaimRequest {
-                agent_id: "a".into(),
-                capabilities: vec![],
-                max: 1,
-                lease_ttl_seconds: Some(bad),
-            })
+            .claim(ClaimRequest { agent_id: "a".into(), capabilities: vec![], max: 1, lease_ttl_seconds: Some(bad) })
             .await;
-        assert!(
-            matches!(r, Err(Error::Invalid { .. })),
-            "lease_ttl_seconds {bad}: {r:?}"
-        );
+        assert!(matches!(r, Err(Error::Invalid { .. })), "lease_ttl_seconds {bad}: {r:?}");
     }
     assert_eq!(h.state_of(x.id).await, WorkItemState::Queued);
     let v = h
         .orch
-        .claim(ClaimRequest {
-            agent_id: "a".into(),
-            capabilities: vec![],
-            max: 1,
-            lease_ttl_seconds: Some(90),
-        })
+        .claim(ClaimRequest { agent_id: "a".into(), capabilities: vec![], max: 1, lease_ttl_seconds: Some(90) })
         .await
         .unwrap();
     assert_eq!(item_ids(&v), vec![x.id]);
@@ -382,9 +288,7 @@ pub async fn claim_requires_all_labels(store: Arc<dyn Store>) {
     let v = claim_as(&h, "linux-only", &["linux"], 5).await;
     assert_eq!(item_ids(&v), vec![plain.id]);
     assert!(claim_as(&h, "nothing", &[], 5).await.is_empty());
-    assert!(claim_as(&h, "linux-mac", &["linux", "mac"], 5)
-        .await
-        .is_empty());
+    assert!(claim_as(&h, "linux-mac", &["linux", "mac"], 5).await.is_empty());
     assert_eq!(h.state_of(gpu.id).await, WorkItemState::Queued);
     let v = claim_as(&h, "gpu-box", &["docker", "gpu", "linux"], 5).await;
     assert_eq!(item_ids(&v), vec![gpu.id]);
@@ -457,14 +361,7 @@ pub async fn not_before_delays_claim(store: Arc<dyn Store>) {
     let later = h.item(p.id, "later").await;
     let task = h
         .orch
-        .enqueue(
-            later.id,
-            EnqueueOptions {
-                priority: Some(10),
-                depends_on: vec![],
-                not_before: Some(t0 + secs(60)),
-            },
-        )
+        .enqueue(later.id, EnqueueOptions { priority: Some(10), depends_on: vec![], not_before: Some(t0 + secs(60)) })
         .await
         .unwrap();
     assert_eq!(task.state, WorkItemState::Queued);
@@ -489,22 +386,12 @@ pub async fn not_before_in_past_acts_as_now(store: Arc<dyn Store>) {
     let past = h.item(p.id, "past").await;
     let task = h
         .orch
-        .enqueue(
-            past.id,
-            EnqueueOptions {
-                priority: None,
-                depends_on: vec![],
-                not_before: Some(t0 - secs(3600)),
-            },
-        )
+        .enqueue(past.id, EnqueueOptions { priority: None, depends_on: vec![], not_before: Some(t0 - secs(3600)) })
         .await
         .unwrap();
     assert_eq!(task.state, WorkItemState::Queued);
     assert_eq!(task.run_at, Some(t0 + secs(10)));
-    assert_eq!(
-        item_ids(&h.claim("agent", 5).await),
-        vec![first.id, past.id]
-    );
+    assert_eq!(item_ids(&h.claim("agent", 5).await), vec![first.id, past.id]);
 }
 
 // ---- dependencies ----
@@ -517,14 +404,7 @@ pub async fn dependency_released_on_success(store: Arc<dyn Store>) {
     let a = h.queued(p.id, "a", 0, &[]).await;
     let b = h.queued(p.id, "b", 10, &[a.id]).await;
     assert_eq!(b.state, WorkItemState::Queued);
-    assert_eq!(
-        h.store
-            .scheduled_task_get(b.id)
-            .await
-            .unwrap()
-            .pending_dependencies,
-        1
-    );
+    assert_eq!(h.store.scheduled_task_get(b.id).await.unwrap().pending_dependencies, 1);
     let v = h.claim("agent", 10).await;
     assert_eq!(item_ids(&v), vec![a.id]);
     let r = h.fail(&v[0]).await;
@@ -539,14 +419,7 @@ pub async fn dependency_released_on_success(store: Arc<dyn Store>) {
     assert_eq!(r.run.state, RunState::Succeeded);
     assert_eq!(r.released, vec![b.id]);
     assert!(r.blocked.is_empty());
-    assert_eq!(
-        h.store
-            .scheduled_task_get(b.id)
-            .await
-            .unwrap()
-            .pending_dependencies,
-        0
-    );
+    assert_eq!(h.store.scheduled_task_get(b.id).await.unwrap().pending_dependencies, 0);
     let cb = h.claim_one("agent").await;
     assert_eq!(cb.claimed.work_item.id, b.id);
     assert!(h.succeed(&cb).await.released.is_empty());
@@ -566,21 +439,10 @@ pub async fn diamond_dependency_needs_both(store: Arc<dyn Store>) {
     assert_eq!(set(&r.released), set(&[b.id, c.id]));
     let v = h.claim("agent", 10).await;
     assert_eq!(set(&item_ids(&v)), set(&[b.id, c.id]));
-    let (vb, vc) = if v[0].claimed.work_item.id == b.id {
-        (&v[0], &v[1])
-    } else {
-        (&v[1], &v[0])
-    };
+    let (vb, vc) = if v[0].claimed.work_item.id == b.id { (&v[0], &v[1]) } else { (&v[1], &v[0]) };
     assert!(h.succeed(vb).await.released.is_empty());
     assert_eq!(h.state_of(d.id).await, WorkItemState::Queued);
-    assert_eq!(
-        h.store
-            .scheduled_task_get(d.id)
-            .await
-            .unwrap()
-            .pending_dependencies,
-        1
-    );
+    assert_eq!(h.store.scheduled_task_get(d.id).await.unwrap().pending_dependencies, 1);
     assert!(h.claim("agent", 10).await.is_empty());
     assert_eq!(h.succeed(vc).await.released, vec![d.id]);
     assert_eq!(h.claim_one("agent").await.claimed.work_item.id, d.id);
@@ -600,11 +462,7 @@ pub async fn enqueue_rejects_unknown_and_foreign_dependencies(store: Arc<dyn Sto
         .create_work_item(CreateWorkItem {
             project_id: Some(p.id),
             title: "x".into(),
-            enqueue: Some(EnqueueOptions {
-                priority: None,
-                depends_on: vec![foreign.id],
-                not_before: None,
-            }),
+            enqueue: Some(EnqueueOptions { priority: None, depends_on: vec![foreign.id], not_before: None }),
             ..Default::default()
         })
         .await;
@@ -613,14 +471,7 @@ pub async fn enqueue_rejects_unknown_and_foreign_dependencies(store: Arc<dyn Sto
     assert_eq!(after.state, WorkItemState::Ready);
     assert!(after.dependencies.is_empty());
     assert_eq!(after.run_at, None);
-    let in_p = h
-        .store
-        .work_item_list(WorkItemFilter {
-            project_id: Some(p.id),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let in_p = h.store.work_item_list(WorkItemFilter { project_id: Some(p.id), ..Default::default() }).await.unwrap();
     assert_eq!(in_p.iter().map(|x| x.id).collect::<Vec<_>>(), vec![w.id]);
     assert_eq!(h.state_of(foreign.id).await, WorkItemState::Queued);
 }
@@ -637,27 +488,15 @@ pub async fn enqueue_rejects_cycles(store: Arc<dyn Store>) {
     let a1 = h.store.work_item_get(a.id).await.unwrap();
     assert_eq!(a1.state, WorkItemState::Ready);
     assert!(a1.dependencies.is_empty());
-    assert_eq!(
-        enqueue_with(&h, a.id, &[b.id]).await.unwrap().state,
-        WorkItemState::Queued
-    );
-    assert_eq!(
-        enqueue_with(&h, b.id, &[c.id]).await.unwrap().state,
-        WorkItemState::Queued
-    );
+    assert_eq!(enqueue_with(&h, a.id, &[b.id]).await.unwrap().state, WorkItemState::Queued);
+    assert_eq!(enqueue_with(&h, b.id, &[c.id]).await.unwrap().state, WorkItemState::Queued);
     assert_invalid_containing(enqueue_with(&h, c.id, &[a.id]).await, "cycle");
     let c1 = h.store.work_item_get(c.id).await.unwrap();
     assert_eq!(c1.state, WorkItemState::Ready);
     assert!(c1.dependencies.is_empty());
     assert_eq!(c1.run_at, None);
-    assert_eq!(
-        h.store.work_item_get(a.id).await.unwrap().dependencies,
-        vec![b.id]
-    );
-    assert_eq!(
-        h.store.work_item_get(b.id).await.unwrap().dependencies,
-        vec![c.id]
-    );
+    assert_eq!(h.store.work_item_get(a.id).await.unwrap().dependencies, vec![b.id]);
+    assert_eq!(h.store.work_item_get(b.id).await.unwrap().dependencies, vec![c.id]);
     // Without the closing edge it is fine, and the chain runs bottom-up.
     enqueue_with(&h, c.id, &[]).await.unwrap();
     let v = h.claim("agent", 10).await;
@@ -676,33 +515,15 @@ pub async fn enqueue_batch_is_all_or_nothing(store: Arc<dyn Store>) {
     let already = h.queued(p.id, "already", 0, &[]).await;
     let e = |id: WorkItemId, deps: &[WorkItemId]| Enqueue {
         work_item_id: id,
-        options: EnqueueOptions {
-            priority: Some(7),
-            depends_on: deps.to_vec(),
-            not_before: None,
-        },
+        options: EnqueueOptions { priority: Some(7), depends_on: deps.to_vec(), not_before: None },
     };
-    let r = h
-        .orch
-        .enqueue_many(vec![e(ok.id, &[]), e(x.id, &[y.id]), e(y.id, &[x.id])])
-        .await;
+    let r = h.orch.enqueue_many(vec![e(ok.id, &[]), e(x.id, &[y.id]), e(y.id, &[x.id])]).await;
     assert_invalid_containing(r, "cycle");
-    let r = h
-        .orch
-        .enqueue_many(vec![e(ok.id, &[]), e(x.id, &[WorkItemId::new()])])
-        .await;
+    let r = h.orch.enqueue_many(vec![e(ok.id, &[]), e(x.id, &[WorkItemId::new()])]).await;
     assert_invalid_containing(r, "");
-    let r = h
-        .orch
-        .enqueue_many(vec![e(ok.id, &[]), e(already.id, &[])])
-        .await;
+    let r = h.orch.enqueue_many(vec![e(ok.id, &[]), e(already.id, &[])]).await;
     assert!(
-        matches!(
-            r,
-            Err(Error::Store(
-                StoreError::InvalidTransition(_) | StoreError::Conflict { .. }
-            ))
-        ),
+        matches!(r, Err(Error::Store(StoreError::InvalidTransition(_) | StoreError::Conflict { .. }))),
         "re-enqueue of a queued item: {r:?}"
     );
     for id in [ok.id, x.id, y.id] {
@@ -714,15 +535,8 @@ pub async fn enqueue_batch_is_all_or_nothing(store: Arc<dyn Store>) {
         assert_eq!(w.priority, 0);
     }
     let queue = h.store.queue_list(QueueFilter::default()).await.unwrap();
-    assert_eq!(
-        queue.iter().map(|t| t.work_item_id).collect::<Vec<_>>(),
-        vec![already.id]
-    );
-    let tasks = h
-        .orch
-        .enqueue_many(vec![e(x.id, &[]), e(y.id, &[x.id])])
-        .await
-        .unwrap();
+    assert_eq!(queue.iter().map(|t| t.work_item_id).collect::<Vec<_>>(), vec![already.id]);
+    let tasks = h.orch.enqueue_many(vec![e(x.id, &[]), e(y.id, &[x.id])]).await.unwrap();
     assert_eq!(tasks.len(), 2);
     assert_eq!(tasks[0].pending_dependencies, 0);
     assert_eq!(tasks[1].pending_dependencies, 1);
@@ -737,12 +551,7 @@ pub async fn enqueue_requires_ready_state(store: Arc<dyn Store>) {
     let q = h.queued(p.id, "q", 0, &[]).await;
     let r = enqueue_with(&h, q.id, &[]).await;
     assert!(
-        matches!(
-            r,
-            Err(Error::Store(
-                StoreError::InvalidTransition(_) | StoreError::Conflict { .. }
-            ))
-        ),
+        matches!(r, Err(Error::Store(StoreError::InvalidTransition(_) | StoreError::Conflict { .. }))),
         "queued: {r:?}"
     );
     let d = h
@@ -758,20 +567,12 @@ pub async fn enqueue_requires_ready_state(store: Arc<dyn Store>) {
         .work_item;
     let r = enqueue_with(&h, d.id, &[]).await;
     assert!(
-        matches!(
-            r,
-            Err(Error::Store(
-                StoreError::InvalidTransition(_) | StoreError::Conflict { .. }
-            ))
-        ),
+        matches!(r, Err(Error::Store(StoreError::InvalidTransition(_) | StoreError::Conflict { .. }))),
         "draft: {r:?}"
     );
     assert_eq!(h.state_of(d.id).await, WorkItemState::Draft);
     let r = enqueue_with(&h, WorkItemId::new(), &[]).await;
-    assert!(
-        matches!(r, Err(Error::Store(StoreError::NotFound { .. }))),
-        "unknown: {r:?}"
-    );
+    assert!(matches!(r, Err(Error::Store(StoreError::NotFound { .. }))), "unknown: {r:?}");
 }
 
 /// A failed dependency blocks its dependents transitively, with a blocked reason.
@@ -790,13 +591,7 @@ pub async fn failed_dependency_blocks_transitively(store: Arc<dyn Store>) {
     assert!(r.released.is_empty());
     let wb = h.store.work_item_get(b.id).await.unwrap();
     assert_eq!(wb.state, WorkItemState::Blocked);
-    assert!(
-        wb.blocked_reason
-            .as_deref()
-            .is_some_and(|s| s.contains(&a.id.to_string())),
-        "{:?}",
-        wb.blocked_reason
-    );
+    assert!(wb.blocked_reason.as_deref().is_some_and(|s| s.contains(&a.id.to_string())), "{:?}", wb.blocked_reason);
     let wc = h.store.work_item_get(c.id).await.unwrap();
     assert_eq!(wc.state, WorkItemState::Blocked);
     assert!(wc.blocked_reason.as_deref().is_some_and(|s| !s.is_empty()));
@@ -814,20 +609,11 @@ pub async fn cancelled_dependency_blocks_dependents(store: Arc<dyn Store>) {
     let a = h.queued(p.id, "a", 0, &[]).await;
     let b = h.queued(p.id, "b", 0, &[a.id]).await;
     let c = h.queued(p.id, "c", 0, &[b.id]).await;
-    h.orch
-        .cancel_work_item(a.id, Some("not needed".into()))
-        .await
-        .unwrap();
+    h.orch.cancel_work_item(a.id, Some("not needed".into())).await.unwrap();
     assert_eq!(h.state_of(a.id).await, WorkItemState::Cancelled);
     let wb = h.store.work_item_get(b.id).await.unwrap();
     assert_eq!(wb.state, WorkItemState::Blocked);
-    assert!(
-        wb.blocked_reason
-            .as_deref()
-            .is_some_and(|s| s.contains(&a.id.to_string())),
-        "{:?}",
-        wb.blocked_reason
-    );
+    assert!(wb.blocked_reason.as_deref().is_some_and(|s| s.contains(&a.id.to_string())), "{:?}", wb.blocked_reason);
     assert_eq!(h.state_of(c.id).await, WorkItemState::Blocked);
     assert!(h.claim("agent", 10).await.is_empty());
 
@@ -851,13 +637,7 @@ pub async fn enqueue_on_failed_dependency_is_blocked(store: Arc<dyn Store>) {
     assert_eq!(h.state_of(a.id).await, WorkItemState::Failed);
     let b = h.queued(p.id, "b", 0, &[a.id]).await;
     assert_eq!(b.state, WorkItemState::Blocked);
-    assert!(
-        b.blocked_reason
-            .as_deref()
-            .is_some_and(|s| s.contains(&a.id.to_string())),
-        "{:?}",
-        b.blocked_reason
-    );
+    assert!(b.blocked_reason.as_deref().is_some_and(|s| s.contains(&a.id.to_string())), "{:?}", b.blocked_reason);
     let c = h.item(p.id, "c").await;
     let task = enqueue_with(&h, c.id, &[a.id]).await.unwrap();
     assert_eq!(task.state, WorkItemState::Blocked);
@@ -869,10 +649,7 @@ pub async fn enqueue_on_failed_dependency_is_blocked(store: Arc<dyn Store>) {
     let e = h.queued(p.id, "e", 0, &[gone.id]).await;
     assert_eq!(e.state, WorkItemState::Blocked);
     assert!(h.claim("agent", 10).await.is_empty());
-    assert_eq!(
-        h.store.work_item_get(c.id).await.unwrap().state,
-        WorkItemState::Blocked
-    );
+    assert_eq!(h.store.work_item_get(c.id).await.unwrap().state, WorkItemState::Blocked);
 }
 
 /// Requeueing a failed dependency unblocks its dependents (back to queued, transitively); they run
@@ -886,11 +663,7 @@ pub async fn requeue_failed_dependency_unblocks_dependents(store: Arc<dyn Store>
     let v = h.claim_one("agent").await;
     fail_with(&h, &v, FailureKind::Permanent).await;
     assert_eq!(h.state_of(c.id).await, WorkItemState::Blocked);
-    let ra = h
-        .orch
-        .requeue_work_item(a.id, RequeueRequest::default())
-        .await
-        .unwrap();
+    let ra = h.orch.requeue_work_item(a.id, RequeueRequest::default()).await.unwrap();
     assert_eq!(ra.state, WorkItemState::Queued);
     assert_eq!(ra.attempts, 0);
     assert_eq!(ra.last_error, None);
@@ -935,10 +708,7 @@ pub async fn retry_backoff_timing_and_exhaustion(store: Arc<dyn Store>) {
         assert_eq!(it.attempts, attempt);
         assert_eq!(it.last_error.as_deref(), Some("boom"));
         h.clock.advance(secs(delay) - Duration::milliseconds(1));
-        assert!(
-            h.claim("agent", 1).await.is_empty(),
-            "claimable before the retry time"
-        );
+        assert!(h.claim("agent", 1).await.is_empty(), "claimable before the retry time");
         h.clock.advance(Duration::milliseconds(1));
         a = h.claim_one("agent").await;
         assert_eq!(a.claimed.work_item.id, w.id);
@@ -953,10 +723,7 @@ pub async fn retry_backoff_timing_and_exhaustion(store: Arc<dyn Store>) {
     assert_eq!(it.last_error.as_deref(), Some("boom"));
     let runs = runs_of(&h, w.id).await;
     assert_eq!(runs.len(), 4);
-    assert_eq!(
-        runs.iter().map(|r| r.attempt).collect::<HashSet<u32>>(),
-        (1..=4).collect::<HashSet<u32>>()
-    );
+    assert_eq!(runs.iter().map(|r| r.attempt).collect::<HashSet<u32>>(), (1..=4).collect::<HashSet<u32>>());
     assert!(runs.iter().all(|r| r.state == RunState::Failed));
     h.clock.advance(secs(3600));
     assert!(h.orch.tick().await.unwrap().promoted.is_empty());
@@ -969,17 +736,8 @@ pub async fn retry_policy_overrides(store: Arc<dyn Store>) {
     let h = Harness::new(store);
     let p = h.project().await;
     let once = h.queued(p.id, "once", 0, &[]).await;
-    let set_policy = h
-        .orch
-        .set_retry_policy(
-            once.id,
-            RetryOverrides {
-                max_retries: Some(0),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let set_policy =
+        h.orch.set_retry_policy(once.id, RetryOverrides { max_retries: Some(0), ..Default::default() }).await.unwrap();
     assert_eq!(set_policy.retry.max_retries, Some(0));
     let a = h.claim_one("agent").await;
     let r = h.fail(&a).await;
@@ -988,13 +746,7 @@ pub async fn retry_policy_overrides(store: Arc<dyn Store>) {
 
     let fast = h.queued(p.id, "fast", 0, &[]).await;
     h.orch
-        .set_retry_policy(
-            fast.id,
-            RetryOverrides {
-                backoff_base_seconds: Some(1.0),
-                ..Default::default()
-            },
-        )
+        .set_retry_policy(fast.id, RetryOverrides { backoff_base_seconds: Some(1.0), ..Default::default() })
         .await
         .unwrap();
     let a = h.claim_one("agent").await;
@@ -1014,11 +766,7 @@ pub async fn retry_policy_overrides(store: Arc<dyn Store>) {
         .create_work_item(CreateWorkItem {
             project_id: Some(p.id),
             title: "created with overrides".into(),
-            retry: RetryOverrides {
-                max_retries: Some(1),
-                backoff_base_seconds: Some(5.0),
-                ..Default::default()
-            },
+            retry: RetryOverrides { max_retries: Some(1), backoff_base_seconds: Some(5.0), ..Default::default() },
             enqueue: Some(EnqueueOptions::default()),
             ..Default::default()
         })
@@ -1035,24 +783,10 @@ pub async fn retry_policy_overrides(store: Arc<dyn Store>) {
 
     let bad = h
         .orch
-        .set_retry_policy(
-            created.id,
-            RetryOverrides {
-                backoff_base_seconds: Some(-1.0),
-                ..Default::default()
-            },
-        )
+        .set_retry_policy(created.id, RetryOverrides { backoff_base_seconds: Some(-1.0), ..Default::default() })
         .await;
     assert!(matches!(bad, Err(Error::Policy(_))), "{bad:?}");
-    assert_eq!(
-        h.store
-            .work_item_get(created.id)
-            .await
-            .unwrap()
-            .retry
-            .backoff_base_seconds,
-        Some(5.0)
-    );
+    assert_eq!(h.store.work_item_get(created.id).await.unwrap().retry.backoff_base_seconds, Some(5.0));
 }
 
 /// A permanent failure fails the item at once, with no retry.
@@ -1085,11 +819,7 @@ pub async fn tick_promotes_only_due_retries(store: Arc<dyn Store>) {
     let y = h.queued(p.id, "y", 0, &[]).await;
     let v = h.claim("agent", 2).await;
     assert_eq!(set(&item_ids(&v)), set(&[x.id, y.id]));
-    let (ax, ay) = if v[0].claimed.work_item.id == x.id {
-        (&v[0], &v[1])
-    } else {
-        (&v[1], &v[0])
-    };
+    let (ax, ay) = if v[0].claimed.work_item.id == x.id { (&v[0], &v[1]) } else { (&v[1], &v[0]) };
     h.fail(ax).await;
     h.clock.advance(secs(5));
     h.fail(ay).await;
@@ -1136,10 +866,7 @@ pub async fn expired_lease_is_reaped_and_reclaimed(store: Arc<dyn Store>) {
             retry_at: Some(t0 + secs(40)),
         }]
     );
-    assert_eq!(
-        h.store.run_get(first.run_id()).await.unwrap().state,
-        RunState::Lost
-    );
+    assert_eq!(h.store.run_get(first.run_id()).await.unwrap().state, RunState::Lost);
     let it = h.store.work_item_get(w.id).await.unwrap();
     assert_eq!(it.state, WorkItemState::Retrying);
     assert_eq!(it.run_at, Some(t0 + secs(40)));
@@ -1151,18 +878,9 @@ pub async fn expired_lease_is_reaped_and_reclaimed(store: Arc<dyn Store>) {
     assert_eq!(second.claimed.run.attempt, 2);
     assert_eq!(second.claimed.run.agent_id, "second");
     assert_all_writes_lost(&h, &first, first.token()).await;
-    h.orch
-        .heartbeat(second.run_id(), second.token())
-        .await
-        .unwrap();
-    assert_eq!(
-        h.succeed(&second).await.work_item_state,
-        WorkItemState::Succeeded
-    );
-    assert_eq!(
-        h.store.run_get(first.run_id()).await.unwrap().state,
-        RunState::Lost
-    );
+    h.orch.heartbeat(second.run_id(), second.token()).await.unwrap();
+    assert_eq!(h.succeed(&second).await.work_item_state, WorkItemState::Succeeded);
+    assert_eq!(h.store.run_get(first.run_id()).await.unwrap().state, RunState::Lost);
 }
 
 /// A lease expiring on the last allowed attempt fails the item (and blocks its dependents).
@@ -1171,16 +889,7 @@ pub async fn expired_lease_out_of_retries_fails(store: Arc<dyn Store>) {
     let p = h.project().await;
     let w = h.queued(p.id, "w", 0, &[]).await;
     let d = h.queued(p.id, "d", 0, &[w.id]).await;
-    h.orch
-        .set_retry_policy(
-            w.id,
-            RetryOverrides {
-                max_retries: Some(0),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    h.orch.set_retry_policy(w.id, RetryOverrides { max_retries: Some(0), ..Default::default() }).await.unwrap();
     let a = h.claim_one("agent").await;
     h.clock.advance(secs(31));
     let reaped = h.store.leases_reap_expired(tick_now(&h)).await.unwrap();
@@ -1196,26 +905,11 @@ pub async fn expired_lease_out_of_retries_fails(store: Arc<dyn Store>) {
     let it = h.store.work_item_get(w.id).await.unwrap();
     assert_eq!(it.state, WorkItemState::Failed);
     assert!(it.last_error.is_some());
-    assert_eq!(
-        h.store.run_get(a.run_id()).await.unwrap().state,
-        RunState::Lost
-    );
+    assert_eq!(h.store.run_get(a.run_id()).await.unwrap().state, RunState::Lost);
     assert_eq!(h.state_of(d.id).await, WorkItemState::Blocked);
-    assert!(h
-        .store
-        .leases_reap_expired(tick_now(&h))
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(h.store.leases_reap_expired(tick_now(&h)).await.unwrap().is_empty());
     assert_lease_lost(
-        h.orch
-            .complete(
-                a.run_id(),
-                a.token(),
-                RunOutcome::Succeeded { exit_code: None },
-                None,
-            )
-            .await,
+        h.orch.complete(a.run_id(), a.token(), RunOutcome::Succeeded { exit_code: None }, None).await,
         "complete",
     );
 }
@@ -1230,37 +924,16 @@ pub async fn heartbeat_extends_lease(store: Arc<dyn Store>) {
     let a = h.claim_one("agent").await;
     h.clock.advance(secs(20));
     let lease = h.orch.heartbeat(a.run_id(), a.token()).await.unwrap();
-    assert_eq!(
-        lease,
-        Lease {
-            run_id: a.run_id(),
-            token: a.token(),
-            expires_at: t0 + secs(50)
-        }
-    );
+    assert_eq!(lease, Lease { run_id: a.run_id(), token: a.token(), expires_at: t0 + secs(50) });
     let run = h.store.run_get(a.run_id()).await.unwrap();
     assert_eq!(run.lease_expires_at, Some(t0 + secs(50)));
     assert_eq!(run.heartbeat_at, Some(t0 + secs(20)));
     h.clock.advance(secs(20));
-    assert!(h
-        .store
-        .leases_reap_expired(tick_now(&h))
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(h.store.leases_reap_expired(tick_now(&h)).await.unwrap().is_empty());
     assert!(h.orch.tick().await.unwrap().reaped.is_empty());
     h.orch.start(a.run_id(), a.token()).await.unwrap();
-    assert_eq!(
-        h.orch
-            .append_logs(a.run_id(), a.token(), log_line("still here"))
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        h.store.run_get(a.run_id()).await.unwrap().lease_expires_at,
-        Some(t0 + secs(50))
-    );
+    assert_eq!(h.orch.append_logs(a.run_id(), a.token(), log_line("still here")).await.unwrap(), 1);
+    assert_eq!(h.store.run_get(a.run_id()).await.unwrap().lease_expires_at, Some(t0 + secs(50)));
     h.clock.advance(secs(10));
     let reaped = h.orch.tick().await.unwrap().reaped;
     assert_eq!(reaped.len(), 1);
@@ -1280,22 +953,9 @@ pub async fn stale_token_writes_are_lease_lost(store: Arc<dyn Store>) {
     assert_eq!(run.state, RunState::Claimed);
     assert_eq!(run.lease_token, a.token());
     assert_eq!(h.state_of(w.id).await, WorkItemState::Running);
-    assert!(h
-        .store
-        .logs_read_after(a.run_id(), 0, 100)
-        .await
-        .unwrap()
-        .is_empty());
-    assert!(h
-        .store
-        .step_events_read_after(a.run_id(), 0, 100)
-        .await
-        .unwrap()
-        .is_empty());
-    assert_eq!(
-        h.succeed(&a).await.work_item_state,
-        WorkItemState::Succeeded
-    );
+    assert!(h.store.logs_read_after(a.run_id(), 0, 100).await.unwrap().is_empty());
+    assert!(h.store.step_events_read_after(a.run_id(), 0, 100).await.unwrap().is_empty());
+    assert_eq!(h.succeed(&a).await.work_item_state, WorkItemState::Succeeded);
 }
 
 /// Once the lease expired, writes are `LeaseLost` even before the run is reaped.
@@ -1321,15 +981,8 @@ pub async fn writes_after_expiry_before_reap_are_lease_lost(store: Arc<dyn Store
         })
         .await
         .unwrap();
-    assert!(
-        matches!(r[0], Err(StoreError::LeaseLost { .. })),
-        "{:?}",
-        r[0]
-    );
-    assert_eq!(
-        h.store.run_get(a.run_id()).await.unwrap().state,
-        RunState::Running
-    );
+    assert!(matches!(r[0], Err(StoreError::LeaseLost { .. })), "{:?}", r[0]);
+    assert_eq!(h.store.run_get(a.run_id()).await.unwrap().state, RunState::Running);
     assert_eq!(h.state_of(w.id).await, WorkItemState::Running);
     assert_eq!(h.orch.tick().await.unwrap().reaped.len(), 1);
     assert_eq!(h.state_of(w.id).await, WorkItemState::Retrying);
@@ -1343,14 +996,7 @@ pub async fn completing_twice_is_refused(store: Arc<dyn Store>) {
     let a = h.claim_one("agent").await;
     h.succeed(&a).await;
     assert_lease_lost(
-        h.orch
-            .complete(
-                a.run_id(),
-                a.token(),
-                RunOutcome::Succeeded { exit_code: Some(0) },
-                None,
-            )
-            .await,
+        h.orch.complete(a.run_id(), a.token(), RunOutcome::Succeeded { exit_code: Some(0) }, None).await,
         "second success",
     );
     assert_lease_lost(
@@ -1358,45 +1004,25 @@ pub async fn completing_twice_is_refused(store: Arc<dyn Store>) {
             .complete(
                 a.run_id(),
                 a.token(),
-                RunOutcome::Failed {
-                    error: "x".into(),
-                    exit_code: None,
-                    kind: FailureKind::Permanent,
-                },
+                RunOutcome::Failed { error: "x".into(), exit_code: None, kind: FailureKind::Permanent },
                 None,
             )
             .await,
         "failure after success",
     );
-    assert_lease_lost(
-        h.orch.heartbeat(a.run_id(), a.token()).await,
-        "heartbeat after success",
-    );
+    assert_lease_lost(h.orch.heartbeat(a.run_id(), a.token()).await, "heartbeat after success");
     assert_eq!(h.state_of(w.id).await, WorkItemState::Succeeded);
-    assert_eq!(
-        h.store.run_get(a.run_id()).await.unwrap().state,
-        RunState::Succeeded
-    );
+    assert_eq!(h.store.run_get(a.run_id()).await.unwrap().state, RunState::Succeeded);
 
     let x = h.queued(p.id, "x", 0, &[]).await;
     let b = h.claim_one("agent").await;
     h.fail(&b).await;
     assert_lease_lost(
-        h.orch
-            .complete(
-                b.run_id(),
-                b.token(),
-                RunOutcome::Succeeded { exit_code: Some(0) },
-                None,
-            )
-            .await,
+        h.orch.complete(b.run_id(), b.token(), RunOutcome::Succeeded { exit_code: Some(0) }, None).await,
         "success after failure",
     );
     assert_eq!(h.state_of(x.id).await, WorkItemState::Retrying);
-    assert_eq!(
-        h.store.run_get(b.run_id()).await.unwrap().state,
-        RunState::Failed
-    );
+    assert_eq!(h.store.run_get(b.run_id()).await.unwrap().state, RunState::Failed);
 }
 
 /// `run_start` moves a run from claimed to running; completing straight from claimed is allowed too.
@@ -1411,20 +1037,14 @@ pub async fn run_start_and_complete_from_claimed(store: Arc<dyn Store>) {
     let started = h.orch.start(v[0].run_id(), v[0].token()).await.unwrap();
     assert_eq!(started.state, RunState::Running);
     assert_eq!(started.started_at, Some(t0));
-    assert_eq!(
-        h.store.run_get(v[0].run_id()).await.unwrap().state,
-        RunState::Running
-    );
+    assert_eq!(h.store.run_get(v[0].run_id()).await.unwrap().state, RunState::Running);
     assert_eq!(h.state_of(x.id).await, WorkItemState::Running);
     h.clock.advance(secs(1));
     let r = h.succeed(&v[0]).await;
     assert_eq!(r.run.state, RunState::Succeeded);
     assert_eq!(r.run.finished_at, Some(t0 + secs(1)));
     assert_eq!(r.run.exit_code, Some(0));
-    assert_eq!(
-        h.store.run_get(v[1].run_id()).await.unwrap().state,
-        RunState::Claimed
-    );
+    assert_eq!(h.store.run_get(v[1].run_id()).await.unwrap().state, RunState::Claimed);
     let r = h.succeed(&v[1]).await;
     assert_eq!(r.run.state, RunState::Succeeded);
     assert_eq!(r.work_item_state, WorkItemState::Succeeded);
@@ -1439,23 +1059,10 @@ pub async fn requeue_queued_item_with_delay(store: Arc<dyn Store>) {
     let p = h.project().await;
     let w = h.queued(p.id, "w", 0, &[]).await;
     let t0 = h.clock.now();
-    let r = h
-        .orch
-        .requeue_work_item(
-            w.id,
-            RequeueRequest {
-                delay_seconds: 60,
-                backoff: false,
-            },
-        )
-        .await
-        .unwrap();
+    let r = h.orch.requeue_work_item(w.id, RequeueRequest { delay_seconds: 60, backoff: false }).await.unwrap();
     assert_eq!(r.state, WorkItemState::Queued);
     assert_eq!(r.run_at, Some(t0 + secs(60)));
-    assert_eq!(
-        h.store.scheduled_task_get(w.id).await.unwrap().run_at,
-        Some(t0 + secs(60))
-    );
+    assert_eq!(h.store.scheduled_task_get(w.id).await.unwrap().run_at, Some(t0 + secs(60)));
     assert!(h.claim("agent", 1).await.is_empty());
     h.clock.advance(secs(59));
     assert!(h.claim("agent", 1).await.is_empty());
@@ -1475,17 +1082,7 @@ pub async fn requeue_with_backoff_adds_policy_delay(store: Arc<dyn Store>) {
     h.fail(&a).await;
     assert_eq!(h.store.work_item_get(w.id).await.unwrap().attempts, 2);
     let t = h.clock.now();
-    let r = h
-        .orch
-        .requeue_work_item(
-            w.id,
-            RequeueRequest {
-                delay_seconds: 5,
-                backoff: true,
-            },
-        )
-        .await
-        .unwrap();
+    let r = h.orch.requeue_work_item(w.id, RequeueRequest { delay_seconds: 5, backoff: true }).await.unwrap();
     assert_eq!(r.state, WorkItemState::Queued);
     assert_eq!(r.run_at, Some(t + secs(25)));
     assert_eq!(r.attempts, 2);
@@ -1497,17 +1094,7 @@ pub async fn requeue_with_backoff_adds_policy_delay(store: Arc<dyn Store>) {
 
     let fresh = h.queued(p.id, "fresh", 0, &[]).await;
     let t = h.clock.now();
-    let r = h
-        .orch
-        .requeue_work_item(
-            fresh.id,
-            RequeueRequest {
-                delay_seconds: 0,
-                backoff: true,
-            },
-        )
-        .await
-        .unwrap();
+    let r = h.orch.requeue_work_item(fresh.id, RequeueRequest { delay_seconds: 0, backoff: true }).await.unwrap();
     assert_eq!(r.run_at, Some(t + secs(10)));
 }
 
@@ -1517,33 +1104,15 @@ pub async fn requeue_running_item_conflicts(store: Arc<dyn Store>) {
     let p = h.project().await;
     let w = h.queued(p.id, "w", 0, &[]).await;
     let a = h.claim_one("agent").await;
-    let r = h
-        .orch
-        .requeue_work_item(w.id, RequeueRequest::default())
-        .await;
-    assert!(
-        matches!(r, Err(Error::Store(StoreError::Conflict { .. }))),
-        "running: {r:?}"
-    );
+    let r = h.orch.requeue_work_item(w.id, RequeueRequest::default()).await;
+    assert!(matches!(r, Err(Error::Store(StoreError::Conflict { .. }))), "running: {r:?}");
     assert_eq!(h.state_of(w.id).await, WorkItemState::Running);
-    assert_eq!(
-        h.store.run_get(a.run_id()).await.unwrap().state,
-        RunState::Claimed
-    );
+    assert_eq!(h.store.run_get(a.run_id()).await.unwrap().state, RunState::Claimed);
     h.orch.heartbeat(a.run_id(), a.token()).await.unwrap();
-    h.orch
-        .ask(a.run_id(), a.token(), vec![question("k")])
-        .await
-        .unwrap();
+    h.orch.ask(a.run_id(), a.token(), vec![question("k")]).await.unwrap();
     assert_eq!(h.state_of(w.id).await, WorkItemState::WaitingInput);
-    let r = h
-        .orch
-        .requeue_work_item(w.id, RequeueRequest::default())
-        .await;
-    assert!(
-        matches!(r, Err(Error::Store(StoreError::Conflict { .. }))),
-        "waiting_input: {r:?}"
-    );
+    let r = h.orch.requeue_work_item(w.id, RequeueRequest::default()).await;
+    assert!(matches!(r, Err(Error::Store(StoreError::Conflict { .. }))), "waiting_input: {r:?}");
     assert_eq!(h.state_of(w.id).await, WorkItemState::WaitingInput);
 }
 
@@ -1557,11 +1126,7 @@ pub async fn run_requeue_cancels_active_run(store: Arc<dyn Store>) {
     let a = h.claim_one("agent").await;
     h.orch.start(a.run_id(), a.token()).await.unwrap();
     let t = h.clock.now();
-    let it = h
-        .orch
-        .requeue_run(a.run_id(), RequeueRequest::default())
-        .await
-        .unwrap();
+    let it = h.orch.requeue_run(a.run_id(), RequeueRequest::default()).await.unwrap();
     assert_eq!(it.state, WorkItemState::Queued);
     assert_eq!(it.run_at, Some(t));
     let run = h.store.run_get(a.run_id()).await.unwrap();
@@ -1574,18 +1139,9 @@ pub async fn run_requeue_cancels_active_run(store: Arc<dyn Store>) {
     assert_eq!(b.claimed.run.attempt, 2);
     assert_eq!(b.token(), 1);
     assert_eq!(runs_of(&h, w.id).await.len(), 2);
-    let r = h
-        .orch
-        .requeue_run(a.run_id(), RequeueRequest::default())
-        .await;
-    assert!(
-        matches!(r, Err(Error::Store(StoreError::Conflict { .. }))),
-        "old run: {r:?}"
-    );
-    assert_eq!(
-        h.store.run_get(b.run_id()).await.unwrap().state,
-        RunState::Claimed
-    );
+    let r = h.orch.requeue_run(a.run_id(), RequeueRequest::default()).await;
+    assert!(matches!(r, Err(Error::Store(StoreError::Conflict { .. }))), "old run: {r:?}");
+    assert_eq!(h.store.run_get(b.run_id()).await.unwrap().state, RunState::Claimed);
     h.succeed(&b).await;
 }
 
@@ -1598,11 +1154,7 @@ pub async fn cancel_queued_and_running_items(store: Arc<dyn Store>) {
     let r = h.queued(p.id, "r", 5, &[]).await;
     let a = h.claim_one("agent").await;
     assert_eq!(a.claimed.work_item.id, r.id);
-    let cq = h
-        .orch
-        .cancel_work_item(q.id, Some("no longer needed".into()))
-        .await
-        .unwrap();
+    let cq = h.orch.cancel_work_item(q.id, Some("no longer needed".into())).await.unwrap();
     assert_eq!(cq.state, WorkItemState::Cancelled);
     h.orch.start(a.run_id(), a.token()).await.unwrap();
     let cr = h.orch.cancel_work_item(r.id, None).await.unwrap();
@@ -1614,16 +1166,8 @@ pub async fn cancel_queued_and_running_items(store: Arc<dyn Store>) {
     assert!(h.claim("agent", 10).await.is_empty());
     h.clock.advance(secs(120));
     assert_eq!(h.orch.tick().await.unwrap(), TickReport::default());
-    assert_eq!(
-        h.store.run_get(a.run_id()).await.unwrap().state,
-        RunState::Cancelled
-    );
-    assert!(h
-        .store
-        .queue_list(QueueFilter::default())
-        .await
-        .unwrap()
-        .is_empty());
+    assert_eq!(h.store.run_get(a.run_id()).await.unwrap().state, RunState::Cancelled);
+    assert!(h.store.queue_list(QueueFilter::default()).await.unwrap().is_empty());
 }
 
 /// Cancelling a succeeded (or already cancelled) item is an `InvalidTransition`.
@@ -1634,22 +1178,13 @@ pub async fn cancel_finished_item_is_invalid_transition(store: Arc<dyn Store>) {
     let a = h.claim_one("agent").await;
     h.succeed(&a).await;
     let r = h.orch.cancel_work_item(w.id, None).await;
-    assert!(
-        matches!(r, Err(Error::Store(StoreError::InvalidTransition(_)))),
-        "succeeded: {r:?}"
-    );
+    assert!(matches!(r, Err(Error::Store(StoreError::InvalidTransition(_)))), "succeeded: {r:?}");
     assert_eq!(h.state_of(w.id).await, WorkItemState::Succeeded);
-    assert_eq!(
-        h.store.run_get(a.run_id()).await.unwrap().state,
-        RunState::Succeeded
-    );
+    assert_eq!(h.store.run_get(a.run_id()).await.unwrap().state, RunState::Succeeded);
     let x = h.queued(p.id, "x", 0, &[]).await;
     h.orch.cancel_work_item(x.id, None).await.unwrap();
     let r = h.orch.cancel_work_item(x.id, None).await;
-    assert!(
-        matches!(r, Err(Error::Store(StoreError::InvalidTransition(_)))),
-        "cancelled: {r:?}"
-    );
+    assert!(matches!(r, Err(Error::Store(StoreError::InvalidTransition(_)))), "cancelled: {r:?}");
 }
 
 // ---- views ----
@@ -1683,16 +1218,8 @@ pub async fn queue_list_in_claim_order(store: Arc<dyn Store>) {
     let q = h.orch.create_project("other", "").await.unwrap();
     let foreign = h.queued(q.id, "foreign", 9, &[]).await;
 
-    let list = h
-        .store
-        .queue_list(QueueFilter {
-            project_id: Some(p.id),
-            page: Page::default(),
-        })
-        .await
-        .unwrap();
-    let got: Vec<(WorkItemId, WorkItemState)> =
-        list.iter().map(|t| (t.work_item_id, t.state)).collect();
+    let list = h.store.queue_list(QueueFilter { project_id: Some(p.id), page: Page::default() }).await.unwrap();
+    let got: Vec<(WorkItemId, WorkItemState)> = list.iter().map(|t| (t.work_item_id, t.state)).collect();
     assert_eq!(
         got,
         vec![
@@ -1706,30 +1233,13 @@ pub async fn queue_list_in_claim_order(store: Arc<dyn Store>) {
     let r = list.iter().find(|t| t.work_item_id == retrying.id).unwrap();
     assert_eq!(r.run_at, Some(t0 + secs(10)));
     assert_eq!(r.attempts, 1);
-    assert!(list
-        .iter()
-        .find(|t| t.work_item_id == blocked.id)
-        .unwrap()
-        .blocked_reason
-        .is_some());
+    assert!(list.iter().find(|t| t.work_item_id == blocked.id).unwrap().blocked_reason.is_some());
     let all = h.store.queue_list(QueueFilter::default()).await.unwrap();
     assert_eq!(all.len(), 6);
     assert_eq!(all[0].work_item_id, foreign.id);
-    let page = h
-        .store
-        .queue_list(QueueFilter {
-            project_id: Some(p.id),
-            page: Page {
-                limit: 2,
-                after: None,
-            },
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        page.iter().map(|t| t.work_item_id).collect::<Vec<_>>(),
-        vec![high.id, low1.id]
-    );
+    let page =
+        h.store.queue_list(QueueFilter { project_id: Some(p.id), page: Page { limit: 2, after: None } }).await.unwrap();
+    assert_eq!(page.iter().map(|t| t.work_item_id).collect::<Vec<_>>(), vec![high.id, low1.id]);
 }
 
 /// `scheduled_task_get` reports the item's dependencies and how many have not succeeded yet.
@@ -1754,23 +1264,9 @@ pub async fn scheduled_task_reports_pending_dependencies(store: Arc<dyn Store>) 
     let v = h.claim("agent", 5).await;
     assert_eq!(set(&item_ids(&v)), set(&[a.id, b.id]));
     h.succeed(&v[0]).await;
-    assert_eq!(
-        h.store
-            .scheduled_task_get(c.id)
-            .await
-            .unwrap()
-            .pending_dependencies,
-        1
-    );
+    assert_eq!(h.store.scheduled_task_get(c.id).await.unwrap().pending_dependencies, 1);
     h.succeed(&v[1]).await;
-    assert_eq!(
-        h.store
-            .scheduled_task_get(c.id)
-            .await
-            .unwrap()
-            .pending_dependencies,
-        0
-    );
+    assert_eq!(h.store.scheduled_task_get(c.id).await.unwrap().pending_dependencies, 0);
     let r = h.store.scheduled_task_get(WorkItemId::new()).await;
     assert!(matches!(r, Err(StoreError::NotFound { .. })), "{r:?}");
 }
@@ -1786,19 +1282,14 @@ pub async fn complete_many_results_are_independent(store: Arc<dyn Store>) {
     let v = h.claim("agent", 4).await;
     assert_eq!(v.len(), 4);
     h.succeed(&v[3]).await;
-    let ok =
-        |a: &Assignment, token: u64, outcome: RunOutcome, usage: Option<Usage>| RunCompletion {
-            run_id: a.run_id(),
-            token,
-            outcome,
-            usage,
-        };
-    let success = RunOutcome::Succeeded { exit_code: Some(0) };
-    let usage = Usage {
-        input_tokens: 5,
-        output_tokens: 7,
-        ..Default::default()
+    let ok = |a: &Assignment, token: u64, outcome: RunOutcome, usage: Option<Usage>| RunCompletion {
+        run_id: a.run_id(),
+        token,
+        outcome,
+        usage,
     };
+    let success = RunOutcome::Succeeded { exit_code: Some(0) };
+    let usage = Usage { input_tokens: 5, output_tokens: 7, ..Default::default() };
     let now = h.clock.now();
     let results = h
         .store
@@ -1809,20 +1300,11 @@ pub async fn complete_many_results_are_independent(store: Arc<dyn Store>) {
                 ok(
                     &v[2],
                     v[2].token(),
-                    RunOutcome::Failed {
-                        error: "flaky".into(),
-                        exit_code: None,
-                        kind: FailureKind::Retryable,
-                    },
+                    RunOutcome::Failed { error: "flaky".into(), exit_code: None, kind: FailureKind::Retryable },
                     None,
                 ),
                 ok(&v[3], v[3].token(), success.clone(), None),
-                RunCompletion {
-                    run_id: RunId::new(),
-                    token: 1,
-                    outcome: success.clone(),
-                    usage: None,
-                },
+                RunCompletion { run_id: RunId::new(), token: 1, outcome: success.clone(), usage: None },
             ],
             retry_defaults: h.orch.config().retry.clone(),
             now,
@@ -1837,11 +1319,7 @@ pub async fn complete_many_results_are_independent(store: Arc<dyn Store>) {
         }
         Err(e) => panic!("first completion: {e}"),
     }
-    assert!(
-        matches!(results[1], Err(StoreError::LeaseLost { .. })),
-        "{:?}",
-        results[1]
-    );
+    assert!(matches!(results[1], Err(StoreError::LeaseLost { .. })), "{:?}", results[1]);
     match &results[2] {
         Ok(r) => {
             assert_eq!(r.work_item_state, WorkItemState::Retrying);
@@ -1849,41 +1327,15 @@ pub async fn complete_many_results_are_independent(store: Arc<dyn Store>) {
         }
         Err(e) => panic!("third completion: {e}"),
     }
-    assert!(
-        matches!(results[3], Err(StoreError::LeaseLost { .. })),
-        "{:?}",
-        results[3]
-    );
-    assert!(
-        matches!(results[4], Err(StoreError::NotFound { .. })),
-        "{:?}",
-        results[4]
-    );
-    assert_eq!(
-        h.state_of(v[0].claimed.work_item.id).await,
-        WorkItemState::Succeeded
-    );
+    assert!(matches!(results[3], Err(StoreError::LeaseLost { .. })), "{:?}", results[3]);
+    assert!(matches!(results[4], Err(StoreError::NotFound { .. })), "{:?}", results[4]);
+    assert_eq!(h.state_of(v[0].claimed.work_item.id).await, WorkItemState::Succeeded);
     assert_eq!(h.store.run_get(v[0].run_id()).await.unwrap().usage, usage);
-    assert_eq!(
-        h.state_of(v[1].claimed.work_item.id).await,
-        WorkItemState::Running
-    );
-    assert_eq!(
-        h.store.run_get(v[1].run_id()).await.unwrap().state,
-        RunState::Claimed
-    );
-    assert_eq!(
-        h.state_of(v[2].claimed.work_item.id).await,
-        WorkItemState::Retrying
-    );
-    assert_eq!(
-        h.state_of(v[3].claimed.work_item.id).await,
-        WorkItemState::Succeeded
-    );
-    assert_eq!(
-        h.succeed(&v[1]).await.work_item_state,
-        WorkItemState::Succeeded
-    );
+    assert_eq!(h.state_of(v[1].claimed.work_item.id).await, WorkItemState::Running);
+    assert_eq!(h.store.run_get(v[1].run_id()).await.unwrap().state, RunState::Claimed);
+    assert_eq!(h.state_of(v[2].claimed.work_item.id).await, WorkItemState::Retrying);
+    assert_eq!(h.state_of(v[3].claimed.work_item.id).await, WorkItemState::Succeeded);
+    assert_eq!(h.succeed(&v[1]).await.work_item_state, WorkItemState::Succeeded);
 }
 
 /// `stats` counts work items and runs per state (every state present) and pending info requests.
@@ -1895,14 +1347,7 @@ pub async fn stats_count_per_state(store: Arc<dyn Store>) {
     h.queued(p.id, "lost", 0, &[]).await;
     h.claim_one("agent").await;
     h.clock.advance(secs(30));
-    assert_eq!(
-        h.store
-            .leases_reap_expired(tick_now(&h))
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(h.store.leases_reap_expired(tick_now(&h)).await.unwrap().len(), 1);
     // succeeded
     h.queued(p.id, "succeeded", 0, &[]).await;
     let a = h.claim_one("agent").await;
@@ -1922,10 +1367,7 @@ pub async fn stats_count_per_state(store: Arc<dyn Store>) {
     // waiting for input
     h.queued(p.id, "waiting", 0, &[]).await;
     let a = h.claim_one("agent").await;
-    h.orch
-        .ask(a.run_id(), a.token(), vec![question("k")])
-        .await
-        .unwrap();
+    h.orch.ask(a.run_id(), a.token(), vec![question("k")]).await.unwrap();
     // running: one claimed, one started
     h.queued(p.id, "claimed", 0, &[]).await;
     h.claim_one("agent").await;
@@ -1995,17 +1437,9 @@ pub async fn notifier_signals_claimable_work(store: Arc<dyn Store>) {
     assert_eq!(h.succeed(&v[0]).await.released, vec![b.id]);
     assert!(n.generation() > g, "dependency release");
     let vb = h.claim_one("agent").await;
-    let asked = h
-        .orch
-        .ask(vb.run_id(), vb.token(), vec![question("k")])
-        .await
-        .unwrap();
+    let asked = h.orch.ask(vb.run_id(), vb.token(), vec![question("k")]).await.unwrap();
     let g = n.generation();
-    let answered = h
-        .orch
-        .answer_info_request(asked[0].id, "42", "human")
-        .await
-        .unwrap();
+    let answered = h.orch.answer_info_request(asked[0].id, "42", "human").await.unwrap();
     assert!(answered.resumed);
     assert!(n.generation() > g, "answer");
     let resumed = h.claim_one("agent").await;
@@ -2024,24 +1458,12 @@ pub async fn priority_update_reorders_claims(store: Arc<dyn Store>) {
     let a = h.queued(p.id, "a", 0, &[]).await;
     h.clock.advance(secs(1));
     let b = h.queued(p.id, "b", 0, &[]).await;
-    let changed = h
-        .orch
-        .update_work_item(
-            b.id,
-            UpdateWorkItem {
-                priority: Some(5),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let changed =
+        h.orch.update_work_item(b.id, UpdateWorkItem { priority: Some(5), ..Default::default() }).await.unwrap();
     assert_eq!(changed.work_item.priority, 5);
     assert_eq!(changed.work_item.state, WorkItemState::Queued);
     let list = h.store.queue_list(QueueFilter::default()).await.unwrap();
-    assert_eq!(
-        list.iter().map(|t| t.work_item_id).collect::<Vec<_>>(),
-        vec![b.id, a.id]
-    );
+    assert_eq!(list.iter().map(|t| t.work_item_id).collect::<Vec<_>>(), vec![b.id, a.id]);
     assert_eq!(item_ids(&h.claim("agent", 5).await), vec![b.id, a.id]);
 }
 
@@ -2058,10 +1480,7 @@ pub async fn blocked_at_enqueue_blocks_existing_dependents(store: Arc<dyn Store>
     let c = h.queued(p.id, "c", 0, &[b.id]).await;
     let d = h.queued(p.id, "d", 0, &[c.id]).await;
     assert_eq!(c.state, WorkItemState::Queued);
-    assert_eq!(
-        enqueue_with(&h, b.id, &[a.id]).await.unwrap().state,
-        WorkItemState::Blocked
-    );
+    assert_eq!(enqueue_with(&h, b.id, &[a.id]).await.unwrap().state, WorkItemState::Blocked);
     for id in [c.id, d.id] {
         let w = h.store.work_item_get(id).await.unwrap();
         assert_eq!(w.state, WorkItemState::Blocked, "{}", w.title);
@@ -2072,23 +1491,13 @@ pub async fn blocked_at_enqueue_blocks_existing_dependents(store: Arc<dyn Store>
     let y = h.item(p.id, "y").await;
     let e = |id: WorkItemId, deps: &[WorkItemId]| Enqueue {
         work_item_id: id,
-        options: EnqueueOptions {
-            priority: None,
-            depends_on: deps.to_vec(),
-            not_before: None,
-        },
+        options: EnqueueOptions { priority: None, depends_on: deps.to_vec(), not_before: None },
     };
-    h.orch
-        .enqueue_many(vec![e(y.id, &[x.id]), e(x.id, &[a.id])])
-        .await
-        .unwrap();
+    h.orch.enqueue_many(vec![e(y.id, &[x.id]), e(x.id, &[a.id])]).await.unwrap();
     assert_eq!(h.state_of(x.id).await, WorkItemState::Blocked);
     assert_eq!(h.state_of(y.id).await, WorkItemState::Blocked);
     // Requeueing the failed root brings the whole chain back.
-    h.orch
-        .requeue_work_item(a.id, RequeueRequest::default())
-        .await
-        .unwrap();
+    h.orch.requeue_work_item(a.id, RequeueRequest::default()).await.unwrap();
     for id in [b.id, c.id, d.id, x.id, y.id] {
         let w = h.store.work_item_get(id).await.unwrap();
         assert_eq!(w.state, WorkItemState::Queued, "{}", w.title);
@@ -2109,36 +1518,17 @@ pub async fn blocked_reason_tracks_remaining_blocker(store: Arc<dyn Store>) {
     fail_with(&h, &v[0], FailureKind::Permanent).await;
     fail_with(&h, &v[1], FailureKind::Permanent).await;
     assert_eq!(h.state_of(z.id).await, WorkItemState::Blocked);
-    h.orch
-        .requeue_work_item(x.id, RequeueRequest::default())
-        .await
-        .unwrap();
+    h.orch.requeue_work_item(x.id, RequeueRequest::default()).await.unwrap();
     let wz = h.store.work_item_get(z.id).await.unwrap();
     assert_eq!(wz.state, WorkItemState::Blocked);
     let reason = wz.blocked_reason.unwrap_or_default();
-    assert!(
-        reason.contains(&y.id.to_string()),
-        "reason should name y: {reason}"
-    );
-    assert!(
-        !reason.contains(&x.id.to_string()),
-        "x is queued again: {reason}"
-    );
-    h.orch
-        .requeue_work_item(y.id, RequeueRequest::default())
-        .await
-        .unwrap();
+    assert!(reason.contains(&y.id.to_string()), "reason should name y: {reason}");
+    assert!(!reason.contains(&x.id.to_string()), "x is queued again: {reason}");
+    h.orch.requeue_work_item(y.id, RequeueRequest::default()).await.unwrap();
     let wz = h.store.work_item_get(z.id).await.unwrap();
     assert_eq!(wz.state, WorkItemState::Queued);
     assert_eq!(wz.blocked_reason, None);
-    assert_eq!(
-        h.store
-            .scheduled_task_get(z.id)
-            .await
-            .unwrap()
-            .pending_dependencies,
-        2
-    );
+    assert_eq!(h.store.scheduled_task_get(z.id).await.unwrap().pending_dependencies, 2);
 }
 
 /// Requeueing a succeeded dependency makes its waiting dependents wait again until it succeeds anew.
@@ -2149,22 +1539,11 @@ pub async fn requeue_succeeded_dependency_holds_dependents(store: Arc<dyn Store>
     let b = h.queued(p.id, "b", 0, &[a.id]).await;
     let v = h.claim_one("agent").await;
     assert_eq!(h.succeed(&v).await.released, vec![b.id]);
-    let ra = h
-        .orch
-        .requeue_work_item(a.id, RequeueRequest::default())
-        .await
-        .unwrap();
+    let ra = h.orch.requeue_work_item(a.id, RequeueRequest::default()).await.unwrap();
     assert_eq!(ra.state, WorkItemState::Queued);
     assert_eq!(ra.attempts, 0);
     assert_eq!(h.state_of(b.id).await, WorkItemState::Queued);
-    assert_eq!(
-        h.store
-            .scheduled_task_get(b.id)
-            .await
-            .unwrap()
-            .pending_dependencies,
-        1
-    );
+    assert_eq!(h.store.scheduled_task_get(b.id).await.unwrap().pending_dependencies, 1);
     let v = h.claim("agent", 5).await;
     assert_eq!(item_ids(&v), vec![a.id]);
     assert_eq!(h.succeed(&v[0]).await.released, vec![b.id]);

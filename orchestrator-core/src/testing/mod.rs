@@ -46,12 +46,7 @@ impl Harness {
     pub fn with_config(store: Arc<dyn Store>, f: impl FnOnce(&mut OrchestratorConfig)) -> Self {
         let clock = ManualClock::at_epoch();
         let mut config = OrchestratorConfig {
-            retry: RetryPolicy {
-                max_retries: 3,
-                backoff_base_seconds: 10.0,
-                backoff_cap_seconds: 300.0,
-                jitter: 0.0,
-            },
+            retry: RetryPolicy { max_retries: 3, backoff_base_seconds: 10.0, backoff_cap_seconds: 300.0, jitter: 0.0 },
             lease_ttl: chrono::Duration::seconds(30),
             ..OrchestratorConfig::default()
         };
@@ -62,43 +57,26 @@ impl Harness {
 
     /// Creates a project.
     pub async fn project(&self) -> Project {
-        self.orch
-            .create_project("proj", "a project")
-            .await
-            .expect("create project")
+        self.orch.create_project("proj", "a project").await.expect("create project")
     }
 
     /// Creates a `ready` work item (the harness default has no approval policy).
     pub async fn item(&self, project: ProjectId, title: &str) -> WorkItem {
         self.orch
-            .create_work_item(CreateWorkItem {
-                project_id: Some(project),
-                title: title.into(),
-                ..Default::default()
-            })
+            .create_work_item(CreateWorkItem { project_id: Some(project), title: title.into(), ..Default::default() })
             .await
             .expect("create work item")
             .work_item
     }
 
     /// Creates and enqueues a work item with a priority and dependencies.
-    pub async fn queued(
-        &self,
-        project: ProjectId,
-        title: &str,
-        priority: i32,
-        deps: &[WorkItemId],
-    ) -> WorkItem {
+    pub async fn queued(&self, project: ProjectId, title: &str, priority: i32, deps: &[WorkItemId]) -> WorkItem {
         self.orch
             .create_work_item(CreateWorkItem {
                 project_id: Some(project),
                 title: title.into(),
                 priority,
-                enqueue: Some(EnqueueOptions {
-                    priority: None,
-                    depends_on: deps.to_vec(),
-                    not_before: None,
-                }),
+                enqueue: Some(EnqueueOptions { priority: None, depends_on: deps.to_vec(), not_before: None }),
                 ..Default::default()
             })
             .await
@@ -109,12 +87,7 @@ impl Harness {
     /// Claims up to `max` runs as `agent`.
     pub async fn claim(&self, agent: &str, max: u32) -> Vec<Assignment> {
         self.orch
-            .claim(ClaimRequest {
-                agent_id: agent.into(),
-                capabilities: vec![],
-                max,
-                lease_ttl_seconds: None,
-            })
+            .claim(ClaimRequest { agent_id: agent.into(), capabilities: vec![], max, lease_ttl_seconds: None })
             .await
             .expect("claim")
     }
@@ -129,12 +102,7 @@ impl Harness {
     /// Completes a run successfully.
     pub async fn succeed(&self, a: &Assignment) -> CompletionResult {
         self.orch
-            .complete(
-                a.run_id(),
-                a.token(),
-                RunOutcome::Succeeded { exit_code: Some(0) },
-                None,
-            )
+            .complete(a.run_id(), a.token(), RunOutcome::Succeeded { exit_code: Some(0) }, None)
             .await
             .expect("complete")
     }
@@ -158,11 +126,7 @@ impl Harness {
 
     /// Reads a work item's state.
     pub async fn state_of(&self, id: WorkItemId) -> crate::state::WorkItemState {
-        self.store
-            .work_item_get(id)
-            .await
-            .expect("get work item")
-            .state
+        self.store.work_item_get(id).await.expect("get work item").state
     }
 }
 

@@ -52,11 +52,7 @@ const MAX_RETRIES: u32 = 3;
 #[derive(Debug, Clone)]
 enum Op {
     /// Creates a work item (enqueued or left `ready`) with an optional dependency on an earlier item.
-    Create {
-        priority: i32,
-        dep: Option<usize>,
-        enqueue: bool,
-    },
+    Create { priority: i32, dep: Option<usize>, enqueue: bool },
     /// Enqueues an item (with the dependency chosen at creation).
     Enqueue { idx: usize },
     /// Claims up to `n` runs.
@@ -107,11 +103,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 
 /// Shorthand for [`Op::Create`] in [`REGRESSIONS`].
 const fn create(priority: i32, dep: Option<usize>, enqueue: bool) -> Op {
-    Op::Create {
-        priority,
-        dep,
-        enqueue,
-    }
+    Op::Create { priority, dep, enqueue }
 }
 
 /// Fixed sequences run before the random ones: cases random runs found (or that are too rare to rely on).
@@ -208,10 +200,7 @@ pub async fn run_model_test(store: Arc<dyn Store>) {
     let handle = tokio::runtime::Handle::current();
     let config = Config {
         // `PROPTEST_CASES` raises the count for a longer local soak.
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(CASES),
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(CASES),
         failure_persistence: None,
         fork: false,
         max_shrink_iters: 2048,
@@ -220,19 +209,12 @@ pub async fn run_model_test(store: Arc<dyn Store>) {
     let mut runner = TestRunner::new(config);
     let strategy = proptest::collection::vec(op_strategy(), 1..=MAX_OPS);
     let result = tokio::task::block_in_place(|| {
-        runner.run(&strategy, |ops| {
-            handle
-                .block_on(run_sequence(store.clone(), &ops))
-                .map_err(TestCaseError::fail)
-        })
+        runner.run(&strategy, |ops| handle.block_on(run_sequence(store.clone(), &ops)).map_err(TestCaseError::fail))
     });
     match result {
         Ok(()) => {}
         Err(TestError::Fail(reason, ops)) => {
-            panic!(
-                "store and model disagree: {reason}\nminimal failing sequence ({} ops): {ops:?}",
-                ops.len()
-            )
+            panic!("store and model disagree: {reason}\nminimal failing sequence ({} ops): {ops:?}", ops.len())
         }
         Err(TestError::Abort(reason)) => panic!("model test aborted: {reason}"),
     }
@@ -241,11 +223,8 @@ pub async fn run_model_test(store: Arc<dyn Store>) {
 /// Runs one sequence in a new project; cleans up whatever happens.
 async fn run_sequence(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
     let h = Harness::new(store);
-    let project = h
-        .orch
-        .create_project("model", "model-based test")
-        .await
-        .map_err(|e| format!("create project: {e}"))?;
+    let project =
+        h.orch.create_project("model", "model-based test").await.map_err(|e| format!("create project: {e}"))?;
     let mut seq = Sequence {
         label: format!("model-{}", project.id),
         h,
@@ -270,13 +249,7 @@ async fn run_sequence(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
         result = seq.compare_all_runs().await;
     }
     seq.cleanup().await;
-    result.map_err(|e| {
-        format!(
-            "{e}\n--- executed operations ---\n{}--- model ---\n{}",
-            seq.trace,
-            seq.m.describe()
-        )
-    })
+    result.map_err(|e| format!("{e}\n--- executed operations ---\n{}--- model ---\n{}", seq.trace, seq.m.describe()))
 }
 
 /// A model work item.
@@ -328,9 +301,7 @@ fn outcome_of<T>(r: &Result<T, Error>) -> Result<Outcome, String> {
     match r {
         Ok(_) => Ok(Outcome::Ok),
         Err(Error::Store(StoreError::LeaseLost { .. })) => Ok(Outcome::LeaseLost),
-        Err(Error::Store(StoreError::InvalidTransition(_) | StoreError::Conflict { .. })) => {
-            Ok(Outcome::Refused)
-        }
+        Err(Error::Store(StoreError::InvalidTransition(_) | StoreError::Conflict { .. })) => Ok(Outcome::Refused),
         Err(e) => Err(format!("unexpected error: {e:?}")),
     }
 }
@@ -342,50 +313,34 @@ fn check_outcome<T>(r: &Result<T, Error>, expected: Outcome) -> Result<(), Strin
             Ok(_) => "ok".to_string(),
             Err(e) => e.to_string(),
         };
-        return Err(format!(
-            "expected {expected:?}, store answered {got:?} ({detail})"
-        ));
+        return Err(format!("expected {expected:?}, store answered {got:?} ({detail})"));
     }
     Ok(())
 }
 
 impl Model {
     fn held(&self) -> Vec<usize> {
-        (0..self.runs.len())
-            .filter(|r| self.runs[*r].state == RunState::Claimed)
-            .collect()
+        (0..self.runs.len()).filter(|r| self.runs[*r].state == RunState::Claimed).collect()
     }
 
     fn finished_runs(&self) -> Vec<usize> {
-        (0..self.runs.len())
-            .filter(|r| self.runs[*r].state != RunState::Claimed)
-            .collect()
+        (0..self.runs.len()).filter(|r| self.runs[*r].state != RunState::Claimed).collect()
     }
 
     fn held_run_of(&self, item: usize) -> Option<usize> {
-        (0..self.runs.len())
-            .find(|r| self.runs[*r].item == item && self.runs[*r].state == RunState::Claimed)
+        (0..self.runs.len()).find(|r| self.runs[*r].item == item && self.runs[*r].state == RunState::Claimed)
     }
 
     fn dependents(&self, i: usize) -> Vec<usize> {
-        (0..self.items.len())
-            .filter(|j| self.items[*j].deps.contains(&i))
-            .collect()
+        (0..self.items.len()).filter(|j| self.items[*j].deps.contains(&i)).collect()
     }
 
     fn blocking_dep(&self, i: usize) -> Option<usize> {
-        self.items[i]
-            .deps
-            .iter()
-            .copied()
-            .find(|d| self.items[*d].state.blocks_dependents())
+        self.items[i].deps.iter().copied().find(|d| self.items[*d].state.blocks_dependents())
     }
 
     fn deps_succeeded(&self, i: usize) -> bool {
-        self.items[i]
-            .deps
-            .iter()
-            .all(|d| self.items[*d].state == WorkItemState::Succeeded)
+        self.items[i].deps.iter().all(|d| self.items[*d].state == WorkItemState::Succeeded)
     }
 
     /// Claimable items in claim order.
@@ -408,10 +363,7 @@ impl Model {
         let mut stack = vec![i];
         while let Some(cur) = stack.pop() {
             for d in self.dependents(cur) {
-                if matches!(
-                    self.items[d].state,
-                    WorkItemState::Queued | WorkItemState::Retrying
-                ) {
+                if matches!(self.items[d].state, WorkItemState::Queued | WorkItemState::Retrying) {
                     self.items[d].state = WorkItemState::Blocked;
                     blocked.push(d);
                     stack.push(d);
@@ -513,11 +465,7 @@ impl Sequence {
         let now = self.now();
         let n = self.m.items.len();
         match *op {
-            Op::Create {
-                priority,
-                dep,
-                enqueue,
-            } => {
+            Op::Create { priority, dep, enqueue } => {
                 let dep = dep.filter(|_| n > 0).map(|d| d % n);
                 let r = self
                     .h
@@ -550,11 +498,7 @@ impl Sequence {
                     it.deps = dep.into_iter().collect();
                     it.planned_dep = None;
                     it.run_at = Some(now);
-                    it.state = if it
-                        .deps
-                        .iter()
-                        .any(|d| self.m.items[*d].state.blocks_dependents())
-                    {
+                    it.state = if it.deps.iter().any(|d| self.m.items[*d].state.blocks_dependents()) {
                         WorkItemState::Blocked
                     } else {
                         WorkItemState::Queued
@@ -586,11 +530,7 @@ impl Sequence {
                     it.deps = dep.into_iter().collect();
                     it.planned_dep = None;
                     it.run_at = Some(now);
-                    it.state = if blocked {
-                        WorkItemState::Blocked
-                    } else {
-                        WorkItemState::Queued
-                    };
+                    it.state = if blocked { WorkItemState::Blocked } else { WorkItemState::Queued };
                     if blocked {
                         // Items already waiting on this one can no longer run either.
                         self.m.block_dependents(i);
@@ -613,20 +553,15 @@ impl Sequence {
                     .await;
                 check_outcome(&r, Outcome::Ok)?;
                 let got = r.map_err(|e| e.to_string())?;
-                let got_ids: BTreeSet<WorkItemId> =
-                    got.iter().map(|a| a.claimed.work_item.id).collect();
+                let got_ids: BTreeSet<WorkItemId> = got.iter().map(|a| a.claimed.work_item.id).collect();
                 if got_ids != ids_of(&self.m, &expected) || got.len() != expected.len() {
-                    let got_idx: Vec<Option<usize>> = got
-                        .iter()
-                        .map(|a| self.idx_of(a.claimed.work_item.id))
-                        .collect();
-                    return Err(format!("claim took items {got_idx:?} (None = not of this sequence), model expected {expected:?}"));
+                    let got_idx: Vec<Option<usize>> = got.iter().map(|a| self.idx_of(a.claimed.work_item.id)).collect();
+                    return Err(format!(
+                        "claim took items {got_idx:?} (None = not of this sequence), model expected {expected:?}"
+                    ));
                 }
                 for i in expected {
-                    let Some(a) = got
-                        .iter()
-                        .find(|a| a.claimed.work_item.id == self.m.items[i].id)
-                    else {
+                    let Some(a) = got.iter().find(|a| a.claimed.work_item.id == self.m.items[i].id) else {
                         continue;
                     };
                     let attempt = self.m.items[i].attempts + 1;
@@ -650,10 +585,7 @@ impl Sequence {
                         || c.work_item.state != WorkItemState::Running
                         || c.run.work_item_id != c.work_item.id
                     {
-                        return Err(format!(
-                            "claimed run of #{i}: run {} item {}",
-                            c.run.state, c.work_item.state
-                        ));
+                        return Err(format!("claimed run of #{i}: run {} item {}", c.run.state, c.work_item.state));
                     }
                     self.m.items[i].state = WorkItemState::Running;
                     self.m.items[i].attempts = attempt;
@@ -674,40 +606,18 @@ impl Sequence {
                     return Ok(());
                 }
                 let ri = held[k % held.len()];
-                let MRun {
-                    id: run_id,
-                    item: i,
-                    token,
-                    expires,
-                    ..
-                } = self.m.runs[ri];
+                let MRun { id: run_id, item: i, token, expires, .. } = self.m.runs[ri];
                 let expired = expires <= now;
-                self.note(format_args!(
-                    "run of #{i}{}",
-                    if expired { " (lease expired)" } else { "" }
-                ));
+                self.note(format_args!("run of #{i}{}", if expired { " (lease expired)" } else { "" }));
                 let outcome = match op {
                     Op::Succeed { .. } => RunOutcome::Succeeded { exit_code: Some(0) },
-                    Op::FailRetryable { .. } => RunOutcome::Failed {
-                        error: "boom".into(),
-                        exit_code: Some(1),
-                        kind: FailureKind::Retryable,
-                    },
-                    _ => RunOutcome::Failed {
-                        error: "fatal".into(),
-                        exit_code: Some(2),
-                        kind: FailureKind::Permanent,
-                    },
+                    Op::FailRetryable { .. } => {
+                        RunOutcome::Failed { error: "boom".into(), exit_code: Some(1), kind: FailureKind::Retryable }
+                    }
+                    _ => RunOutcome::Failed { error: "fatal".into(), exit_code: Some(2), kind: FailureKind::Permanent },
                 };
                 let r = self.h.orch.complete(run_id, token, outcome, None).await;
-                check_outcome(
-                    &r,
-                    if expired {
-                        Outcome::LeaseLost
-                    } else {
-                        Outcome::Ok
-                    },
-                )?;
+                check_outcome(&r, if expired { Outcome::LeaseLost } else { Outcome::Ok })?;
                 let Ok(res) = r else { return Ok(()) };
                 let (state, retry_at, released, blocked) = match op {
                     Op::Succeed { .. } => {
@@ -719,18 +629,15 @@ impl Sequence {
                             .dependents(i)
                             .into_iter()
                             .filter(|d| {
-                                matches!(
-                                    self.m.items[*d].state,
-                                    WorkItemState::Queued | WorkItemState::Retrying
-                                ) && self.m.deps_succeeded(*d)
+                                matches!(self.m.items[*d].state, WorkItemState::Queued | WorkItemState::Retrying)
+                                    && self.m.deps_succeeded(*d)
                             })
                             .collect();
                         (WorkItemState::Succeeded, None, released, Vec::new())
                     }
                     _ => {
                         self.m.runs[ri].state = RunState::Failed;
-                        let (state, retry_at, blocked) =
-                            self.m.fail(i, matches!(op, Op::FailPermanent { .. }), now);
+                        let (state, retry_at, blocked) = self.m.fail(i, matches!(op, Op::FailPermanent { .. }), now);
                         (state, retry_at, Vec::new(), blocked)
                     }
                 };
@@ -759,31 +666,18 @@ impl Sequence {
                     return Ok(());
                 }
                 let ri = held[k % held.len()];
-                let MRun {
-                    id: run_id,
-                    item: i,
-                    token,
-                    expires,
-                    ..
-                } = self.m.runs[ri];
+                let MRun { id: run_id, item: i, token, expires, .. } = self.m.runs[ri];
                 let expired = expires <= now;
-                self.note(format_args!(
-                    "run of #{i}{}",
-                    if expired { " (lease expired)" } else { "" }
-                ));
+                self.note(format_args!("run of #{i}{}", if expired { " (lease expired)" } else { "" }));
                 let r = self.h.orch.heartbeat(run_id, token).await;
-                check_outcome(
-                    &r,
-                    if expired {
-                        Outcome::LeaseLost
-                    } else {
-                        Outcome::Ok
-                    },
-                )?;
+                check_outcome(&r, if expired { Outcome::LeaseLost } else { Outcome::Ok })?;
                 if let Ok(lease) = r {
                     let want = now + Duration::seconds(LEASE_TTL);
                     if lease.token != token || lease.expires_at != want || lease.run_id != run_id {
-                        return Err(format!("heartbeat of #{i} gave token {} expiry {}, expected token {token} expiry {want}", lease.token, lease.expires_at));
+                        return Err(format!(
+                            "heartbeat of #{i} gave token {} expiry {}, expected token {token} expiry {want}",
+                            lease.token, lease.expires_at
+                        ));
                     }
                     self.m.runs[ri].expires = want;
                 }
@@ -795,23 +689,10 @@ impl Sequence {
                     return Ok(());
                 }
                 let ri = held[k % held.len()];
-                let MRun {
-                    id: run_id,
-                    item: i,
-                    token,
-                    ..
-                } = self.m.runs[ri];
+                let MRun { id: run_id, item: i, token, .. } = self.m.runs[ri];
                 self.note(format_args!("run of #{i} with token {}", token + 1));
-                let r = self
-                    .h
-                    .orch
-                    .complete(
-                        run_id,
-                        token + 1,
-                        RunOutcome::Succeeded { exit_code: Some(0) },
-                        None,
-                    )
-                    .await;
+                let r =
+                    self.h.orch.complete(run_id, token + 1, RunOutcome::Succeeded { exit_code: Some(0) }, None).await;
                 check_outcome(&r, Outcome::LeaseLost)?;
             }
             Op::ZombieWrite { k } => {
@@ -821,24 +702,9 @@ impl Sequence {
                     return Ok(());
                 }
                 let ri = dead[k % dead.len()];
-                let MRun {
-                    id: run_id,
-                    item: i,
-                    token,
-                    state,
-                    ..
-                } = self.m.runs[ri];
+                let MRun { id: run_id, item: i, token, state, .. } = self.m.runs[ri];
                 self.note(format_args!("{state} run of #{i}"));
-                let r = self
-                    .h
-                    .orch
-                    .complete(
-                        run_id,
-                        token,
-                        RunOutcome::Succeeded { exit_code: Some(0) },
-                        None,
-                    )
-                    .await;
+                let r = self.h.orch.complete(run_id, token, RunOutcome::Succeeded { exit_code: Some(0) }, None).await;
                 check_outcome(&r, Outcome::LeaseLost)?;
                 let r = self.h.orch.heartbeat(run_id, token).await;
                 check_outcome(&r, Outcome::LeaseLost)?;
@@ -855,14 +721,9 @@ impl Sequence {
                 for i in &promoted {
                     self.m.items[*i].state = WorkItemState::Queued;
                 }
-                let mut reaped: BTreeMap<RunId, (usize, WorkItemState, Option<DateTime<Utc>>)> =
-                    BTreeMap::new();
-                let mut expired: Vec<usize> = self
-                    .m
-                    .held()
-                    .into_iter()
-                    .filter(|r| self.m.runs[*r].expires <= now)
-                    .collect();
+                let mut reaped: BTreeMap<RunId, (usize, WorkItemState, Option<DateTime<Utc>>)> = BTreeMap::new();
+                let mut expired: Vec<usize> =
+                    self.m.held().into_iter().filter(|r| self.m.runs[*r].expires <= now).collect();
                 expired.sort_by_key(|r| self.m.runs[*r].id);
                 for ri in expired {
                     self.m.runs[ri].state = RunState::Lost;
@@ -878,30 +739,18 @@ impl Sequence {
                 check_outcome(&r, Outcome::Ok)?;
                 let report = r.map_err(|e| e.to_string())?;
                 let ours: BTreeSet<WorkItemId> = self.m.items.iter().map(|x| x.id).collect();
-                let got_promoted: BTreeSet<WorkItemId> = report
-                    .promoted
-                    .iter()
-                    .copied()
-                    .filter(|x| ours.contains(x))
-                    .collect();
+                let got_promoted: BTreeSet<WorkItemId> =
+                    report.promoted.iter().copied().filter(|x| ours.contains(x)).collect();
                 if got_promoted != ids_of(&self.m, &promoted) {
                     return Err(format!(
                         "tick promoted {:?}, model expected {promoted:?}",
-                        got_promoted
-                            .iter()
-                            .map(|x| self.idx_of(*x))
-                            .collect::<Vec<_>>()
+                        got_promoted.iter().map(|x| self.idx_of(*x)).collect::<Vec<_>>()
                     ));
                 }
-                let got_reaped: Vec<&ReapedRun> = report
-                    .reaped
-                    .iter()
-                    .filter(|x| ours.contains(&x.work_item_id))
-                    .collect();
+                let got_reaped: Vec<&ReapedRun> =
+                    report.reaped.iter().filter(|x| ours.contains(&x.work_item_id)).collect();
                 let got_runs: BTreeSet<RunId> = got_reaped.iter().map(|x| x.run_id).collect();
-                if got_runs != reaped.keys().copied().collect::<BTreeSet<_>>()
-                    || got_runs.len() != got_reaped.len()
-                {
+                if got_runs != reaped.keys().copied().collect::<BTreeSet<_>>() || got_runs.len() != got_reaped.len() {
                     return Err(format!(
                         "tick reaped runs {got_runs:?}, model expected {:?}",
                         reaped.keys().collect::<Vec<_>>()
@@ -956,23 +805,13 @@ impl Sequence {
                 let r = self
                     .h
                     .orch
-                    .requeue_work_item(
-                        self.m.items[i].id,
-                        RequeueRequest {
-                            delay_seconds: 0,
-                            backoff: false,
-                        },
-                    )
+                    .requeue_work_item(self.m.items[i].id, RequeueRequest { delay_seconds: 0, backoff: false })
                     .await;
                 check_outcome(&r, if ok { Outcome::Ok } else { Outcome::Refused })?;
                 if ok {
                     let blocked = self.m.blocking_dep(i).is_some();
                     let it = &mut self.m.items[i];
-                    it.state = if blocked {
-                        WorkItemState::Blocked
-                    } else {
-                        WorkItemState::Queued
-                    };
+                    it.state = if blocked { WorkItemState::Blocked } else { WorkItemState::Queued };
                     it.run_at = Some(now);
                     if was.is_finished() {
                         it.attempts = 0;
@@ -1000,10 +839,7 @@ impl Sequence {
                     .orch
                     .update_work_item(
                         self.m.items[i].id,
-                        UpdateWorkItem {
-                            priority: Some(priority),
-                            ..Default::default()
-                        },
+                        UpdateWorkItem { priority: Some(priority), ..Default::default() },
                     )
                     .await;
                 check_outcome(&r, if ok { Outcome::Ok } else { Outcome::Refused })?;
@@ -1018,18 +854,11 @@ impl Sequence {
     async fn items(&self) -> Result<Vec<WorkItem>, String> {
         let mut out: Vec<WorkItem> = Vec::new();
         loop {
-            let page = Page {
-                limit: 100,
-                after: out.last().map(|w| w.id.0),
-            };
+            let page = Page { limit: 100, after: out.last().map(|w| w.id.0) };
             let v = self
                 .h
                 .store
-                .work_item_list(WorkItemFilter {
-                    project_id: Some(self.project),
-                    page,
-                    ..Default::default()
-                })
+                .work_item_list(WorkItemFilter { project_id: Some(self.project), page, ..Default::default() })
                 .await
                 .map_err(|e| format!("work_item_list: {e}"))?;
             let done = v.len() < 100;
@@ -1043,16 +872,9 @@ impl Sequence {
     async fn runs(&self, f: RunFilter) -> Result<Vec<Run>, String> {
         let mut out: Vec<Run> = Vec::new();
         loop {
-            let page = Page {
-                limit: 1000,
-                after: out.last().map(|r| r.id.0),
-            };
-            let v = self
-                .h
-                .store
-                .run_list(RunFilter { page, ..f.clone() })
-                .await
-                .map_err(|e| format!("run_list: {e}"))?;
+            let page = Page { limit: 1000, after: out.last().map(|r| r.id.0) };
+            let v =
+                self.h.store.run_list(RunFilter { page, ..f.clone() }).await.map_err(|e| format!("run_list: {e}"))?;
             let done = v.len() < 1000;
             out.extend(v);
             if done {
@@ -1067,9 +889,7 @@ impl Sequence {
         let got_ids: Vec<WorkItemId> = items.iter().map(|w| w.id).collect();
         let want_ids: Vec<WorkItemId> = self.m.items.iter().map(|x| x.id).collect();
         if got_ids != want_ids {
-            return Err(format!(
-                "project lists items {got_ids:?}, model has (in creation order) {want_ids:?}"
-            ));
+            return Err(format!("project lists items {got_ids:?}, model has (in creation order) {want_ids:?}"));
         }
         for (i, (w, m)) in items.iter().zip(&self.m.items).enumerate() {
             let mut diffs = Vec::new();
@@ -1077,20 +897,12 @@ impl Sequence {
                 diffs.push(format!("state store={} model={}", w.state, m.state));
             }
             if w.attempts != m.attempts {
-                diffs.push(format!(
-                    "attempts store={} model={}",
-                    w.attempts, m.attempts
-                ));
+                diffs.push(format!("attempts store={} model={}", w.attempts, m.attempts));
             }
             if w.priority != m.priority {
-                diffs.push(format!(
-                    "priority store={} model={}",
-                    w.priority, m.priority
-                ));
+                diffs.push(format!("priority store={} model={}", w.priority, m.priority));
             }
-            if matches!(m.state, WorkItemState::Queued | WorkItemState::Retrying)
-                && w.run_at != m.run_at
-            {
+            if matches!(m.state, WorkItemState::Queued | WorkItemState::Retrying) && w.run_at != m.run_at {
                 diffs.push(format!("run_at store={:?} model={:?}", w.run_at, m.run_at));
             }
             if w.state == WorkItemState::Blocked && w.blocked_reason.is_none() {
@@ -1099,47 +911,23 @@ impl Sequence {
             if m.state == WorkItemState::Running {
                 let want = self.m.held_run_of(i).map(|r| self.m.runs[r].id);
                 if w.current_run_id != want {
-                    diffs.push(format!(
-                        "current_run_id store={:?} model={want:?}",
-                        w.current_run_id
-                    ));
+                    diffs.push(format!("current_run_id store={:?} model={want:?}", w.current_run_id));
                 }
             }
             let want_deps: Vec<WorkItemId> = m.deps.iter().map(|d| self.m.items[*d].id).collect();
             if w.dependencies != want_deps {
-                diffs.push(format!(
-                    "dependencies store={:?} model={want_deps:?}",
-                    w.dependencies
-                ));
+                diffs.push(format!("dependencies store={:?} model={want_deps:?}", w.dependencies));
             }
             if !diffs.is_empty() {
                 return Err(format!("item #{i} ({}): {}", w.id, diffs.join("; ")));
             }
         }
-        let mut active = self
-            .runs(RunFilter {
-                state: Some(RunState::Claimed),
-                ..Default::default()
-            })
-            .await?;
-        active.extend(
-            self.runs(RunFilter {
-                state: Some(RunState::Running),
-                ..Default::default()
-            })
-            .await?,
-        );
-        let active: BTreeMap<RunId, Run> = active
-            .into_iter()
-            .filter(|r| r.project_id == self.project)
-            .map(|r| (r.id, r))
-            .collect();
-        let held: BTreeMap<RunId, &MRun> = self
-            .m
-            .held()
-            .into_iter()
-            .map(|r| (self.m.runs[r].id, &self.m.runs[r]))
-            .collect();
+        let mut active = self.runs(RunFilter { state: Some(RunState::Claimed), ..Default::default() }).await?;
+        active.extend(self.runs(RunFilter { state: Some(RunState::Running), ..Default::default() }).await?);
+        let active: BTreeMap<RunId, Run> =
+            active.into_iter().filter(|r| r.project_id == self.project).map(|r| (r.id, r)).collect();
+        let held: BTreeMap<RunId, &MRun> =
+            self.m.held().into_iter().map(|r| (self.m.runs[r].id, &self.m.runs[r])).collect();
         if active.keys().collect::<Vec<_>>() != held.keys().collect::<Vec<_>>() {
             let name = |id: &RunId| match self.m.runs.iter().find(|r| r.id == *id) {
                 Some(r) => format!("run of #{} ({})", r.item, r.state),
@@ -1170,23 +958,10 @@ impl Sequence {
     /// Compares every run of every item of the project with the model (end of a sequence).
     async fn compare_all_runs(&self) -> Result<(), String> {
         for (i, it) in self.m.items.iter().enumerate() {
-            let got = self
-                .runs(RunFilter {
-                    work_item_id: Some(it.id),
-                    ..Default::default()
-                })
-                .await?;
-            let got: BTreeMap<RunId, (RunState, u32)> = got
-                .into_iter()
-                .map(|r| (r.id, (r.state, r.attempt)))
-                .collect();
-            let want: BTreeMap<RunId, (RunState, u32)> = self
-                .m
-                .runs
-                .iter()
-                .filter(|r| r.item == i)
-                .map(|r| (r.id, (r.state, r.attempt)))
-                .collect();
+            let got = self.runs(RunFilter { work_item_id: Some(it.id), ..Default::default() }).await?;
+            let got: BTreeMap<RunId, (RunState, u32)> = got.into_iter().map(|r| (r.id, (r.state, r.attempt))).collect();
+            let want: BTreeMap<RunId, (RunState, u32)> =
+                self.m.runs.iter().filter(|r| r.item == i).map(|r| (r.id, (r.state, r.attempt))).collect();
             if got != want {
                 return Err(format!(
                     "runs of item #{i}: store {:?}, model {:?}",
@@ -1201,15 +976,8 @@ impl Sequence {
     /// Cancels the sequence's unfinished items and deletes its project (best effort).
     async fn cleanup(&self) {
         if let Ok(items) = self.items().await {
-            for w in items
-                .iter()
-                .filter(|w| w.state.can_transition(WorkItemState::Cancelled))
-            {
-                let _ = self
-                    .h
-                    .orch
-                    .cancel_work_item(w.id, Some("model test cleanup".into()))
-                    .await;
+            for w in items.iter().filter(|w| w.state.can_transition(WorkItemState::Cancelled)) {
+                let _ = self.h.orch.cancel_work_item(w.id, Some("model test cleanup".into())).await;
             }
         }
         let _ = self.h.store.project_delete(self.project).await;
