@@ -401,9 +401,6 @@ fn start_checkpointer(path: &Path) -> Option<mpsc::Sender<()>> {
     }
 }
 
-static DBG_JOBS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-static DBG_BATCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, notifier: Notifier, max_batch: usize) {
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
@@ -414,16 +411,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, notifier: Notifier
                 Err(_) => break,
             }
         }
-        DBG_JOBS.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
-        DBG_BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         run_batch(&mut conn, batch, &notifier);
-    }
-    if std::env::var("ORCH_DEBUG").is_ok() {
-        eprintln!(
-            "batches={} jobs={}",
-            DBG_BATCHES.load(std::sync::atomic::Ordering::Relaxed),
-            DBG_JOBS.load(std::sync::atomic::Ordering::Relaxed)
-        );
     }
 }
 

@@ -20,7 +20,7 @@ static COMPLETE_RUN_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(
     format!(
         "UPDATE runs SET state = ?2, finished_at = ?3, lease_expires_at = NULL, exit_code = ?4, error = ?5, failure_kind = ?6,
          usage = COALESCE(?7, usage)
-         WHERE id = ?1 AND lease_token = ?8 AND state IN ('claimed', 'running') AND lease_expires_at > ?3 RETURNING {RUN_COLS}"
+         WHERE id = ?1 AND lease_token = ?8 AND +state IN ('claimed', 'running') AND +lease_expires_at > ?3 RETURNING {RUN_COLS}"
     )
 });
 

@@ -68,3 +68,53 @@ impl Harness {
 pub async fn model_random_operations(store: Arc<dyn Store>) {
     super::model::run_model_test(store).await;
 }
+
+/// A heartbeat renews the lease for the duration it was claimed with, not the configured default.
+pub async fn heartbeat_keeps_claimed_ttl(store: Arc<dyn Store>) {
+    use crate::agent::{AgentApi, ClaimRequest};
+    use crate::clock::Clock;
+    let h = Harness::new(store);
+    let p = h.project().await;
+    h.queued(p.id, "long", 0, &[]).await;
+    let req = ClaimRequest { agent_id: "a".into(), capabilities: vec![], max: 1, lease_ttl_seconds: Some(600) };
+    let a = h.orch.claim(req).await.unwrap().remove(0);
+    assert_eq!(a.claimed.lease.expires_at, h.clock.now() + chrono::Duration::seconds(600));
+    h.clock.advance(chrono::Duration::seconds(500));
+    let lease = h.orch.heartbeat(a.run_id(), a.token()).await.unwrap();
+    assert_eq!(lease.expires_at, h.clock.now() + chrono::Duration::seconds(600));
+    // Past the default TTL (30 s in the harness) but inside the claimed one: still held.
+    h.clock.advance(chrono::Duration::seconds(100));
+    assert!(h.orch.tick().await.unwrap().reaped.is_empty());
+    h.orch.append_logs(a.run_id(), a.token(), vec![]).await.unwrap();
+}
+
+/// `Orchestrator::complete_many` completes a batch in one call; each completion is guarded alone.
+pub async fn complete_many_through_the_facade(store: Arc<dyn Store>) {
+    use crate::domain::RunOutcome;
+    let h = Harness::new(store);
+    let p = h.project().await;
+    for i in 0..5 {
+        h.queued(p.id, &format!("w{i}"), 0, &[]).await;
+    }
+    let claimed = h.claim("a", 5).await;
+    let mut completions: Vec<RunCompletion> = claimed
+        .iter()
+        .map(|a| RunCompletion {
+            run_id: a.run_id(),
+            token: a.token(),
+            outcome: RunOutcome::Succeeded { exit_code: Some(0) },
+            usage: None,
+        })
+        .collect();
+    completions[2].token += 7;
+    let out = h.orch.complete_many(completions).await.unwrap();
+    assert_eq!(out.len(), 5);
+    for (i, r) in out.iter().enumerate() {
+        if i == 2 {
+            assert!(matches!(r, Err(StoreError::LeaseLost { .. })));
+        } else {
+            assert_eq!(r.as_ref().unwrap().work_item_state, WorkItemState::Succeeded);
+        }
+    }
+    assert_eq!(h.state_of(claimed[2].claimed.work_item.id).await, WorkItemState::Running);
+}

@@ -140,6 +140,8 @@ macro_rules! store_conformance_tests {
             vision_versions,
             project_delete_refused_while_active,
             model_random_operations,
+            heartbeat_keeps_claimed_ttl,
+            complete_many_through_the_facade,
         );
         $crate::__sched_cases!($factory);
         $crate::__flow_cases!($factory);
