@@ -73,8 +73,12 @@ impl Assignment {
 pub trait AgentApi: Send + Sync {
     /// Claims up to `req.max` runs.
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<Assignment>, Error>;
-    /// Waits until work may have become ready or `timeout` passes (true when woken).
-    async fn wait_for_work(&self, timeout: Duration) -> bool;
+    /// The current wake-up generation: read it before claiming, then pass it to
+    /// [`AgentApi::wait_for_work`] so a wake-up sent in between is not missed.
+    async fn work_generation(&self) -> u64;
+    /// Waits until the wake-up generation differs from `seen` (work may have become ready) or `timeout`
+    /// passes; true when woken.
+    async fn wait_for_work(&self, seen: u64, timeout: Duration) -> bool;
     /// Renews the lease (heartbeat); `LeaseLost` means stop working on the run.
     async fn heartbeat(&self, run_id: RunId, token: u64) -> Result<Lease, Error>;
     /// Marks the run as started.

@@ -175,7 +175,7 @@ fn validate_key_id(id: &str) -> Result<(), CryptoError> {
 }
 
 /// An encrypted (or, when `key_id` is `None`, plain) value as stored by a backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedValue {
     /// Id of the key the value was sealed with; `None` for a plain value.
     pub key_id: Option<String>,
@@ -184,6 +184,17 @@ pub struct SealedValue {
     /// The ciphertext followed by the 16-byte GCM tag; the bytes themselves
     /// for a plain value.
     pub ciphertext: Vec<u8>,
+}
+
+impl fmt::Debug for SealedValue {
+    /// Never prints the stored bytes: a plain value is the answer itself.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealedValue")
+            .field("key_id", &self.key_id)
+            .field("nonce_len", &self.nonce.len())
+            .field("ciphertext_len", &self.ciphertext.len())
+            .finish()
+    }
 }
 
 impl SealedValue {

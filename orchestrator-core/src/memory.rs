@@ -89,6 +89,14 @@ impl State {
         self.items.get_mut(&id).ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
     }
 
+    fn check_recipe(&self, rid: RecipeId, project: ProjectId) -> StoreResult<()> {
+        let r = self
+            .recipes
+            .get(&rid)
+            .ok_or_else(|| StoreError::invalid("recipe_id", format!("unknown recipe `{rid}`")))?;
+        rules::check_recipe_scope(rid, r.project_id, project)
+    }
+
     fn run(&self, id: RunId) -> StoreResult<&Run> {
         self.runs.get(&id).ok_or_else(|| StoreError::not_found(EntityKind::Run, id))
     }
@@ -453,6 +461,7 @@ impl State {
 
     fn enqueue_checked(&mut self, items: &[Enqueue], now: DateTime<Utc>) -> StoreResult<Vec<ScheduledTask>> {
         // Validate everything against the current graph plus the batch's own new edges, then apply.
+        rules::check_distinct_enqueues(items)?;
         let mut extra: HashMap<WorkItemId, Vec<WorkItemId>> = HashMap::new();
         for e in items {
             let item = self.item(e.work_item_id)?;
@@ -563,6 +572,20 @@ impl State {
             }
         };
         run.state.transition(run_to)?;
+        // Check the item's move before touching the run, so a refusal changes nothing.
+        let item_state = self.item(wid)?.state;
+        match kind {
+            None => {
+                item_state.transition(WorkItemState::Succeeded)?;
+            }
+            Some(_) => {
+                if !item_state.can_transition(WorkItemState::Retrying)
+                    && !item_state.can_transition(WorkItemState::Failed)
+                {
+                    return Err(item_state.transition(WorkItemState::Failed).unwrap_err_or_conflict());
+                }
+            }
+        }
         let run = self.runs.get_mut(&c.run_id).ok_or_else(|| StoreError::not_found(EntityKind::Run, c.run_id))?;
         run.state = run_to;
         run.finished_at = Some(now);
@@ -755,13 +778,16 @@ impl Store for MemoryStore {
         }
         for (i, r) in p.requirements.iter().enumerate() {
             if let Some(rid) = r.recipe_id {
-                if !s.recipes.contains_key(&rid) {
-                    return Err(StoreError::invalid(
-                        format!("requirements[{i}].recipe_id"),
-                        format!("unknown recipe `{rid}`"),
-                    ));
-                }
+                s.check_recipe(rid, p.project_id).map_err(|e| match e {
+                    StoreError::Invalid { message, .. } => {
+                        StoreError::invalid(format!("requirements[{i}].recipe_id"), message)
+                    }
+                    other => other,
+                })?;
             }
+        }
+        if s.drafts.contains_key(&p.id) {
+            return Err(StoreError::Duplicate { entity: EntityKind::RequirementsDraft, key: p.id.to_string() });
         }
         let hash = content_hash(&(&p.title, &p.requirements));
         let d = RequirementsDraft {
@@ -829,6 +855,9 @@ impl Store for MemoryStore {
                 return Err(StoreError::not_found(EntityKind::Project, pid));
             }
         }
+        if s.recipes.contains_key(&p.id) {
+            return Err(StoreError::Duplicate { entity: EntityKind::ToolRecipe, key: p.id.to_string() });
+        }
         let r = ToolRecipe {
             id: p.id,
             project_id: p.project_id,
@@ -865,9 +894,7 @@ impl Store for MemoryStore {
                 return Err(StoreError::not_found(EntityKind::Project, p.project_id));
             }
             if let Some(rid) = p.recipe_id {
-                if !s.recipes.contains_key(&rid) {
-                    return Err(StoreError::invalid("recipe_id", format!("unknown recipe `{rid}`")));
-                }
+                s.check_recipe(rid, p.project_id)?;
             }
             if !matches!(p.state, WorkItemState::Draft | WorkItemState::AwaitingApproval | WorkItemState::Ready) {
                 return Err(StoreError::invalid("state", format!("a work item cannot be created as {}", p.state)));
@@ -980,9 +1007,7 @@ impl Store for MemoryStore {
             return Err(StoreError::conflict(format!("work item {} is {}", item.id, item.state)));
         }
         if let Some(Some(rid)) = p.recipe_id {
-            if !s.recipes.contains_key(&rid) {
-                return Err(StoreError::invalid("recipe_id", format!("unknown recipe `{rid}`")));
-            }
+            s.check_recipe(rid, item.project_id)?;
         }
         s.unindex(p.id);
         let mut new_item = item.clone();

@@ -548,14 +548,11 @@ impl AgentApi for Orchestrator {
         }
         let ttl = match req.lease_ttl_seconds {
             Some(s) => {
-                let d = Duration::seconds(s.min(i64::MAX as u64) as i64);
-                if s == 0 || d > self.config.max_lease_ttl {
-                    return Err(Error::invalid(
-                        "lease_ttl_seconds",
-                        format!("between 1 and {}", self.config.max_lease_ttl.num_seconds()),
-                    ));
+                let max = self.config.max_lease_ttl.num_seconds().max(1) as u64;
+                if s == 0 || s > max {
+                    return Err(Error::invalid("lease_ttl_seconds", format!("between 1 and {max}")));
                 }
-                d
+                Duration::seconds(s as i64)
             }
             None => self.config.lease_ttl,
         };
@@ -571,14 +568,31 @@ impl AgentApi for Orchestrator {
             .await?;
         let mut out = Vec::with_capacity(claimed.len());
         for c in claimed {
-            out.push(self.assignment(c).await?);
+            let (run_id, token) = (c.run.id, c.lease.token);
+            match self.assignment(c).await {
+                Ok(a) => out.push(a),
+                Err(e) => {
+                    // The run cannot be executed (its recipe vanished, an answer cannot be decrypted):
+                    // fail it permanently now instead of letting its lease expire again and again.
+                    tracing::error!(run_id = %run_id, error = %e, "claimed run cannot be assigned");
+                    let outcome = RunOutcome::Failed {
+                        error: format!("cannot be assigned to an agent: {e}"),
+                        exit_code: None,
+                        kind: crate::retry::FailureKind::Permanent,
+                    };
+                    self.complete(run_id, token, outcome, None).await?;
+                }
+            }
         }
         Ok(out)
     }
 
-    async fn wait_for_work(&self, timeout: std::time::Duration) -> bool {
-        let n = self.store.notifier();
-        n.wait_changed(n.generation(), timeout).await
+    async fn work_generation(&self) -> u64 {
+        self.store.notifier().generation()
+    }
+
+    async fn wait_for_work(&self, seen: u64, timeout: std::time::Duration) -> bool {
+        self.store.notifier().wait_changed(seen, timeout).await
     }
 
     async fn heartbeat(&self, run_id: RunId, token: u64) -> Result<Lease> {

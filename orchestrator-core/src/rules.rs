@@ -55,7 +55,36 @@ pub fn renewal_ttl(run: &Run, requested: Option<Duration>) -> Duration {
 
 /// The lease a claim or renewal grants.
 pub fn lease_for(run_id: RunId, token: u64, now: DateTime<Utc>, ttl: Duration) -> Lease {
-    Lease { run_id, token, expires_at: now + ttl }
+    Lease { run_id, token, expires_at: now.checked_add_signed(ttl).unwrap_or(DateTime::<Utc>::MAX_UTC) }
+}
+
+/// Refuses an enqueue batch that names the same work item twice.
+pub fn check_distinct_enqueues(items: &[crate::store::Enqueue]) -> Result<(), StoreError> {
+    let mut seen = HashSet::with_capacity(items.len());
+    for e in items {
+        if !seen.insert(e.work_item_id) {
+            return Err(StoreError::invalid(
+                "work_item_id",
+                format!("work item `{}` appears twice in one enqueue", e.work_item_id),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A recipe may be used by work items of its own project, or by any project when it has none.
+pub fn check_recipe_scope(
+    recipe_id: crate::ids::RecipeId,
+    recipe_project: Option<ProjectId>,
+    item_project: ProjectId,
+) -> Result<(), StoreError> {
+    match recipe_project {
+        Some(p) if p != item_project => Err(StoreError::invalid(
+            "recipe_id",
+            format!("recipe `{recipe_id}` belongs to project `{p}`, not to project `{item_project}`"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// What follows a failed attempt of a work item: its next state and, when retrying, the next attempt time.

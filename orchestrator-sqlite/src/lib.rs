@@ -255,7 +255,7 @@ impl SqliteStore {
         migrate(&mut conn, &path)?;
         let readers =
             Readers::Pool { path: path.clone(), idle: Mutex::new(Vec::new()), max_idle: opts.read_connections.max(1) };
-        let mut store = Self::start(conn, readers, opts, Some(path.clone()));
+        let mut store = Self::start(conn, readers, opts, Some(path.clone()))?;
         store.checkpointer = start_checkpointer(&path);
         Ok(store)
     }
@@ -267,7 +267,7 @@ impl SqliteStore {
         let mut conn = Connection::open_in_memory().map_err(|e| map_open_err(&path, e))?;
         configure_writer(&conn, &opts, true).map_err(|e| map_open_err(&path, e))?;
         migrate(&mut conn, &path)?;
-        Ok(Self::start(conn, Readers::Writer, opts, None))
+        Self::start(conn, Readers::Writer, opts, None)
     }
 
     /// The database file (None for `:memory:`).
@@ -281,7 +281,12 @@ impl SqliteStore {
         self
     }
 
-    fn start(conn: Connection, readers: Readers, opts: SqliteOptions, path: Option<PathBuf>) -> SqliteStore {
+    fn start(
+        conn: Connection,
+        readers: Readers,
+        opts: SqliteOptions,
+        path: Option<PathBuf>,
+    ) -> Result<SqliteStore, OpenError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let notifier = Notifier::new();
         let n2 = notifier.clone();
@@ -290,9 +295,12 @@ impl SqliteStore {
             .name("orchestrator-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx, n2, max_batch));
         if let Err(e) = spawned {
-            tracing::error!(error = %e, "could not start the SQLite writer thread");
+            return Err(OpenError::Sqlite {
+                path: path.unwrap_or_else(|| PathBuf::from(":memory:")),
+                message: format!("could not start the writer thread: {e}"),
+            });
         }
-        SqliteStore { jobs: tx, readers: Arc::new(readers), notifier, path, checkpointer: None, _temp: None }
+        Ok(SqliteStore { jobs: tx, readers: Arc::new(readers), notifier, path, checkpointer: None, _temp: None })
     }
 
     /// Runs `f` in the writer's transaction (inside its own savepoint); replies after commit. The bool
@@ -416,26 +424,26 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, notifier: Notifier
 }
 
 fn run_batch(conn: &mut Connection, batch: Vec<Job>, notifier: &Notifier) {
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        let msg = format!("could not begin a write transaction: {e}");
-        for job in batch {
-            // Run nothing: reply with the error by running the job on a failed path is not possible, so
-            // drop it; the caller sees the writer dropped the command.
-            drop(job);
-        }
-        tracing::error!("{msg}");
-        return;
-    }
     let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
     let mut notify = false;
+    let mut in_tx = false;
     for job in batch {
+        if !in_tx {
+            if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+                // The job cannot run; dropping it answers its caller with a retryable `Unavailable`.
+                tracing::error!(error = %e, "could not begin a write transaction");
+                drop(job);
+                continue;
+            }
+            in_tx = true;
+        }
         if let Err(e) = conn.prepare_cached("SAVEPOINT job").and_then(|mut st| st.execute([])) {
             tracing::error!(error = %e, "savepoint failed");
             drop(job);
             continue;
         }
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)));
-        match res {
+        let mut reply = match res {
             Ok((ok, n, reply)) => {
                 let end = if ok {
                     conn.prepare_cached("RELEASE job").and_then(|mut st| st.execute([])).map(|_| ())
@@ -446,13 +454,29 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, notifier: &Notifier) {
                     tracing::error!(error = %e, "savepoint release failed");
                 }
                 notify |= ok && n;
-                replies.push(reply);
+                Some(reply)
             }
             Err(_) => {
                 let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
                 tracing::error!("a SQLite command panicked; it was rolled back");
+                None
             }
+        };
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back by itself (disk full, I/O error, out of memory):
+            // every command already run in it is lost. Tell their callers and go on in a new transaction.
+            let msg = "the write transaction was rolled back by SQLite; nothing of this command was stored";
+            for r in replies.drain(..).chain(reply.take()) {
+                r(Some(msg.to_string()));
+            }
+            notify = false;
+            in_tx = false;
+            continue;
         }
+        replies.extend(reply);
+    }
+    if !in_tx {
+        return;
     }
     match conn.execute_batch("COMMIT") {
         Ok(()) => {

@@ -20,24 +20,21 @@ static COMPLETE_RUN_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(
     format!(
         "UPDATE runs SET state = ?2, finished_at = ?3, lease_expires_at = NULL, exit_code = ?4, error = ?5, failure_kind = ?6,
          usage = COALESCE(?7, usage)
-         WHERE id = ?1 AND lease_token = ?8 AND +state IN ('claimed', 'running') AND +lease_expires_at > ?3 RETURNING {RUN_COLS}"
+         WHERE id = ?1 AND lease_token = ?8 AND +state IN ('claimed', 'running') AND +lease_expires_at > ?3"
     )
 });
 
+// Claim candidates, in claim order, from the partial index that holds exactly the claimable-but-for-time
+// rows. (SQLite's RETURNING costs more than a plain SELECT followed by primary-key UPDATEs inside the
+// writer's exclusive transaction, which is just as atomic; measured in the README.)
 static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "UPDATE work_items SET
-             state = 'running',
-             updated_at = ?1,
-             attempts = attempts + 1 - resume_pending,
-             current_run_id = (CASE WHEN resume_pending = 1 THEN current_run_id ELSE uuid7() END)
-         WHERE id IN (
-             SELECT id FROM work_items INDEXED BY work_items_ready
-             WHERE state IN ('queued', 'retrying') AND pending_deps = 0 AND run_at <= ?1
-               AND (labels = '[]' OR NOT EXISTS (
-                    SELECT 1 FROM json_each(work_items.labels) l WHERE l.value NOT IN (SELECT value FROM json_each(?2))))
-             ORDER BY priority DESC, run_at, id LIMIT (?3 + 0))
-         RETURNING {WI_COLS}, resume_pending"
+        "SELECT {WI_COLS}, (SELECT r.state = 'waiting_input' FROM runs r WHERE r.id = work_items.current_run_id)
+         FROM work_items INDEXED BY work_items_ready
+         WHERE state IN ('queued', 'retrying') AND pending_deps = 0 AND run_at <= ?1
+           AND (labels = '[]' OR NOT EXISTS (
+                SELECT 1 FROM json_each(work_items.labels) l WHERE l.value NOT IN (SELECT value FROM json_each(?2))))
+         ORDER BY priority DESC, run_at, id LIMIT (?3 + 0)"
     )
 });
 
@@ -222,10 +219,18 @@ pub fn vision_list(c: &Connection, project_id: ProjectId) -> StoreResult<Vec<Vis
 
 // ---------------------------------------------------------------- drafts and approvals
 
-fn recipe_exists(c: &Connection, id: RecipeId) -> StoreResult<bool> {
-    let found: Option<i64> =
-        c.prepare_cached("SELECT 1 FROM recipes WHERE id = ?1").q()?.query_row([b(id)], |r| r.get(0)).optional().q()?;
-    Ok(found.is_some())
+/// The recipe exists and may be used by items of `project`.
+fn check_recipe(c: &Connection, id: RecipeId, project: ProjectId) -> StoreResult<()> {
+    let found: Option<Option<U>> = c
+        .prepare_cached("SELECT project_id FROM recipes WHERE id = ?1")
+        .q()?
+        .query_row([b(id)], |r| r.get(0))
+        .optional()
+        .q()?;
+    match found {
+        None => Err(StoreError::invalid("recipe_id", format!("unknown recipe `{id}`"))),
+        Some(p) => rules::check_recipe_scope(id, p.map(|u| ProjectId(u.0)), project),
+    }
 }
 
 fn insert_approval(
@@ -272,12 +277,12 @@ pub fn draft_create(c: &Connection, p: NewDraft) -> StoreResult<(RequirementsDra
     project_exists(c, p.project_id)?;
     for (i, r) in p.requirements.iter().enumerate() {
         if let Some(rid) = r.recipe_id {
-            if !recipe_exists(c, rid)? {
-                return Err(StoreError::invalid(
-                    format!("requirements[{i}].recipe_id"),
-                    format!("unknown recipe `{rid}`"),
-                ));
-            }
+            check_recipe(c, rid, p.project_id).map_err(|e| match e {
+                StoreError::Invalid { message, .. } => {
+                    StoreError::invalid(format!("requirements[{i}].recipe_id"), message)
+                }
+                other => other,
+            })?;
         }
     }
     let hash = content_hash(&(&p.title, &p.requirements));
@@ -293,7 +298,8 @@ pub fn draft_create(c: &Connection, p: NewDraft) -> StoreResult<(RequirementsDra
         created_at: p.now,
         decided_at: None,
     };
-    c.prepare_cached(&format!("INSERT INTO drafts ({DRAFT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL)"))
+    let n = c
+        .prepare_cached(&format!("INSERT INTO drafts ({DRAFT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL) ON CONFLICT DO NOTHING"))
         .q()?
         .execute(params![
             b(d.id),
@@ -307,6 +313,9 @@ pub fn draft_create(c: &Connection, p: NewDraft) -> StoreResult<(RequirementsDra
             ts(d.created_at)
         ])
         .q()?;
+    if n == 0 {
+        return Err(StoreError::Duplicate { entity: EntityKind::RequirementsDraft, key: d.id.to_string() });
+    }
     let a = if p.require_approval {
         Some(insert_approval(c, d.project_id, ApprovalSubject::RequirementsDraft(d.id), &hash, p.now)?)
     } else {
@@ -471,10 +480,16 @@ pub fn recipe_create(c: &Connection, p: NewRecipe) -> StoreResult<ToolRecipe> {
         spec: p.spec,
         created_at: p.now,
     };
-    c.prepare_cached(&format!("INSERT INTO recipes ({RECIPE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"))
+    let n = c
+        .prepare_cached(&format!(
+            "INSERT INTO recipes ({RECIPE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING"
+        ))
         .q()?
         .execute(params![b(r.id), r.project_id.map(b), r.name, r.yaml, to_json(&r.spec)?, ts(r.created_at)])
         .q()?;
+    if n == 0 {
+        return Err(StoreError::Duplicate { entity: EntityKind::ToolRecipe, key: r.id.to_string() });
+    }
     Ok(r)
 }
 
@@ -534,7 +549,7 @@ fn save_work_item(c: &Connection, w: &WorkItem) -> StoreResult<()> {
     c.prepare_cached(
         "UPDATE work_items SET title = ?2, description = ?3, recipe_id = ?4, labels = ?5, state = ?6, priority = ?7, dependencies = ?8,
          retry = ?9, content_hash = ?10, approval_id = ?11, blocked_reason = ?12, attempts = ?13, current_run_id = ?14, run_at = ?15,
-         last_error = ?16, updated_at = ?17, enqueued_at = ?18, resume_pending = 0 WHERE id = ?1",
+         last_error = ?16, updated_at = ?17, enqueued_at = ?18 WHERE id = ?1",
     )
     .q()?
     .execute(params![
@@ -706,10 +721,11 @@ fn unblock_dependents(c: &Connection, id: WorkItemId, now: DateTime<Utc>) -> Sto
                         .execute(params![b(d), reason])
                         .q()?;
                 }
-                "queued" | "retrying" => {
+                // Every other dependent keeps an exact count, whatever its state, so that it waits
+                // again when it next becomes claimable.
+                _ => {
                     refresh_pending(c, d)?;
                 }
-                _ => {}
             }
         }
     }
@@ -726,6 +742,7 @@ fn transition_err(from: WorkItemState, to: WorkItemState) -> StoreError {
 pub fn enqueue_checked(c: &Connection, items: &[Enqueue], now: DateTime<Utc>) -> StoreResult<Vec<ScheduledTask>> {
     let mut extra: HashMap<WorkItemId, Vec<WorkItemId>> = HashMap::new();
     let mut loaded = Vec::with_capacity(items.len());
+    rules::check_distinct_enqueues(items)?;
     for e in items {
         let item = work_item_get(c, e.work_item_id)?;
         if item.state != WorkItemState::Ready {
@@ -820,9 +837,7 @@ pub fn work_items_create(
             project_exists(c, p.project_id)?;
         }
         if let Some(rid) = p.recipe_id {
-            if !recipe_exists(c, rid)? {
-                return Err(StoreError::invalid("recipe_id", format!("unknown recipe `{rid}`")));
-            }
+            check_recipe(c, rid, p.project_id)?;
         }
         if !matches!(p.state, WorkItemState::Draft | WorkItemState::AwaitingApproval | WorkItemState::Ready) {
             return Err(StoreError::invalid("state", format!("a work item cannot be created as {}", p.state)));
@@ -832,7 +847,9 @@ pub fn work_items_create(
         }
         let mut w = rules::new_work_item(&p, now);
         if let Some(k) = &p.idempotency_key {
-            if seen_keys.insert((p.project_id, k.clone()), ()).is_some() {
+            // A key created earlier in this same batch is a duplicate (as if the batch were validated
+            // before any of it was written); a key that existed before returns the existing item.
+            if seen_keys.contains_key(&(p.project_id, k.clone())) {
                 return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: k.clone() });
             }
             let ex: Option<WorkItem> = c
@@ -850,6 +867,7 @@ pub fn work_items_create(
                 out.push(WorkItemCreated { work_item: ex, created: false, approval: None });
                 continue;
             }
+            seen_keys.insert((p.project_id, k.clone()), ());
         }
         if let Some(e) = &p.enqueue {
             if e.depends_on.len() > rules::MAX_DEPENDENCIES {
@@ -961,9 +979,7 @@ pub fn work_item_update(c: &Connection, p: WorkItemUpdate) -> StoreResult<WorkIt
         return Err(StoreError::conflict(format!("work item {} is {}", item.id, item.state)));
     }
     if let Some(Some(rid)) = p.recipe_id {
-        if !recipe_exists(c, rid)? {
-            return Err(StoreError::invalid("recipe_id", format!("unknown recipe `{rid}`")));
-        }
+        check_recipe(c, rid, item.project_id)?;
     }
     let mut w = item.clone();
     if let Some(t) = p.title {
@@ -1219,24 +1235,34 @@ pub fn runs_claim(c: &Connection, cl: &Claim) -> StoreResult<Vec<ClaimedRun>> {
     }
     let caps = to_json(&cl.capabilities)?;
     let now = ts(cl.now);
-    // One statement: pick the claimable rows in claim order and mark them running. A row resumes its
-    // waiting run when it has one; otherwise it gets a fresh run id and one more attempt.
     let mut st = c.prepare_cached(&CLAIM_SQL).q()?;
-    let mut items = st
+    let items = st
         .query_map(params![now, caps, limit], |r| Ok((work_item(r)?, r.get::<_, Option<bool>>(23)?.unwrap_or(false))))
         .q()?
         .collect::<rusqlite::Result<Vec<_>>>()
         .q()?;
     drop(st);
-    items.sort_by_key(|(w, _)| (std::cmp::Reverse(w.priority), w.run_at, w.id));
     let expires = cl.now + cl.lease_ttl;
     let mut out = Vec::with_capacity(items.len());
-    for (w, resume) in items {
-        let Some(run_id) = w.current_run_id else {
-            return Err(StoreError::conflict("claimed work item has no run id"));
+    for (mut w, resume) in items {
+        // A row resumes its waiting run when it has one; otherwise it gets a fresh run and one more attempt.
+        let run_id = match (resume, w.current_run_id) {
+            (true, Some(r)) => r,
+            _ => {
+                w.attempts += 1;
+                RunId::new()
+            }
         };
+        w.state = w.state.transition(WorkItemState::Running)?;
+        w.current_run_id = Some(run_id);
+        w.updated_at = cl.now;
+        c.prepare_cached(
+            "UPDATE work_items SET state = 'running', updated_at = ?2, attempts = ?3, current_run_id = ?4 WHERE id = ?1",
+        )
+        .q()?
+        .execute(params![b(w.id), now, w.attempts, b(run_id)])
+        .q()?;
         let (run, was_resumed) = if resume {
-            c.prepare_cached("UPDATE work_items SET resume_pending = 0 WHERE id = ?1").q()?.execute([b(w.id)]).q()?;
             let r = c
                 .prepare_cached(&RESUME_RUN_SQL)
                 .q()?
@@ -1323,12 +1349,12 @@ fn complete_one(
     };
     // One guarded statement: the fence (token, leased state, unexpired lease) is re-checked where the
     // row is written. Only when it matches nothing is the run read again to say why.
-    let run = c
+    let changed = c
         .prepare_cached(&COMPLETE_RUN_SQL)
         .q()?
-        .query_row(params![b(x.run_id), run_to.as_str(), ts(now), exit_code, error, kind_s, usage, i(x.token)], run)
-        .optional()
+        .execute(params![b(x.run_id), run_to.as_str(), ts(now), exit_code, error, kind_s, usage, i(x.token)])
         .q()?;
+    let run = if changed == 1 { Some(run_get(c, x.run_id)?) } else { None };
     // Refusals below happen before anything was written (inner error); any later failure breaks an
     // invariant and fails the whole unit (outer error), rolling it back.
     let run = match run {
@@ -1357,19 +1383,24 @@ fn complete_one(
     };
     match kind {
         None => {
-            let has_dependents: Option<bool> = c
-                .prepare_cached("UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = ?2 WHERE id = ?1 AND state = 'running' RETURNING has_dependents")
+            let changed = c
+                .prepare_cached(
+                    "UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = ?2 WHERE id = ?1 AND state = 'running'",
+                )
                 .q()?
-                .query_row(params![b(wid), ts(now)], |r| r.get(0))
-                .optional()
+                .execute(params![b(wid), ts(now)])
                 .q()?;
-            match has_dependents {
-                None => {
-                    let w = work_item_get(c, wid)?;
-                    return Err(transition_err(w.state, WorkItemState::Succeeded));
-                }
-                Some(true) => res.released = release_dependents(c, wid)?,
-                Some(false) => {}
+            if changed == 0 {
+                let w = work_item_get(c, wid)?;
+                return Err(transition_err(w.state, WorkItemState::Succeeded));
+            }
+            let has_dependents: bool = c
+                .prepare_cached("SELECT has_dependents FROM work_items WHERE id = ?1")
+                .q()?
+                .query_row([b(wid)], |r| r.get(0))
+                .q()?;
+            if has_dependents {
+                res.released = release_dependents(c, wid)?;
             }
         }
         Some(k) => {
@@ -1627,7 +1658,7 @@ pub fn info_request_answer(c: &Connection, p: InfoAnswer) -> StoreResult<InfoAns
     let mut resumed = false;
     if open == 0 {
         let n = c
-            .prepare_cached("UPDATE work_items SET state = 'queued', run_at = ?2, updated_at = ?2, resume_pending = 1 WHERE id = ?1 AND state = 'waiting_input'")
+            .prepare_cached("UPDATE work_items SET state = 'queued', run_at = ?2, updated_at = ?2 WHERE id = ?1 AND state = 'waiting_input'")
             .q()?
             .execute(params![b(req.work_item_id), ts(p.now)])
             .q()?;

@@ -81,8 +81,6 @@ CREATE TABLE work_items (
     updated_at INTEGER NOT NULL,
     enqueued_at INTEGER,
     pending_deps INTEGER NOT NULL DEFAULT 0,
-    -- 1 while the item waits to resume its run that asked for input.
-    resume_pending INTEGER NOT NULL DEFAULT 0,
     -- Whether any item depends on this one (completions skip the dependents lookup when 0).
     has_dependents INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;

@@ -85,6 +85,7 @@ async fn creator(orch: Orchestrator, project: ProjectId, k: usize) {
 
 async fn logger(orch: Orchestrator, k: usize) {
     loop {
+        let seen = orch.work_generation().await;
         let claimed = orch
             .claim(ClaimRequest {
                 agent_id: format!("durability-agent-{k}"),
@@ -95,7 +96,7 @@ async fn logger(orch: Orchestrator, k: usize) {
             .await
             .unwrap_or_else(|e| fatal("claim", e));
         let Some(a) = claimed.into_iter().next() else {
-            orch.wait_for_work(Duration::from_secs(1)).await;
+            orch.wait_for_work(seen, Duration::from_secs(1)).await;
             continue;
         };
         let (run, token) = (a.run_id(), a.token());
