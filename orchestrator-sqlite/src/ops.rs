@@ -16,13 +16,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use uuid::Uuid;
 
-static COMPLETE_RUN_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "UPDATE runs SET state = ?2, finished_at = ?3, lease_expires_at = NULL, exit_code = ?4, error = ?5, failure_kind = ?6,
-         usage = COALESCE(?7, usage)
-         WHERE id = ?1 AND lease_token = ?8 AND +state IN ('claimed', 'running') AND +lease_expires_at > ?3"
-    )
-});
+const COMPLETE_RUN_SQL: &str =
+    "UPDATE runs SET state = ?2, finished_at = ?3, lease_expires_at = NULL, exit_code = ?4, error = ?5,
+     failure_kind = ?6, usage = COALESCE(?7, usage)
+     WHERE id = ?1 AND lease_token = ?8 AND +state IN ('claimed', 'running') AND +lease_expires_at > ?3";
 
 // Claim candidates, in claim order, from the partial index that holds exactly the claimable-but-for-time
 // rows. (SQLite's RETURNING costs more than a plain SELECT followed by primary-key UPDATEs inside the
@@ -1350,7 +1347,7 @@ fn complete_one(
     // One guarded statement: the fence (token, leased state, unexpired lease) is re-checked where the
     // row is written. Only when it matches nothing is the run read again to say why.
     let changed = c
-        .prepare_cached(&COMPLETE_RUN_SQL)
+        .prepare_cached(COMPLETE_RUN_SQL)
         .q()?
         .execute(params![b(x.run_id), run_to.as_str(), ts(now), exit_code, error, kind_s, usage, i(x.token)])
         .q()?;
