@@ -580,7 +580,10 @@ impl AgentApi for Orchestrator {
                         exit_code: None,
                         kind: crate::retry::FailureKind::Permanent,
                     };
-                    self.complete(run_id, token, outcome, None).await?;
+                    if let Err(e2) = self.complete(run_id, token, outcome, None).await {
+                        // Keep the runs already assigned in this call; this one's lease will expire.
+                        tracing::error!(run_id = %run_id, error = %e2, "could not fail the unassignable run");
+                    }
                 }
             }
         }

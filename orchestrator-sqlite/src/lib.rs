@@ -204,7 +204,7 @@ fn configure_writer(conn: &Connection, opts: &SqliteOptions, memory: bool) -> ru
     // Checkpoints run on their own thread (see `start_checkpointer`); the writer checkpoints itself
     // only as a fallback when the WAL grows past ~80 MB.
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -65536;
+        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -262144;
          PRAGMA wal_autocheckpoint = 20000;"
     ))?;
     ops::register_functions(conn)?;

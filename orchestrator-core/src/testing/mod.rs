@@ -11,6 +11,7 @@
 //! ```
 
 pub mod cases;
+pub mod cases_edge;
 pub mod cases_flow;
 pub mod cases_sched;
 pub mod model;
@@ -145,6 +146,7 @@ macro_rules! store_conformance_tests {
         );
         $crate::__sched_cases!($factory);
         $crate::__flow_cases!($factory);
+        $crate::__edge_cases!($factory);
     };
 }
 
