@@ -1380,23 +1380,21 @@ fn complete_one(
     };
     match kind {
         None => {
-            let changed = c
-                .prepare_cached(
-                    "UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = ?2 WHERE id = ?1 AND state = 'running'",
+            // Common case in one statement: an item nothing depends on.
+            let done = |with_dependents: bool| -> StoreResult<usize> {
+                c.prepare_cached(
+                    "UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = ?2
+                     WHERE id = ?1 AND state = 'running' AND has_dependents = ?3",
                 )
                 .q()?
-                .execute(params![b(wid), ts(now)])
-                .q()?;
-            if changed == 0 {
-                let w = work_item_get(c, wid)?;
-                return Err(transition_err(w.state, WorkItemState::Succeeded));
-            }
-            let has_dependents: bool = c
-                .prepare_cached("SELECT has_dependents FROM work_items WHERE id = ?1")
-                .q()?
-                .query_row([b(wid)], |r| r.get(0))
-                .q()?;
-            if has_dependents {
+                .execute(params![b(wid), ts(now), with_dependents])
+                .q()
+            };
+            if done(false)? == 0 {
+                if done(true)? == 0 {
+                    let w = work_item_get(c, wid)?;
+                    return Err(transition_err(w.state, WorkItemState::Succeeded));
+                }
                 res.released = release_dependents(c, wid)?;
             }
         }
