@@ -208,6 +208,8 @@ fn configure_writer(conn: &Connection, opts: &SqliteOptions, memory: bool) -> ru
          PRAGMA wal_autocheckpoint = 20000;"
     ))?;
     ops::register_functions(conn)?;
+    // Multi-row claim statements come in one shape per chunk size.
+    conn.set_prepared_statement_cache_capacity(256);
     Ok(())
 }
 

@@ -1239,50 +1239,109 @@ pub fn runs_claim(c: &Connection, cl: &Claim) -> StoreResult<Vec<ClaimedRun>> {
         .collect::<rusqlite::Result<Vec<_>>>()
         .q()?;
     drop(st);
-    let expires = cl.now + cl.lease_ttl;
+    let expires = rules::lease_for(RunId::new(), 1, cl.now, cl.lease_ttl).expires_at;
     let mut out = Vec::with_capacity(items.len());
+    let mut fresh: Vec<(WorkItem, Run)> = Vec::with_capacity(items.len());
     for (mut w, resume) in items {
-        // A row resumes its waiting run when it has one; otherwise it gets a fresh run and one more attempt.
-        let run_id = match (resume, w.current_run_id) {
-            (true, Some(r)) => r,
+        w.state = w.state.transition(WorkItemState::Running)?;
+        w.updated_at = cl.now;
+        match (resume, w.current_run_id) {
+            // A row resumes its waiting run when it has one (rare: one statement each).
+            (true, Some(run_id)) => {
+                c.prepare_cached("UPDATE work_items SET state = 'running', updated_at = ?2 WHERE id = ?1")
+                    .q()?
+                    .execute(params![b(w.id), now])
+                    .q()?;
+                let r = c
+                    .prepare_cached(&RESUME_RUN_SQL)
+                    .q()?
+                    .query_row(params![b(run_id), cl.agent_id, ts(expires), now], run)
+                    .q()?;
+                let lease =
+                    Lease { run_id: r.id, token: r.lease_token, expires_at: r.lease_expires_at.unwrap_or(expires) };
+                out.push(ClaimedRun { run: r, lease, work_item: w, resumed: true });
+            }
+            // Otherwise a fresh run and one more attempt, written below in multi-row statements.
             _ => {
                 w.attempts += 1;
-                RunId::new()
+                let lease = rules::lease_for(RunId::new(), 1, cl.now, cl.lease_ttl);
+                w.current_run_id = Some(lease.run_id);
+                let r = rules::new_run(&w, &cl.agent_id, w.attempts, &lease, cl.now);
+                fresh.push((w, r));
             }
-        };
-        w.state = w.state.transition(WorkItemState::Running)?;
-        w.current_run_id = Some(run_id);
-        w.updated_at = cl.now;
-        c.prepare_cached(
-            "UPDATE work_items SET state = 'running', updated_at = ?2, attempts = ?3, current_run_id = ?4 WHERE id = ?1",
-        )
-        .q()?
-        .execute(params![b(w.id), now, w.attempts, b(run_id)])
-        .q()?;
-        let (run, was_resumed) = if resume {
-            let r = c
-                .prepare_cached(&RESUME_RUN_SQL)
-                .q()?
-                .query_row(params![b(run_id), cl.agent_id, ts(expires), now], run)
-                .q()?;
-            (r, true)
-        } else {
-            let lease = rules::lease_for(run_id, 1, cl.now, cl.lease_ttl);
-            let r = rules::new_run(&w, &cl.agent_id, w.attempts, &lease, cl.now);
-            c.prepare_cached(
-                "INSERT INTO runs (id, work_item_id, project_id, attempt, agent_id, state, lease_token, lease_expires_at, heartbeat_at, claimed_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'claimed', 1, ?6, ?7, ?7)",
-            )
-            .q()?
-            .execute(params![b(r.id), b(w.id), b(w.project_id), r.attempt, r.agent_id, ts(expires), now])
-            .q()?;
-            (r, false)
-        };
-        let lease =
-            Lease { run_id: run.id, token: run.lease_token, expires_at: run.lease_expires_at.unwrap_or(expires) };
-        out.push(ClaimedRun { run, lease, work_item: w, resumed: was_resumed });
+        }
     }
+    for chunk in fresh.chunks(CLAIM_CHUNK) {
+        claim_fresh_chunk(c, chunk, &cl.agent_id, ts(expires), now)?;
+    }
+    for (w, r) in fresh {
+        let lease = Lease { run_id: r.id, token: r.lease_token, expires_at: expires };
+        out.push(ClaimedRun { run: r, lease, work_item: w, resumed: false });
+    }
+    out.sort_by_key(|c| (std::cmp::Reverse(c.work_item.priority), c.work_item.run_at, c.work_item.id));
     Ok(out)
+}
+
+/// Rows per multi-row claim statement.
+const CLAIM_CHUNK: usize = 32;
+
+/// Marks a chunk of claimed items running and inserts their runs: two statements for the whole chunk.
+fn claim_fresh_chunk(
+    c: &Connection,
+    chunk: &[(WorkItem, Run)],
+    agent: &str,
+    expires: i64,
+    now: i64,
+) -> StoreResult<()> {
+    use rusqlite::types::Value;
+    let n = chunk.len();
+    // ?1 = now; then (item id, run id, attempts) per row.
+    let mut sql = String::from(
+        "UPDATE work_items SET state = 'running', updated_at = ?1, attempts = attempts + 1, current_run_id = CASE id",
+    );
+    let mut ids = String::new();
+    for k in 0..n {
+        let (pi, pr) = (2 + 2 * k, 3 + 2 * k);
+        sql.push_str(&format!(" WHEN ?{pi} THEN ?{pr}"));
+        if k > 0 {
+            ids.push_str(", ");
+        }
+        ids.push_str(&format!("?{pi}"));
+    }
+    sql.push_str(&format!(" END WHERE id IN ({ids})"));
+    let mut vals: Vec<Value> = Vec::with_capacity(1 + 2 * n);
+    vals.push(Value::Integer(now));
+    for (w, r) in chunk {
+        vals.push(Value::Blob(w.id.0.as_bytes().to_vec()));
+        vals.push(Value::Blob(r.id.0.as_bytes().to_vec()));
+    }
+    let changed = c.prepare_cached(&sql).q()?.execute(rusqlite::params_from_iter(vals.iter())).q()?;
+    if changed != n {
+        return Err(StoreError::conflict(format!("claimed {changed} of {n} work items")));
+    }
+    // ?1 = agent, ?2 = lease expiry, ?3 = now; then (run id, item id, project id, attempt) per row.
+    let mut sql = String::from(
+        "INSERT INTO runs (id, work_item_id, project_id, attempt, agent_id, state, lease_token, lease_expires_at, heartbeat_at, claimed_at) VALUES ",
+    );
+    for k in 0..n {
+        let p = 4 + 4 * k;
+        if k > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("(?{}, ?{}, ?{}, ?{}, ?1, 'claimed', 1, ?2, ?3, ?3)", p, p + 1, p + 2, p + 3));
+    }
+    let mut vals: Vec<Value> = Vec::with_capacity(3 + 4 * n);
+    vals.push(Value::Text(agent.to_string()));
+    vals.push(Value::Integer(expires));
+    vals.push(Value::Integer(now));
+    for (w, r) in chunk {
+        vals.push(Value::Blob(r.id.0.as_bytes().to_vec()));
+        vals.push(Value::Blob(w.id.0.as_bytes().to_vec()));
+        vals.push(Value::Blob(w.project_id.0.as_bytes().to_vec()));
+        vals.push(Value::Integer(i64::from(r.attempt)));
+    }
+    c.prepare_cached(&sql).q()?.execute(rusqlite::params_from_iter(vals.iter())).q()?;
+    Ok(())
 }
 
 pub fn run_get(c: &Connection, id: RunId) -> StoreResult<Run> {
