@@ -25,6 +25,7 @@ use orchestrator_core::store::*;
 use orchestrator_core::Notifier;
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -128,6 +129,8 @@ pub struct SqliteStore {
     path: Option<PathBuf>,
     // Dropping it stops the checkpointer thread.
     checkpointer: Option<mpsc::Sender<()>>,
+    // WAL length in frames as the checkpointer last saw it (the writer restarts a long log).
+    wal_frames: Arc<AtomicU64>,
     // Keeps a temporary directory alive for stores made by `open_temp`.
     _temp: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
@@ -258,7 +261,7 @@ impl SqliteStore {
         let readers =
             Readers::Pool { path: path.clone(), idle: Mutex::new(Vec::new()), max_idle: opts.read_connections.max(1) };
         let mut store = Self::start(conn, readers, opts, Some(path.clone()))?;
-        store.checkpointer = start_checkpointer(&path);
+        store.checkpointer = start_checkpointer(&path, store.wal_frames.clone());
         Ok(store)
     }
 
@@ -293,16 +296,26 @@ impl SqliteStore {
         let notifier = Notifier::new();
         let n2 = notifier.clone();
         let max_batch = opts.max_batch.max(1);
+        let wal_frames = Arc::new(AtomicU64::new(0));
+        let wal = path.as_ref().map(|_| (wal_frames.clone(), opts.busy_timeout));
         let spawned = std::thread::Builder::new()
             .name("orchestrator-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, n2, max_batch));
+            .spawn(move || writer_loop(conn, rx, n2, max_batch, wal));
         if let Err(e) = spawned {
             return Err(OpenError::Sqlite {
                 path: path.unwrap_or_else(|| PathBuf::from(":memory:")),
                 message: format!("could not start the writer thread: {e}"),
             });
         }
-        Ok(SqliteStore { jobs: tx, readers: Arc::new(readers), notifier, path, checkpointer: None, _temp: None })
+        Ok(SqliteStore {
+            jobs: tx,
+            readers: Arc::new(readers),
+            notifier,
+            path,
+            checkpointer: None,
+            wal_frames,
+            _temp: None,
+        })
     }
 
     /// Runs `f` in the writer's transaction (inside its own savepoint); replies after commit. The bool
@@ -384,7 +397,7 @@ fn open_reader(path: &Path) -> StoreResult<Connection> {
 
 /// Starts a thread that moves WAL pages into the database (PASSIVE checkpoints, which never block the
 /// writer or readers) every 50 ms, so the writer thread does not pay for checkpoints and their fsync.
-fn start_checkpointer(path: &Path) -> Option<mpsc::Sender<()>> {
+fn start_checkpointer(path: &Path, wal_frames: Arc<AtomicU64>) -> Option<mpsc::Sender<()>> {
     let conn =
         match Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX) {
             Ok(c) => c,
@@ -397,8 +410,9 @@ fn start_checkpointer(path: &Path) -> Option<mpsc::Sender<()>> {
     let spawned = std::thread::Builder::new().name("orchestrator-sqlite-checkpointer".into()).spawn(move || {
         let _ = conn.busy_timeout(std::time::Duration::from_millis(100));
         while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(std::time::Duration::from_millis(50)) {
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                tracing::debug!(error = %e, "passive checkpoint skipped");
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+                Ok(frames) => wal_frames.store(frames.max(0) as u64, Ordering::Relaxed),
+                Err(e) => tracing::debug!(error = %e, "passive checkpoint skipped"),
             }
         }
     });
@@ -411,7 +425,35 @@ fn start_checkpointer(path: &Path) -> Option<mpsc::Sender<()>> {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, notifier: Notifier, max_batch: usize) {
+/// WAL length (in frames, as the checkpointer last saw it) past which the writer starts the log over.
+const WAL_RESET_FRAMES: u64 = 16 * 1024; // 64 MB of 4 KB pages
+
+/// The passive checkpointer copies WAL pages into the database but, under a steady stream of writes,
+/// never gets the moment to start the log over, and a log that only grows makes every page lookup
+/// slower. Between batches the writer (the only writer) restarts the log once the checkpointer has seen
+/// it pass [`WAL_RESET_FRAMES`]; little is left to copy by then. If a reader or the checkpointer is in
+/// the way it gives up at once and tries again later.
+fn restart_wal_if_long(conn: &Connection, wal_frames: &AtomicU64, busy_timeout: std::time::Duration) {
+    if wal_frames.load(Ordering::Relaxed) < WAL_RESET_FRAMES {
+        return;
+    }
+    let _ = conn.busy_timeout(std::time::Duration::ZERO);
+    match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0)) {
+        Ok(0) => wal_frames.store(0, Ordering::Relaxed),
+        Ok(_) => tracing::debug!("WAL restart deferred: the log is in use"),
+        Err(e) => tracing::debug!(error = %e, "WAL restart skipped"),
+    }
+    let _ = conn.busy_timeout(busy_timeout);
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    notifier: Notifier,
+    max_batch: usize,
+    wal: Option<(Arc<AtomicU64>, std::time::Duration)>,
+) {
+    let mut batches: u32 = 0;
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
@@ -422,6 +464,12 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, notifier: Notifier
             }
         }
         run_batch(&mut conn, batch, &notifier);
+        batches = batches.wrapping_add(1);
+        if let Some((frames, busy)) = &wal {
+            if batches % 16 == 0 {
+                restart_wal_if_long(&conn, frames, *busy);
+            }
+        }
     }
 }
 
