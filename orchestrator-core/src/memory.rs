@@ -1126,11 +1126,14 @@ impl Store for MemoryStore {
             })
             .collect();
         v.sort_by_key(|w| State::ready_key(w));
-        let start = match f.page.after {
-            Some(a) => v.iter().position(|w| w.id.0 == a).map_or(0, |i| i + 1),
-            None => 0,
-        };
-        Ok(v.into_iter().skip(start).take(f.page.effective_limit()).map(|w| w.scheduled_task(s.pending(w))).collect())
+        // Keyset cursor: continue after the cursor item's place in queue order, even if it has left
+        // the queue since (an unknown cursor starts from the top).
+        let cursor = f.page.after.and_then(|a| s.items.get(&WorkItemId(a))).map(State::ready_key);
+        Ok(v.into_iter()
+            .filter(|w| cursor.is_none_or(|k| State::ready_key(w) > k))
+            .take(f.page.effective_limit())
+            .map(|w| w.scheduled_task(s.pending(w)))
+            .collect())
     }
 
     async fn tick(&self, t: Tick) -> StoreResult<TickReport> {

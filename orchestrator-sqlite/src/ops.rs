@@ -1126,19 +1126,35 @@ pub fn scheduled_task_get(c: &Connection, id: WorkItemId) -> StoreResult<Schedul
 }
 
 pub fn queue_list(c: &Connection, f: &QueueFilter) -> StoreResult<Vec<ScheduledTask>> {
+    // Keyset cursor: continue after the cursor item's place in queue order, even if it has left the
+    // queue since (an unknown cursor starts from the top).
+    let cursor: Option<(i64, i64, U)> = match f.page.after {
+        Some(a) => c
+            .prepare_cached("SELECT -priority, COALESCE(run_at, created_at), id FROM work_items WHERE id = ?1")
+            .q()?
+            .query_row([B(a)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()
+            .q()?,
+        None => None,
+    };
+    let (cp, cr, cid) = match &cursor {
+        Some((p, r, id)) => (Some(*p), Some(*r), Some(B(id.0))),
+        None => (None, None, None),
+    };
     let mut st = c
         .prepare_cached(&format!(
             "SELECT {WI_COLS} FROM work_items WHERE state IN ('queued', 'retrying', 'blocked') AND (?1 IS NULL OR project_id = ?1)
-             ORDER BY priority DESC, COALESCE(run_at, created_at), id"
+               AND (?2 IS NULL OR (-priority, COALESCE(run_at, created_at), id) > (?2, ?3, ?4))
+             ORDER BY priority DESC, COALESCE(run_at, created_at), id LIMIT (?5 + 0)"
         ))
         .q()?;
-    let rows = st.query_map(params![f.project_id.map(b)], work_item).q()?.collect::<rusqlite::Result<Vec<_>>>().q()?;
-    let start = match f.page.after {
-        Some(a) => rows.iter().position(|w| w.id.0 == a).map_or(0, |i| i + 1),
-        None => 0,
-    };
+    let rows = st
+        .query_map(params![f.project_id.map(b), cp, cr, cid, f.page.effective_limit() as i64], work_item)
+        .q()?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .q()?;
     let mut out = Vec::new();
-    for w in rows.into_iter().skip(start).take(f.page.effective_limit()) {
+    for w in rows {
         let pending = if w.dependencies.is_empty() { 0 } else { count_pending(c, w.id)? };
         out.push(w.scheduled_task(pending));
     }

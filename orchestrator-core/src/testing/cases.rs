@@ -118,3 +118,25 @@ pub async fn complete_many_through_the_facade(store: Arc<dyn Store>) {
     }
     assert_eq!(h.state_of(claimed[2].claimed.work_item.id).await, WorkItemState::Running);
 }
+
+/// `queue_list` pages with a keyset cursor: when the cursor item leaves the queue between pages (it was
+/// claimed), the next page continues after its place instead of starting over.
+pub async fn queue_list_cursor_survives_claims(store: Arc<dyn Store>) {
+    let h = Harness::new(store);
+    let p = h.project().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(h.queued(p.id, &format!("q{i}"), 0, &[]).await.id);
+        h.clock.advance(chrono::Duration::seconds(1));
+    }
+    let f = |after: Option<uuid::Uuid>| QueueFilter { project_id: Some(p.id), page: Page { limit: 2, after } };
+    let first = h.store.queue_list(f(None)).await.unwrap();
+    assert_eq!(first.iter().map(|t| t.work_item_id).collect::<Vec<_>>(), ids[..2].to_vec());
+    // The cursor item (and the one before it) leave the queue.
+    let claimed = h.claim("a", 2).await;
+    assert_eq!(claimed.len(), 2);
+    let second = h.store.queue_list(f(Some(first[1].work_item_id.0))).await.unwrap();
+    assert_eq!(second.iter().map(|t| t.work_item_id).collect::<Vec<_>>(), ids[2..4].to_vec());
+    let third = h.store.queue_list(f(Some(second[1].work_item_id.0))).await.unwrap();
+    assert_eq!(third.iter().map(|t| t.work_item_id).collect::<Vec<_>>(), ids[4..].to_vec());
+}

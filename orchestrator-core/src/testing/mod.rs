@@ -143,6 +143,7 @@ macro_rules! store_conformance_tests {
             model_random_operations,
             heartbeat_keeps_claimed_ttl,
             complete_many_through_the_facade,
+            queue_list_cursor_survives_claims,
         );
         $crate::__sched_cases!($factory);
         $crate::__flow_cases!($factory);
