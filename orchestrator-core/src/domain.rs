@@ -340,6 +340,8 @@ pub enum InfoRequestState {
     Answered,
     /// Its run was cancelled before an answer came.
     Cancelled,
+    /// Its deadline passed unanswered (its run failed).
+    Expired,
 }
 
 impl InfoRequestState {
@@ -349,6 +351,7 @@ impl InfoRequestState {
             InfoRequestState::Pending => "pending",
             InfoRequestState::Answered => "answered",
             InfoRequestState::Cancelled => "cancelled",
+            InfoRequestState::Expired => "expired",
         }
     }
 }

@@ -532,6 +532,47 @@ impl State {
         Ok(out)
     }
 
+    /// Runs waiting past an info request's deadline fail (retryable); their open questions close.
+    fn expire_info_requests(&mut self, t: &Tick) -> StoreResult<Vec<ReapedRun>> {
+        let mut runs: Vec<(RunId, String)> = Vec::new();
+        for r in self.info.values() {
+            if r.state == InfoRequestState::Pending
+                && r.deadline.is_some_and(|d| d <= t.now)
+                && !runs.iter().any(|(id, _)| *id == r.run_id)
+            {
+                runs.push((r.run_id, r.key.clone()));
+                if runs.len() >= t.limit.max(1) as usize {
+                    break;
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(runs.len());
+        for (rid, key) in runs {
+            let error = rules::expired_error(&key);
+            for iid in self.info_by_run.get(&rid).cloned().unwrap_or_default() {
+                if let Some(q) = self.info.get_mut(&iid) {
+                    if q.state == InfoRequestState::Pending {
+                        q.state = if q.deadline.is_some_and(|d| d <= t.now) {
+                            InfoRequestState::Expired
+                        } else {
+                            InfoRequestState::Cancelled
+                        };
+                    }
+                }
+            }
+            let run = self.runs.get_mut(&rid).ok_or_else(|| StoreError::not_found(EntityKind::Run, rid))?;
+            run.state = run.state.transition(RunState::Failed)?;
+            run.error = Some(error.clone());
+            run.failure_kind = Some(FailureKind::Retryable);
+            run.finished_at = Some(t.now);
+            run.lease_expires_at = None;
+            let wid = run.work_item_id;
+            let (state, retry_at, _) = self.fail_item(wid, FailureKind::Retryable, &error, &t.retry_defaults, t.now)?;
+            out.push(ReapedRun { run_id: rid, work_item_id: wid, work_item_state: state, retry_at });
+        }
+        Ok(out)
+    }
+
     fn reap(&mut self, t: &Tick) -> StoreResult<Vec<ReapedRun>> {
         let expired: Vec<RunId> = self
             .runs
@@ -1149,11 +1190,12 @@ impl Store for MemoryStore {
             s.set_state(*id, WorkItemState::Queued, t.now)?;
         }
         let reaped = s.reap(&t)?;
+        let expired = s.expire_info_requests(&t)?;
         drop(s);
-        if !due.is_empty() || reaped.iter().any(|r| r.work_item_state == WorkItemState::Retrying) {
+        if !due.is_empty() || reaped.iter().chain(&expired).any(|r| r.work_item_state == WorkItemState::Retrying) {
             self.notifier.notify();
         }
-        Ok(TickReport { promoted: due, reaped })
+        Ok(TickReport { promoted: due, reaped, expired })
     }
 
     async fn leases_reap_expired(&self, t: Tick) -> StoreResult<Vec<ReapedRun>> {

@@ -242,6 +242,11 @@ pub fn unknown_dependency(dep: WorkItemId, project: ProjectId) -> StoreError {
     StoreError::invalid("depends_on", format!("unknown dependency `{dep}` (not a work item of project `{project}`)"))
 }
 
+/// The failure recorded on a run whose info request `key` passed its deadline unanswered.
+pub fn expired_error(key: &str) -> String {
+    format!("info request `{key}` passed its deadline unanswered")
+}
+
 /// The reason recorded on an item blocked by `dep`.
 pub fn blocked_reason(dep: WorkItemId, dep_state: WorkItemState) -> String {
     format!("dependency {dep} is {dep_state}")

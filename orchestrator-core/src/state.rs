@@ -186,6 +186,8 @@ impl WorkItemState {
             (Running, Cancelled),
             (Running, Queued),
             (WaitingInput, Queued),
+            (WaitingInput, Retrying),
+            (WaitingInput, Failed),
             (WaitingInput, Cancelled),
             (Retrying, Queued),
             (Retrying, Running),
@@ -269,6 +271,7 @@ impl RunState {
             (Running, Cancelled),
             (Running, Lost),
             (WaitingInput, Claimed),
+            (WaitingInput, Failed),
             (WaitingInput, Cancelled),
         ]
     };

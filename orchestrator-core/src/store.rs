@@ -306,6 +306,9 @@ pub struct TickReport {
     pub promoted: Vec<WorkItemId>,
     /// Runs whose lease expired, now lost.
     pub reaped: Vec<ReapedRun>,
+    /// Runs that waited past an info request's deadline, now failed (the retry policy decides what
+    /// follows for their work items).
+    pub expired: Vec<ReapedRun>,
 }
 
 /// A run reaped as lost.

@@ -1235,8 +1235,50 @@ pub fn tick(c: &Connection, t: &Tick) -> StoreResult<(TickReport, bool)> {
         .collect::<rusqlite::Result<Vec<_>>>()
         .q()?;
     let reaped = reap(c, t)?;
-    let notify = !promoted.is_empty() || reaped.iter().any(|r| r.work_item_state == WorkItemState::Retrying);
-    Ok((TickReport { promoted, reaped }, notify))
+    let expired = expire_info_requests(c, t)?;
+    let notify =
+        !promoted.is_empty() || reaped.iter().chain(&expired).any(|r| r.work_item_state == WorkItemState::Retrying);
+    Ok((TickReport { promoted, reaped, expired }, notify))
+}
+
+/// Runs waiting past an info request's deadline fail (retryable); their open questions close.
+fn expire_info_requests(c: &Connection, t: &Tick) -> StoreResult<Vec<ReapedRun>> {
+    let now = ts(t.now);
+    let mut st = c
+        .prepare_cached(
+            "SELECT run_id, MIN(key) FROM info_requests WHERE state = 'pending' AND deadline IS NOT NULL AND deadline <= ?1
+             GROUP BY run_id ORDER BY MIN(deadline) LIMIT (?2 + 0)",
+        )
+        .q()?;
+    let runs = st
+        .query_map(params![now, t.limit.max(1) as i64], |r| Ok((RunId(r.get::<_, U>(0)?.0), r.get::<_, String>(1)?)))
+        .q()?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .q()?;
+    drop(st);
+    let mut out = Vec::with_capacity(runs.len());
+    for (rid, key) in runs {
+        let error = rules::expired_error(&key);
+        c.prepare_cached(
+            "UPDATE info_requests SET state = CASE WHEN deadline IS NOT NULL AND deadline <= ?2 THEN 'expired' ELSE 'cancelled' END
+             WHERE run_id = ?1 AND state = 'pending'",
+        )
+        .q()?
+        .execute(params![b(rid), now])
+        .q()?;
+        let r = run_get(c, rid)?;
+        r.state.transition(RunState::Failed)?;
+        c.prepare_cached(
+            "UPDATE runs SET state = 'failed', error = ?2, failure_kind = 'retryable', finished_at = ?3, lease_expires_at = NULL WHERE id = ?1",
+        )
+        .q()?
+        .execute(params![b(rid), error, now])
+        .q()?;
+        let (state, retry_at, _) =
+            fail_item(c, r.work_item_id, FailureKind::Retryable, &error, &t.retry_defaults, t.now)?;
+        out.push(ReapedRun { run_id: rid, work_item_id: r.work_item_id, work_item_state: state, retry_at });
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------- runs

@@ -158,6 +158,7 @@ CREATE TABLE info_requests (
     answer TEXT
 ) WITHOUT ROWID;
 CREATE INDEX info_requests_run ON info_requests (run_id, id);
+CREATE INDEX info_requests_deadline ON info_requests (deadline) WHERE state = 'pending' AND deadline IS NOT NULL;
 "#];
 
 /// The schema version this build writes.

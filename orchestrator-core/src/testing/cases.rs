@@ -140,3 +140,41 @@ pub async fn queue_list_cursor_survives_claims(store: Arc<dyn Store>) {
     let third = h.store.queue_list(f(Some(second[1].work_item_id.0))).await.unwrap();
     assert_eq!(third.iter().map(|t| t.work_item_id).collect::<Vec<_>>(), ids[4..].to_vec());
 }
+
+/// An info request's deadline is enforced by `tick`: the waiting run fails (retryable), its open
+/// questions close (`expired` past their deadline, `cancelled` otherwise), and the retry policy decides
+/// what follows; a later answer is refused.
+pub async fn info_request_deadline_expires_on_tick(store: Arc<dyn Store>) {
+    use crate::agent::AgentApi;
+    use crate::domain::InfoRequestState;
+    let h = Harness::new(store);
+    let p = h.project().await;
+    let w = h.queued(p.id, "needs input", 0, &[]).await;
+    let a = h.claim_one("a").await;
+    let soon = h.orch.clock().now() + chrono::Duration::seconds(60);
+    let q = |key: &str, deadline| NewInfoRequest {
+        key: key.into(),
+        prompt: "?".into(),
+        kind: crate::recipe::InputKind::Text,
+        choices: vec![],
+        deadline,
+    };
+    let asked = h.orch.ask(a.run_id(), a.token(), vec![q("A", Some(soon)), q("B", None)]).await.unwrap();
+    // Not yet due: nothing happens.
+    h.clock.advance(chrono::Duration::seconds(59));
+    assert!(h.orch.tick().await.unwrap().expired.is_empty());
+    h.clock.advance(chrono::Duration::seconds(1));
+    let report = h.orch.tick().await.unwrap();
+    assert_eq!(report.expired.len(), 1);
+    assert_eq!(report.expired[0].run_id, a.run_id());
+    assert_eq!(report.expired[0].work_item_state, WorkItemState::Retrying);
+    let run = h.store.run_get(a.run_id()).await.unwrap();
+    assert_eq!(run.state, RunState::Failed);
+    assert!(run.error.unwrap_or_default().contains("deadline"));
+    assert_eq!(h.store.info_request_get(asked[0].id).await.unwrap().state, InfoRequestState::Expired);
+    assert_eq!(h.store.info_request_get(asked[1].id).await.unwrap().state, InfoRequestState::Cancelled);
+    assert!(h.orch.answer_info_request(asked[0].id, "late", "human").await.is_err());
+    assert_eq!(h.state_of(w.id).await, WorkItemState::Retrying);
+    // A second tick finds nothing more to expire.
+    assert!(h.orch.tick().await.unwrap().expired.is_empty());
+}

@@ -144,6 +144,7 @@ macro_rules! store_conformance_tests {
             heartbeat_keeps_claimed_ttl,
             complete_many_through_the_facade,
             queue_list_cursor_survives_claims,
+            info_request_deadline_expires_on_tick,
         );
         $crate::__sched_cases!($factory);
         $crate::__flow_cases!($factory);
