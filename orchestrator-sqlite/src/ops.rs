@@ -1526,17 +1526,154 @@ fn complete_one(
 }
 
 pub fn runs_complete_many(c: &Connection, p: &CompleteMany) -> StoreResult<(Vec<StoreResult<CompletionResult>>, bool)> {
-    let mut out = Vec::with_capacity(p.completions.len());
+    let mut out: Vec<Option<StoreResult<CompletionResult>>> = Vec::with_capacity(p.completions.len());
+    out.resize_with(p.completions.len(), || None);
     let mut notify = false;
-    for x in &p.completions {
-        // Each completion is guarded on its own: a refused one writes nothing.
-        let r = complete_one(c, x, &p.retry_defaults, p.now)?;
+    // Successes without usage, on distinct runs, that pass their fence go through multi-row statements;
+    // everything else (failures, usage reports, repeated runs) one by one, in order, after them.
+    let mut distinct = std::collections::HashSet::with_capacity(p.completions.len());
+    let batchable = |x: &RunCompletion| matches!(x.outcome, RunOutcome::Succeeded { .. }) && x.usage.is_none();
+    let all_distinct = p.completions.iter().all(|x| distinct.insert(x.run_id));
+    if all_distinct && p.completions.len() > 1 {
+        let ids: Vec<RunId> = p.completions.iter().filter(|x| batchable(x)).map(|x| x.run_id).collect();
+        let runs = runs_by_id(c, &ids)?;
+        let mut groups: HashMap<Option<i32>, Vec<(usize, Run)>> = HashMap::new();
+        for (i, x) in p.completions.iter().enumerate() {
+            if !batchable(x) {
+                continue;
+            }
+            let RunOutcome::Succeeded { exit_code } = x.outcome else { continue };
+            let Some(run) = runs.get(&x.run_id) else {
+                out[i] = Some(Err(StoreError::not_found(EntityKind::Run, x.run_id)));
+                continue;
+            };
+            if let Err(e) =
+                rules::check_fence(run, x.token, p.now).and_then(|_| Ok(run.state.transition(RunState::Succeeded)?))
+            {
+                out[i] = Some(Err(e));
+                continue;
+            }
+            groups.entry(exit_code).or_default().push((i, run.clone()));
+        }
+        for (exit_code, members) in groups {
+            for chunk in members.chunks(COMPLETE_CHUNK) {
+                for (i, r) in complete_succeeded_chunk(c, chunk, exit_code, p.now)? {
+                    notify |= !r.released.is_empty();
+                    out[i] = Some(Ok(r));
+                }
+            }
+        }
+    }
+    let mut results = Vec::with_capacity(out.len());
+    for (x, slot) in p.completions.iter().zip(out) {
+        let r = match slot {
+            Some(r) => r,
+            // Each completion is guarded on its own: a refused one writes nothing.
+            None => complete_one(c, x, &p.retry_defaults, p.now)?,
+        };
         if let Ok(cr) = &r {
             notify |= !cr.released.is_empty() || cr.retry_at.is_some_and(|t| t <= p.now);
         }
-        out.push(r);
+        results.push(r);
     }
-    Ok((out, notify))
+    Ok((results, notify))
+}
+
+/// Runs per multi-row completion statement.
+const COMPLETE_CHUNK: usize = 64;
+
+fn in_params(first: usize, n: usize) -> String {
+    (first..first + n).map(|k| format!("?{k}")).collect::<Vec<_>>().join(", ")
+}
+
+fn runs_by_id(c: &Connection, ids: &[RunId]) -> StoreResult<HashMap<RunId, Run>> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(COMPLETE_CHUNK) {
+        let sql = format!("SELECT {RUN_COLS} FROM runs WHERE id IN ({})", in_params(1, chunk.len()));
+        let mut st = c.prepare_cached(&sql).q()?;
+        let rows = st.query_map(rusqlite::params_from_iter(chunk.iter().map(|r| b(*r))), run).q()?;
+        for r in rows {
+            let r = r.q()?;
+            out.insert(r.id, r);
+        }
+    }
+    Ok(out)
+}
+
+/// Completes fenced, successful runs with the same exit code in three statements for the chunk (plus one
+/// per item that has dependents).
+fn complete_succeeded_chunk(
+    c: &Connection,
+    chunk: &[(usize, Run)],
+    exit_code: Option<i32>,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<(usize, CompletionResult)>> {
+    let n = chunk.len();
+    let sql = format!(
+        "UPDATE runs SET state = 'succeeded', finished_at = ?1, lease_expires_at = NULL, exit_code = ?2, error = NULL,
+         failure_kind = NULL WHERE id IN ({})",
+        in_params(3, n)
+    );
+    let mut vals: Vec<rusqlite::types::Value> = vec![ts(now).into(), exit_code.map(i64::from).into()];
+    vals.extend(chunk.iter().map(|(_, r)| rusqlite::types::Value::Blob(r.id.0.as_bytes().to_vec())));
+    let changed = c.prepare_cached(&sql).q()?.execute(rusqlite::params_from_iter(vals.iter())).q()?;
+    if changed != n {
+        return Err(StoreError::conflict(format!("completed {changed} of {n} runs")));
+    }
+    // Items nothing depends on finish here; the others (and any item not running) are handled one by one.
+    let sql = format!(
+        "UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = ?1
+         WHERE id IN ({}) AND state = 'running' AND has_dependents = 0",
+        in_params(2, n)
+    );
+    let mut vals: Vec<rusqlite::types::Value> = vec![ts(now).into()];
+    vals.extend(chunk.iter().map(|(_, r)| rusqlite::types::Value::Blob(r.work_item_id.0.as_bytes().to_vec())));
+    let done = c.prepare_cached(&sql).q()?.execute(rusqlite::params_from_iter(vals.iter())).q()?;
+    let mut out = Vec::with_capacity(n);
+    for (i, r) in chunk {
+        let mut released = Vec::new();
+        if done < n {
+            let (state, has_dependents): (String, bool) = c
+                .prepare_cached("SELECT state, has_dependents FROM work_items WHERE id = ?1")
+                .q()?
+                .query_row([b(r.work_item_id)], |x| Ok((x.get(0)?, x.get(1)?)))
+                .q()?;
+            if state == "running" {
+                if !has_dependents {
+                    return Err(StoreError::conflict(format!("work item {} could not be completed", r.work_item_id)));
+                }
+                c.prepare_cached(
+                    "UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = ?2 WHERE id = ?1",
+                )
+                .q()?
+                .execute(params![b(r.work_item_id), ts(now)])
+                .q()?;
+                released = release_dependents(c, r.work_item_id)?;
+            } else if state != "succeeded" {
+                let from: WorkItemState =
+                    state.parse().map_err(|e: UnknownState| StoreError::invalid("state", e.to_string()))?;
+                return Err(transition_err(from, WorkItemState::Succeeded));
+            }
+        }
+        let mut run = r.clone();
+        run.state = RunState::Succeeded;
+        run.finished_at = Some(now);
+        run.lease_expires_at = None;
+        run.exit_code = exit_code;
+        run.error = None;
+        run.failure_kind = None;
+        out.push((
+            *i,
+            CompletionResult {
+                run,
+                work_item_state: WorkItemState::Succeeded,
+                retry_at: None,
+                released,
+                blocked: Vec::new(),
+            },
+        ));
+    }
+    Ok(out)
 }
 
 pub fn run_list(c: &Connection, f: &RunFilter) -> StoreResult<Vec<Run>> {

@@ -178,3 +178,47 @@ pub async fn info_request_deadline_expires_on_tick(store: Arc<dyn Store>) {
     // A second tick finds nothing more to expire.
     assert!(h.orch.tick().await.unwrap().expired.is_empty());
 }
+
+/// One batch of completions mixing items with and without dependents, a failure, an exit code and the
+/// same run twice gives the same results as completing them one by one.
+pub async fn complete_many_mixed_batch(store: Arc<dyn Store>) {
+    use crate::domain::RunOutcome;
+    use crate::retry::FailureKind;
+    let h = Harness::new(store);
+    let p = h.project().await;
+    let a = h.queued(p.id, "a", 0, &[]).await;
+    let c = h.queued(p.id, "c", 0, &[]).await;
+    let d = h.queued(p.id, "d", 0, &[]).await;
+    let b = h.queued(p.id, "b", 0, &[a.id]).await;
+    let claimed = h.claim("agent", 10).await;
+    assert_eq!(claimed.len(), 3);
+    let by_item = |id| claimed.iter().find(|x| x.claimed.work_item.id == id).unwrap();
+    let done = |id, outcome| {
+        let x = by_item(id);
+        RunCompletion { run_id: x.run_id(), token: x.token(), outcome, usage: None }
+    };
+    let out = h
+        .orch
+        .complete_many(vec![
+            done(a.id, RunOutcome::Succeeded { exit_code: Some(0) }),
+            done(c.id, RunOutcome::Succeeded { exit_code: Some(3) }),
+            done(d.id, RunOutcome::Failed { error: "no".into(), exit_code: Some(1), kind: FailureKind::Permanent }),
+            done(a.id, RunOutcome::Succeeded { exit_code: Some(0) }),
+        ])
+        .await
+        .unwrap();
+    let ra = out[0].as_ref().unwrap();
+    assert_eq!(ra.released, vec![b.id]);
+    assert_eq!(ra.run.state, RunState::Succeeded);
+    let rc = out[1].as_ref().unwrap();
+    assert_eq!(rc.run.exit_code, Some(3));
+    assert!(rc.released.is_empty());
+    assert_eq!(out[2].as_ref().unwrap().work_item_state, WorkItemState::Failed);
+    assert!(matches!(out[3], Err(StoreError::LeaseLost { .. })));
+    assert_eq!(h.store.run_get(by_item(c.id).run_id()).await.unwrap().exit_code, Some(3));
+    for (id, st) in [(a.id, WorkItemState::Succeeded), (c.id, WorkItemState::Succeeded), (d.id, WorkItemState::Failed)]
+    {
+        assert_eq!(h.state_of(id).await, st);
+    }
+    assert_eq!(h.claim_one("agent").await.claimed.work_item.id, b.id);
+}

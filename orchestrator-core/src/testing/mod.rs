@@ -145,6 +145,7 @@ macro_rules! store_conformance_tests {
             complete_many_through_the_facade,
             queue_list_cursor_survives_claims,
             info_request_deadline_expires_on_tick,
+            complete_many_mixed_batch,
         );
         $crate::__sched_cases!($factory);
         $crate::__flow_cases!($factory);
