@@ -622,7 +622,14 @@ impl Store for SqliteStore {
         items: Vec<NewWorkItem>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<WorkItemCreated>> {
-        self.write(move |c| ops::work_items_create(c, items, now)).await
+        let prepared: Vec<(NewWorkItem, WorkItem)> = items
+            .into_iter()
+            .map(|p| {
+                let w = orchestrator_core::rules::new_work_item(&p, now);
+                (p, w)
+            })
+            .collect();
+        self.write(move |c| ops::work_items_create(c, prepared, now)).await
     }
     async fn work_item_get(&self, id: WorkItemId) -> StoreResult<WorkItem> {
         self.read(move |c| ops::work_item_get(c, id)).await

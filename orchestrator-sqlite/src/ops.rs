@@ -820,16 +820,18 @@ pub fn enqueue_checked(c: &Connection, items: &[Enqueue], now: DateTime<Utc>) ->
     Ok(out)
 }
 
+/// `items` pairs each creation with its prepared row (`rules::new_work_item`, built before the command
+/// reaches the writer thread so hashing and allocation happen off it).
 pub fn work_items_create(
     c: &Connection,
-    items: Vec<NewWorkItem>,
+    items: Vec<(NewWorkItem, WorkItem)>,
     now: DateTime<Utc>,
 ) -> StoreResult<(Vec<WorkItemCreated>, bool)> {
     let mut out = Vec::with_capacity(items.len());
     let mut enqueues = Vec::new();
     let mut seen_keys: HashMap<(ProjectId, String), ()> = HashMap::new();
     let mut known_projects: std::collections::HashSet<ProjectId> = std::collections::HashSet::new();
-    for p in items {
+    for (p, mut w) in items {
         if known_projects.insert(p.project_id) {
             project_exists(c, p.project_id)?;
         }
@@ -842,7 +844,6 @@ pub fn work_items_create(
         if p.enqueue.is_some() && p.state != WorkItemState::Ready {
             return Err(StoreError::conflict(format!("work item {} needs approval before it can be enqueued", p.id)));
         }
-        let mut w = rules::new_work_item(&p, now);
         if let Some(k) = &p.idempotency_key {
             // A key created earlier in this same batch is a duplicate (as if the batch were validated
             // before any of it was written); a key that existed before returns the existing item.
