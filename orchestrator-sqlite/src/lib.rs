@@ -622,13 +622,14 @@ impl Store for SqliteStore {
         items: Vec<NewWorkItem>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<WorkItemCreated>> {
-        let prepared: Vec<(NewWorkItem, WorkItem)> = items
+        let prepared = items
             .into_iter()
             .map(|p| {
                 let w = orchestrator_core::rules::new_work_item(&p, now);
-                (p, w)
+                let json = ops::RowJson::of(&w)?;
+                Ok((p, w, json))
             })
-            .collect();
+            .collect::<StoreResult<Vec<_>>>()?;
         self.write(move |c| ops::work_items_create(c, prepared, now)).await
     }
     async fn work_item_get(&self, id: WorkItemId) -> StoreResult<WorkItem> {

@@ -508,7 +508,25 @@ pub fn recipe_list(c: &Connection, page: Page) -> StoreResult<Vec<ToolRecipe>> {
 
 // ---------------------------------------------------------------- work items
 
+/// The JSON columns of a work item row, encoded ahead of the write.
+pub struct RowJson {
+    labels: String,
+    dependencies: String,
+    retry: String,
+}
+
+impl RowJson {
+    /// Encodes the JSON columns of `w`.
+    pub fn of(w: &WorkItem) -> StoreResult<RowJson> {
+        Ok(RowJson { labels: to_json(&w.labels)?, dependencies: to_json(&w.dependencies)?, retry: to_json(&w.retry)? })
+    }
+}
+
 fn insert_work_item(c: &Connection, w: &WorkItem) -> StoreResult<()> {
+    insert_work_item_with(c, w, &RowJson::of(w)?)
+}
+
+fn insert_work_item_with(c: &Connection, w: &WorkItem, j: &RowJson) -> StoreResult<()> {
     c.prepare_cached(&format!(
         "INSERT INTO work_items ({WI_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, 0)"
     ))
@@ -519,11 +537,11 @@ fn insert_work_item(c: &Connection, w: &WorkItem) -> StoreResult<()> {
         w.title,
         w.description,
         w.recipe_id.map(b),
-        to_json(&w.labels)?,
+        j.labels,
         w.state.as_str(),
         w.priority,
-        to_json(&w.dependencies)?,
-        to_json(&w.retry)?,
+        j.dependencies,
+        j.retry,
         w.idempotency_key,
         w.content_hash,
         w.approval_id.map(b),
@@ -824,14 +842,14 @@ pub fn enqueue_checked(c: &Connection, items: &[Enqueue], now: DateTime<Utc>) ->
 /// reaches the writer thread so hashing and allocation happen off it).
 pub fn work_items_create(
     c: &Connection,
-    items: Vec<(NewWorkItem, WorkItem)>,
+    items: Vec<(NewWorkItem, WorkItem, RowJson)>,
     now: DateTime<Utc>,
 ) -> StoreResult<(Vec<WorkItemCreated>, bool)> {
     let mut out = Vec::with_capacity(items.len());
     let mut enqueues = Vec::new();
     let mut seen_keys: HashMap<(ProjectId, String), ()> = HashMap::new();
     let mut known_projects: std::collections::HashSet<ProjectId> = std::collections::HashSet::new();
-    for (p, mut w) in items {
+    for (p, mut w, json) in items {
         if known_projects.insert(p.project_id) {
             project_exists(c, p.project_id)?;
         }
@@ -905,7 +923,7 @@ pub fn work_items_create(
             None
         };
         w.approval_id = approval.as_ref().map(|a| a.id);
-        if let Err(e) = insert_work_item(c, &w) {
+        if let Err(e) = insert_work_item_with(c, &w, &json) {
             if let StoreError::Backend { .. } = &e {
                 let exists: Option<i64> = c
                     .prepare_cached("SELECT 1 FROM work_items WHERE id = ?1")
