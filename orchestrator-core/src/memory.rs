@@ -1036,48 +1036,16 @@ impl Store for MemoryStore {
     async fn work_item_update(&self, p: WorkItemUpdate) -> StoreResult<WorkItemChanged> {
         let mut s = self.lock();
         let item = s.item(p.id)?.clone();
-        let content_change =
-            p.title.is_some() || p.description.is_some() || p.recipe_id.is_some() || p.labels.is_some();
-        if content_change && !item.state.is_editable() {
-            return Err(StoreError::conflict(format!(
-                "work item {} is {}; its content can be edited only in draft, awaiting_approval or ready",
-                item.id, item.state
-            )));
-        }
-        if p.priority.is_some() && item.state.is_finished() {
-            return Err(StoreError::conflict(format!("work item {} is {}", item.id, item.state)));
-        }
+        let (mut new_item, needs_approval) = rules::apply_update(&item, &p)?;
         if let Some(Some(rid)) = p.recipe_id {
             s.check_recipe(rid, item.project_id)?;
         }
         s.unindex(p.id);
-        let mut new_item = item.clone();
-        if let Some(t) = p.title {
-            new_item.title = t;
-        }
-        if let Some(d) = p.description {
-            new_item.description = d;
-        }
-        if let Some(r) = p.recipe_id {
-            new_item.recipe_id = r;
-        }
-        if let Some(l) = p.labels {
-            new_item.labels = l;
-        }
-        if let Some(pr) = p.priority {
-            new_item.priority = pr;
-        }
-        new_item.content_hash = new_item.compute_content_hash();
-        new_item.updated_at = p.now;
         let mut approval = None;
-        if new_item.content_hash != item.content_hash
-            && p.require_approval
-            && matches!(item.state, WorkItemState::Ready | WorkItemState::AwaitingApproval)
-        {
+        if needs_approval {
             s.supersede_pending(item.approval_id, p.now);
             let a = s.new_approval(item.project_id, ApprovalSubject::WorkItem(item.id), &new_item.content_hash, p.now);
             new_item.approval_id = Some(a.id);
-            new_item.state = WorkItemState::AwaitingApproval;
             approval = Some(a);
         }
         s.items.insert(p.id, new_item.clone());

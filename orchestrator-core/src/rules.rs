@@ -247,6 +247,48 @@ pub fn expired_error(key: &str) -> String {
     format!("info request `{key}` passed its deadline unanswered")
 }
 
+/// An edit applied to a work item: the edited item, and whether it needs a new approval (its content
+/// changed under the approval policy while it was awaiting approval or ready). Refuses content edits
+/// outside `draft`, `awaiting_approval` and `ready`, and priority edits of finished items. The caller
+/// checks a new recipe's existence and scope, supersedes the pending approval and records the new one.
+pub fn apply_update(item: &WorkItem, p: &crate::store::WorkItemUpdate) -> Result<(WorkItem, bool), StoreError> {
+    let content_change = p.title.is_some() || p.description.is_some() || p.recipe_id.is_some() || p.labels.is_some();
+    if content_change && !item.state.is_editable() {
+        return Err(StoreError::conflict(format!(
+            "work item {} is {}; its content can be edited only in draft, awaiting_approval or ready",
+            item.id, item.state
+        )));
+    }
+    if p.priority.is_some() && item.state.is_finished() {
+        return Err(StoreError::conflict(format!("work item {} is {}", item.id, item.state)));
+    }
+    let mut w = item.clone();
+    if let Some(t) = &p.title {
+        w.title = t.clone();
+    }
+    if let Some(d) = &p.description {
+        w.description = d.clone();
+    }
+    if let Some(r) = p.recipe_id {
+        w.recipe_id = r;
+    }
+    if let Some(l) = &p.labels {
+        w.labels = l.clone();
+    }
+    if let Some(pr) = p.priority {
+        w.priority = pr;
+    }
+    w.content_hash = w.compute_content_hash();
+    w.updated_at = p.now;
+    let needs_approval = w.content_hash != item.content_hash
+        && p.require_approval
+        && matches!(item.state, WorkItemState::Ready | WorkItemState::AwaitingApproval);
+    if needs_approval {
+        w.state = WorkItemState::AwaitingApproval;
+    }
+    Ok((w, needs_approval))
+}
+
 /// The reason recorded on an item blocked by `dep`.
 pub fn blocked_reason(dep: WorkItemId, dep_state: WorkItemState) -> String {
     format!("dependency {dep} is {dep_state}")

@@ -984,46 +984,15 @@ pub fn work_item_list(c: &Connection, f: &WorkItemFilter) -> StoreResult<Vec<Wor
 
 pub fn work_item_update(c: &Connection, p: WorkItemUpdate) -> StoreResult<WorkItemChanged> {
     let item = work_item_get(c, p.id)?;
-    let content_change = p.title.is_some() || p.description.is_some() || p.recipe_id.is_some() || p.labels.is_some();
-    if content_change && !item.state.is_editable() {
-        return Err(StoreError::conflict(format!(
-            "work item {} is {}; its content can be edited only in draft, awaiting_approval or ready",
-            item.id, item.state
-        )));
-    }
-    if p.priority.is_some() && item.state.is_finished() {
-        return Err(StoreError::conflict(format!("work item {} is {}", item.id, item.state)));
-    }
+    let (mut w, needs_approval) = rules::apply_update(&item, &p)?;
     if let Some(Some(rid)) = p.recipe_id {
         check_recipe(c, rid, item.project_id)?;
     }
-    let mut w = item.clone();
-    if let Some(t) = p.title {
-        w.title = t;
-    }
-    if let Some(d) = p.description {
-        w.description = d;
-    }
-    if let Some(r) = p.recipe_id {
-        w.recipe_id = r;
-    }
-    if let Some(l) = p.labels {
-        w.labels = l;
-    }
-    if let Some(pr) = p.priority {
-        w.priority = pr;
-    }
-    w.content_hash = w.compute_content_hash();
-    w.updated_at = p.now;
     let mut approval = None;
-    if w.content_hash != item.content_hash
-        && p.require_approval
-        && matches!(item.state, WorkItemState::Ready | WorkItemState::AwaitingApproval)
-    {
+    if needs_approval {
         supersede_pending(c, item.approval_id, p.now)?;
         let a = insert_approval(c, item.project_id, ApprovalSubject::WorkItem(item.id), &w.content_hash, p.now)?;
         w.approval_id = Some(a.id);
-        w.state = WorkItemState::AwaitingApproval;
         approval = Some(a);
     }
     save_work_item(c, &w)?;
