@@ -366,18 +366,7 @@ impl State {
             ),
             None => None,
         };
-        let to_approval = match d.decision {
-            Decision::Approve => ApprovalState::Approved,
-            Decision::Reject => ApprovalState::Rejected,
-        };
-        if let Some(a) = &approval {
-            a.state.transition(to_approval)?;
-        }
-        let subject = match (&approval, draft_id) {
-            (Some(a), _) => a.subject,
-            (None, Some(did)) => ApprovalSubject::RequirementsDraft(did),
-            (None, None) => return Err(StoreError::invalid("id", "nothing to decide")),
-        };
+        let (subject, to_approval) = rules::decision_subject(approval.as_ref(), draft_id, d.decision)?;
         let mut out = DecisionOutcome { approval: None, draft: None, work_items: Vec::new() };
         match subject {
             ApprovalSubject::RequirementsDraft(did) => {
@@ -386,16 +375,7 @@ impl State {
                     .get(&did)
                     .cloned()
                     .ok_or_else(|| StoreError::not_found(EntityKind::RequirementsDraft, did))?;
-                let to = match d.decision {
-                    Decision::Approve => DraftState::Approved,
-                    Decision::Reject => DraftState::Rejected,
-                };
-                draft.state.transition(to)?;
-                if let Some(a) = &approval {
-                    if a.content_hash != draft.content_hash {
-                        return Err(StoreError::conflict("the draft changed after this approval was requested"));
-                    }
-                }
+                let to = rules::draft_decision(&draft, approval.as_ref(), d.decision)?;
                 // A draft under the approval policy is decided through its pending approval request.
                 let pending = self
                     .approvals
@@ -427,21 +407,7 @@ impl State {
                 let a =
                     approval.ok_or_else(|| StoreError::invalid("id", "work items are decided through approvals"))?;
                 let item = self.item(wid)?.clone();
-                if item.state != WorkItemState::AwaitingApproval || item.approval_id != Some(a.id) {
-                    return Err(StoreError::conflict(format!(
-                        "work item {wid} is {} and not waiting for this approval",
-                        item.state
-                    )));
-                }
-                if item.content_hash != a.content_hash {
-                    return Err(StoreError::conflict(
-                        "the work item changed after this approval was requested; a new approval is needed",
-                    ));
-                }
-                let to = match d.decision {
-                    Decision::Approve => WorkItemState::Ready,
-                    Decision::Reject => WorkItemState::Draft,
-                };
+                let to = rules::work_item_decision(&item, &a, d.decision)?;
                 self.set_state(wid, to, d.now)?;
                 out.approval = Some(self.record_decision(a.id, to_approval, d)?);
                 out.work_items.push(self.item(wid)?.clone());
@@ -830,23 +796,12 @@ impl Store for MemoryStore {
         if s.drafts.contains_key(&p.id) {
             return Err(StoreError::Duplicate { entity: EntityKind::RequirementsDraft, key: p.id.to_string() });
         }
-        let hash = content_hash(&(&p.title, &p.requirements));
-        let d = RequirementsDraft {
-            id: p.id,
-            project_id: p.project_id,
-            title: p.title,
-            requirements: p.requirements,
-            state: DraftState::Proposed,
-            content_hash: hash.clone(),
-            proposed_by: p.proposed_by,
-            work_item_ids: Vec::new(),
-            created_at: p.now,
-            decided_at: None,
-        };
+        let require_approval = p.require_approval;
+        let d = rules::new_draft(p);
+        let hash = d.content_hash.clone();
         s.drafts.insert(d.id, d.clone());
-        let a = p
-            .require_approval
-            .then(|| s.new_approval(d.project_id, ApprovalSubject::RequirementsDraft(d.id), &hash, p.now));
+        let a = require_approval
+            .then(|| s.new_approval(d.project_id, ApprovalSubject::RequirementsDraft(d.id), &hash, d.created_at));
         Ok((d, a))
     }
 
@@ -899,14 +854,7 @@ impl Store for MemoryStore {
         if s.recipes.contains_key(&p.id) {
             return Err(StoreError::Duplicate { entity: EntityKind::ToolRecipe, key: p.id.to_string() });
         }
-        let r = ToolRecipe {
-            id: p.id,
-            project_id: p.project_id,
-            name: p.spec.name.clone(),
-            yaml: p.yaml,
-            spec: p.spec,
-            created_at: p.now,
-        };
+        let r = rules::new_recipe(p);
         s.recipes.insert(r.id, r.clone());
         Ok(r)
     }

@@ -1,11 +1,14 @@
 //! Rules every backend applies identically, as pure functions. Stores call these inside their units of
 //! work so that the decisions (claimability, fencing, retries, conversions) are written once, here.
 
-use crate::domain::{Lease, RequirementsDraft, Run, WorkItem};
+use crate::domain::{ApprovalRequest, ApprovalSubject, Lease, RequirementsDraft, Run, WorkItem};
 use crate::error::StoreError;
+use crate::ids::DraftId;
 use crate::ids::{ProjectId, RunId, WorkItemId};
 use crate::retry::{jitter_unit, FailureKind, RetryDecision, RetryOverrides, RetryPolicy};
+use crate::state::{ApprovalState, DraftState};
 use crate::state::{RunState, WorkItemState};
+use crate::store::Decision;
 use crate::store::NewWorkItem;
 use chrono::{DateTime, Duration, Utc};
 use std::collections::{HashMap, HashSet};
@@ -155,6 +158,35 @@ pub fn new_work_item(p: &NewWorkItem, now: DateTime<Utc>) -> WorkItem {
     w
 }
 
+/// A proposed draft from its creation parameters (its content hash covers title and requirements).
+pub fn new_draft(p: crate::store::NewDraft) -> RequirementsDraft {
+    let content_hash = crate::domain::content_hash(&(&p.title, &p.requirements));
+    RequirementsDraft {
+        id: p.id,
+        project_id: p.project_id,
+        title: p.title,
+        requirements: p.requirements,
+        state: DraftState::Proposed,
+        content_hash,
+        proposed_by: p.proposed_by,
+        work_item_ids: Vec::new(),
+        created_at: p.now,
+        decided_at: None,
+    }
+}
+
+/// A stored recipe from its creation parameters (its name comes from the YAML).
+pub fn new_recipe(p: crate::store::NewRecipe) -> crate::domain::ToolRecipe {
+    crate::domain::ToolRecipe {
+        id: p.id,
+        project_id: p.project_id,
+        name: p.spec.name.clone(),
+        yaml: p.yaml,
+        spec: p.spec,
+        created_at: p.now,
+    }
+}
+
 /// The work items an approved draft creates (state `ready`, not enqueued).
 pub fn draft_work_items(draft: &RequirementsDraft, now: DateTime<Utc>) -> Vec<WorkItem> {
     draft
@@ -287,6 +319,70 @@ pub fn apply_update(item: &WorkItem, p: &crate::store::WorkItemUpdate) -> Result
         w.state = WorkItemState::AwaitingApproval;
     }
     Ok((w, needs_approval))
+}
+
+/// Which subject a decision is about (the approval's, else the draft named directly) and the approval
+/// state it moves to; refuses deciding an approval that is no longer pending.
+pub fn decision_subject(
+    approval: Option<&ApprovalRequest>,
+    draft_id: Option<DraftId>,
+    decision: Decision,
+) -> Result<(ApprovalSubject, ApprovalState), StoreError> {
+    let to = match decision {
+        Decision::Approve => ApprovalState::Approved,
+        Decision::Reject => ApprovalState::Rejected,
+    };
+    if let Some(a) = approval {
+        a.state.transition(to)?;
+    }
+    let subject = match (approval, draft_id) {
+        (Some(a), _) => a.subject,
+        (None, Some(did)) => ApprovalSubject::RequirementsDraft(did),
+        (None, None) => return Err(StoreError::invalid("id", "nothing to decide")),
+    };
+    Ok((subject, to))
+}
+
+/// The state a decided draft moves to; refuses a decided draft and an approval for other content.
+pub fn draft_decision(
+    draft: &RequirementsDraft,
+    approval: Option<&ApprovalRequest>,
+    decision: Decision,
+) -> Result<DraftState, StoreError> {
+    let to = match decision {
+        Decision::Approve => DraftState::Approved,
+        Decision::Reject => DraftState::Rejected,
+    };
+    draft.state.transition(to)?;
+    if approval.is_some_and(|a| a.content_hash != draft.content_hash) {
+        return Err(StoreError::conflict("the draft changed after this approval was requested"));
+    }
+    Ok(to)
+}
+
+/// The state a work item moves to when its approval is decided (`ready` or back to `draft`); refuses an
+/// item that is not waiting for this approval or whose content changed since it was requested.
+pub fn work_item_decision(
+    item: &WorkItem,
+    approval: &ApprovalRequest,
+    decision: Decision,
+) -> Result<WorkItemState, StoreError> {
+    if item.state != WorkItemState::AwaitingApproval || item.approval_id != Some(approval.id) {
+        return Err(StoreError::conflict(format!(
+            "work item {} is {} and not waiting for this approval",
+            item.id, item.state
+        )));
+    }
+    if item.content_hash != approval.content_hash {
+        return Err(StoreError::conflict(
+            "the work item changed after this approval was requested; a new approval is needed",
+        ));
+    }
+    let to = match decision {
+        Decision::Approve => WorkItemState::Ready,
+        Decision::Reject => WorkItemState::Draft,
+    };
+    Ok(item.state.transition(to)?)
 }
 
 /// The reason recorded on an item blocked by `dep`.

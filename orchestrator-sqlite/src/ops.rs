@@ -282,19 +282,9 @@ pub fn draft_create(c: &Connection, p: NewDraft) -> StoreResult<(RequirementsDra
             })?;
         }
     }
-    let hash = content_hash(&(&p.title, &p.requirements));
-    let d = RequirementsDraft {
-        id: p.id,
-        project_id: p.project_id,
-        title: p.title,
-        requirements: p.requirements,
-        state: DraftState::Proposed,
-        content_hash: hash.clone(),
-        proposed_by: p.proposed_by,
-        work_item_ids: Vec::new(),
-        created_at: p.now,
-        decided_at: None,
-    };
+    let require_approval = p.require_approval;
+    let d = rules::new_draft(p);
+    let hash = d.content_hash.clone();
     let n = c
         .prepare_cached(&format!("INSERT INTO drafts ({DRAFT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL) ON CONFLICT DO NOTHING"))
         .q()?
@@ -313,8 +303,8 @@ pub fn draft_create(c: &Connection, p: NewDraft) -> StoreResult<(RequirementsDra
     if n == 0 {
         return Err(StoreError::Duplicate { entity: EntityKind::RequirementsDraft, key: d.id.to_string() });
     }
-    let a = if p.require_approval {
-        Some(insert_approval(c, d.project_id, ApprovalSubject::RequirementsDraft(d.id), &hash, p.now)?)
+    let a = if require_approval {
+        Some(insert_approval(c, d.project_id, ApprovalSubject::RequirementsDraft(d.id), &hash, d.created_at)?)
     } else {
         None
     };
@@ -382,32 +372,12 @@ pub fn decide(
         Some(id) => Some(approval_get(c, id)?),
         None => None,
     };
-    let to_approval = match d.decision {
-        Decision::Approve => ApprovalState::Approved,
-        Decision::Reject => ApprovalState::Rejected,
-    };
-    if let Some(a) = &approval {
-        a.state.transition(to_approval)?;
-    }
-    let subject = match (&approval, draft_id) {
-        (Some(a), _) => a.subject,
-        (None, Some(did)) => ApprovalSubject::RequirementsDraft(did),
-        (None, None) => return Err(StoreError::invalid("id", "nothing to decide")),
-    };
+    let (subject, to_approval) = rules::decision_subject(approval.as_ref(), draft_id, d.decision)?;
     let mut out = DecisionOutcome { approval: None, draft: None, work_items: Vec::new() };
     match subject {
         ApprovalSubject::RequirementsDraft(did) => {
             let dr = draft_get(c, did)?;
-            let to = match d.decision {
-                Decision::Approve => DraftState::Approved,
-                Decision::Reject => DraftState::Rejected,
-            };
-            dr.state.transition(to)?;
-            if let Some(a) = &approval {
-                if a.content_hash != dr.content_hash {
-                    return Err(StoreError::conflict("the draft changed after this approval was requested"));
-                }
-            }
+            let to = rules::draft_decision(&dr, approval.as_ref(), d.decision)?;
             let pending: Option<U> = c
                 .query_row(
                     "SELECT id FROM approvals WHERE subject_id = ?1 AND state = 'pending' ORDER BY id LIMIT 1",
@@ -439,22 +409,7 @@ pub fn decide(
         ApprovalSubject::WorkItem(wid) => {
             let a = approval.ok_or_else(|| StoreError::invalid("id", "work items are decided through approvals"))?;
             let item = work_item_get(c, wid)?;
-            if item.state != WorkItemState::AwaitingApproval || item.approval_id != Some(a.id) {
-                return Err(StoreError::conflict(format!(
-                    "work item {wid} is {} and not waiting for this approval",
-                    item.state
-                )));
-            }
-            if item.content_hash != a.content_hash {
-                return Err(StoreError::conflict(
-                    "the work item changed after this approval was requested; a new approval is needed",
-                ));
-            }
-            let to = match d.decision {
-                Decision::Approve => WorkItemState::Ready,
-                Decision::Reject => WorkItemState::Draft,
-            };
-            item.state.transition(to)?;
+            let to = rules::work_item_decision(&item, &a, d.decision)?;
             set_item_state(c, wid, to, d.now)?;
             out.approval = Some(record_decision(c, a.id, to_approval, d)?);
             out.work_items.push(work_item_get(c, wid)?);
@@ -469,14 +424,7 @@ pub fn recipe_create(c: &Connection, p: NewRecipe) -> StoreResult<ToolRecipe> {
     if let Some(pid) = p.project_id {
         project_exists(c, pid)?;
     }
-    let r = ToolRecipe {
-        id: p.id,
-        project_id: p.project_id,
-        name: p.spec.name.clone(),
-        yaml: p.yaml,
-        spec: p.spec,
-        created_at: p.now,
-    };
+    let r = rules::new_recipe(p);
     let n = c
         .prepare_cached(&format!(
             "INSERT INTO recipes ({RECIPE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING"
