@@ -6,6 +6,7 @@ use orchestrator_core::orchestrator::CreateWorkItem;
 use orchestrator_core::store::{EnqueueOptions, RunCompletion};
 use orchestrator_core::{MemoryStore, Orchestrator, OrchestratorConfig, Store};
 use orchestrator_sqlite::{SqliteOptions, SqliteStore, Synchronous};
+use orchestrator_sqlx::{PgOptions, PgStore};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +24,14 @@ pub struct Opts {
     db: Option<PathBuf>,
     synchronous: Synchronous,
     finished: usize,
+    database_url: String,
+    latency_items: usize,
+    latency_rate: f64,
+}
+
+/// The PostgreSQL server the `postgres` backend uses unless `--database-url` says otherwise.
+fn default_database_url() -> String {
+    std::env::var("ORCH_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 fn num<T: std::str::FromStr>(name: &str, v: Option<&String>) -> Result<T, String> {
@@ -40,13 +49,23 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         db: None,
         synchronous: Synchronous::Normal,
         finished: 0,
+        database_url: default_database_url(),
+        latency_items: 200,
+        latency_rate: 50.0,
     };
+    let mut claimers_set = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--backend" => o.backend = it.next().cloned().ok_or("--backend needs a value")?,
             "--items" => o.items = num("--items", it.next())?,
-            "--claimers" => o.claimers = num("--claimers", it.next())?,
+            "--claimers" => {
+                o.claimers = num("--claimers", it.next())?;
+                claimers_set = true;
+            }
+            "--database-url" => o.database_url = it.next().cloned().ok_or("--database-url needs a value")?,
+            "--latency-items" => o.latency_items = num("--latency-items", it.next())?,
+            "--latency-rate" => o.latency_rate = num("--latency-rate", it.next())?,
             "--batch" => o.batch = num("--batch", it.next())?,
             "--enqueue-batch" => o.enqueue_batch = num("--enqueue-batch", it.next())?,
             "--db" => o.db = Some(PathBuf::from(it.next().ok_or("--db needs a value")?)),
@@ -61,8 +80,14 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             other => return Err(format!("unknown option `{other}`")),
         }
     }
-    if !matches!(o.backend.as_str(), "sqlite" | "memory") {
-        return Err(format!("unknown backend `{}` (sqlite or memory)", o.backend));
+    if !matches!(o.backend.as_str(), "sqlite" | "memory" | "postgres") {
+        return Err(format!("unknown backend `{}` (sqlite, memory or postgres)", o.backend));
+    }
+    if o.backend == "postgres" && !claimers_set {
+        o.claimers = 16;
+    }
+    if !o.latency_rate.is_finite() || o.latency_rate <= 0.0 {
+        return Err("--latency-rate must be positive".into());
     }
     if o.items == 0 || o.claimers == 0 || o.batch == 0 || o.enqueue_batch == 0 {
         return Err("--items, --claimers, --batch and --enqueue-batch must be positive".into());
@@ -74,11 +99,28 @@ struct Backend {
     store: Arc<dyn Store>,
     _dir: Option<tempfile::TempDir>,
     path: Option<PathBuf>,
+    /// The PostgreSQL store (its fresh schema is dropped after the run).
+    pg: Option<Arc<PgStore>>,
 }
 
-fn open(o: &Opts) -> Result<Backend, String> {
+async fn open(o: &Opts) -> Result<Backend, String> {
     match o.backend.as_str() {
-        "memory" => Ok(Backend { store: Arc::new(MemoryStore::new()), _dir: None, path: None }),
+        "memory" => Ok(Backend { store: Arc::new(MemoryStore::new()), _dir: None, path: None, pg: None }),
+        "postgres" => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let schema = format!("orchestrator_bench_{}_{nanos}", std::process::id());
+            let opts = PgOptions {
+                schema,
+                max_connections: (o.claimers as u32 + 4).max(8),
+                min_connections: (o.claimers as u32).min(32),
+                ..PgOptions::default()
+            };
+            let s = Arc::new(PgStore::connect_with(&o.database_url, opts).await.map_err(|e| e.to_string())?);
+            Ok(Backend { store: s.clone(), _dir: None, path: None, pg: Some(s) })
+        }
         _ => {
             let (dir, path) = match &o.db {
                 Some(p) => (None, p.clone()),
@@ -90,7 +132,7 @@ fn open(o: &Opts) -> Result<Backend, String> {
             };
             let opts = SqliteOptions { synchronous: o.synchronous, ..Default::default() };
             let s = SqliteStore::open(&path, opts).map_err(|e| e.to_string())?;
-            Ok(Backend { store: Arc::new(s), _dir: dir, path: Some(path) })
+            Ok(Backend { store: Arc::new(s), _dir: dir, path: Some(path), pg: None })
         }
     }
 }
@@ -195,12 +237,109 @@ async fn claim_complete(orch: &Orchestrator, n: usize, claimers: usize, batch: u
     Ok(ClaimStats { seconds: t.elapsed().as_secs_f64(), runs: done.load(Ordering::Relaxed), latencies })
 }
 
+/// Enqueues `n` items one at a time at a steady `rate` while claimers wait on the store's wake-up signal;
+/// returns (enqueue-to-claim latencies measured from the start of each enqueue call, enqueue call
+/// latencies).
+async fn enqueue_to_claim(
+    orch: &Orchestrator,
+    project: orchestrator_core::ids::ProjectId,
+    n: usize,
+    rate: f64,
+    claimers: usize,
+) -> Result<(Vec<Duration>, Vec<Duration>), String> {
+    let started: Arc<Vec<std::sync::Mutex<Option<Instant>>>> =
+        Arc::new((0..n).map(|_| std::sync::Mutex::new(None)).collect());
+    let claimed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..claimers {
+        let (orch, started, claimed) = (orch.clone(), started.clone(), claimed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let req =
+                ClaimRequest { agent_id: format!("latency-{c}"), capabilities: vec![], max: 32, lease_ttl_seconds: None };
+            while claimed.load(Ordering::SeqCst) < n {
+                let seen = orch.work_generation().await;
+                let got = orch.claim(req.clone()).await.map_err(|e| e.to_string())?;
+                let at = Instant::now();
+                if got.is_empty() {
+                    orch.wait_for_work(seen, Duration::from_millis(500)).await;
+                    continue;
+                }
+                for a in &got {
+                    let i: usize = a.claimed.work_item.title.trim_start_matches("latency ").parse().unwrap_or(usize::MAX);
+                    let t0 = started.get(i).and_then(|m| *m.lock().unwrap_or_else(|p| p.into_inner()));
+                    if let Some(t0) = t0 {
+                        lat.push(at.saturating_duration_since(t0));
+                    }
+                }
+                let completions: Vec<RunCompletion> = got
+                    .iter()
+                    .map(|a| RunCompletion {
+                        run_id: a.run_id(),
+                        token: a.token(),
+                        outcome: RunOutcome::Succeeded { exit_code: Some(0) },
+                        usage: None,
+                    })
+                    .collect();
+                claimed.fetch_add(completions.len(), Ordering::SeqCst);
+                for r in orch.complete_many(completions).await.map_err(|e| e.to_string())? {
+                    r.map_err(|e| e.to_string())?;
+                }
+            }
+            Ok::<Vec<Duration>, String>(lat)
+        }));
+    }
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut enqueue_lat = Vec::with_capacity(n);
+    for i in 0..n {
+        ticker.tick().await;
+        let t0 = Instant::now();
+        if let Some(m) = started.get(i) {
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(t0);
+        }
+        let it = CreateWorkItem {
+            project_id: Some(project),
+            title: format!("latency {i}"),
+            enqueue: Some(EnqueueOptions::default()),
+            ..Default::default()
+        };
+        orch.create_work_item(it).await.map_err(|e| e.to_string())?;
+        enqueue_lat.push(t0.elapsed());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut lat = Vec::with_capacity(n);
+    for t in tasks {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let r = tokio::time::timeout(left, t).await.map_err(|_| "latency claimers did not finish".to_string())?;
+        lat.extend(r.map_err(|e| e.to_string())??);
+    }
+    lat.sort();
+    enqueue_lat.sort();
+    Ok((lat, enqueue_lat))
+}
+
 /// Runs every measurement and prints one JSON line each.
 pub async fn run(o: Opts) -> Result<(), String> {
-    let b = open(&o)?;
+    let b = open(&o).await?;
+    let res = measure(&o, &b).await;
+    if let Some(pg) = &b.pg {
+        if let Err(e) = pg.drop_schema().await {
+            eprintln!("could not drop bench schema `{}`: {e}", pg.schema());
+        }
+    }
+    res
+}
+
+async fn measure(o: &Opts, b: &Backend) -> Result<(), String> {
+    let o = o.clone();
     let orch = Orchestrator::new(b.store.clone(), OrchestratorConfig::default());
     let project = orch.create_project("bench", "").await.map_err(|e| e.to_string())?;
-    let base = json!({"backend": o.backend, "synchronous": format!("{:?}", o.synchronous).to_lowercase(), "db": b.path.as_ref().map(|p| p.display().to_string())});
+    let base = match &b.pg {
+        Some(pg) => json!({"backend": o.backend, "schema": pg.schema()}),
+        None => json!({"backend": o.backend, "synchronous": format!("{:?}", o.synchronous).to_lowercase(), "db": b.path.as_ref().map(|p| p.display().to_string())}),
+    };
     let with = |mut v: serde_json::Value| {
         if let (Some(m), Some(b)) = (v.as_object_mut(), base.as_object()) {
             for (k, x) in b {
@@ -271,6 +410,25 @@ pub async fn run(o: Opts) -> Result<(), String> {
             m.insert("note".into(), json!("claims with finished runs in the database"));
         }
         report_claims(&|x| with(merge(x, &v)), "claim_complete_with_finished", &o, &st);
+    }
+
+    // 6. Enqueue-to-claim latency at a low steady rate, claimers waiting on the wake-up signal.
+    if o.latency_items > 0 {
+        let waiters = o.claimers.min(4);
+        let (lat, enq) = enqueue_to_claim(&orch, project.id, o.latency_items, o.latency_rate, waiters).await?;
+        emit(with(json!({
+            "bench": "enqueue_to_claim_latency",
+            "items": o.latency_items,
+            "rate_per_second": o.latency_rate,
+            "waiting_claimers": waiters,
+            "claimed": lat.len(),
+            "p50_ms": percentile(&lat, 0.50),
+            "p99_ms": percentile(&lat, 0.99),
+            "max_ms": lat.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+            "enqueue_call_p50_ms": percentile(&enq, 0.50),
+            "enqueue_call_p99_ms": percentile(&enq, 0.99),
+            "note": "from the start of each enqueue call to the claim returning it",
+        })));
     }
     Ok(())
 }

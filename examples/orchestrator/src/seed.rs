@@ -1,0 +1,122 @@
+//! `orchestrator seed`: a sample project, over the HTTP API of a running server.
+
+use crate::cli::{actor, ClientOpts};
+use crate::client::{s, work_item, Client, ClientError};
+use serde_json::{json, Value};
+
+/// The sample recipe: one input (with a default, so it runs without a human) and two steps.
+pub const SAMPLE_RECIPE: &str = r#"name: greet-and-count
+description: Says hello, then writes and counts a file in the run's workspace
+inputs:
+  - name: GREETING
+    prompt: "How should the agent greet?"
+    default: hello
+steps:
+  - name: greet
+    run: echo "$GREETING from the sample recipe"
+  - name: count
+    run: printf 'one\ntwo\nthree\n' > lines.txt && wc -l < lines.txt
+    timeout: 60
+"#;
+
+/// What `seed` made (printed as JSON with `--json`).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Seeded {
+    /// The project's id.
+    pub project_id: String,
+    /// The vision version written.
+    pub vision_version: u64,
+    /// The recipe's id.
+    pub recipe_id: String,
+    /// The work items, in creation order: (id, title).
+    pub work_items: Vec<(String, String)>,
+    /// Approval requests approved on the way.
+    pub approved: Vec<String>,
+}
+
+async fn create_item(o: &ClientOpts, c: &Client, body: Value, seeded: &mut Seeded) -> Result<String, ClientError> {
+    let v = c.post("/work-items", &body).await?;
+    let w = work_item(&v);
+    let id = s(w, "id");
+    seeded.work_items.push((id.clone(), s(w, "title")));
+    // Under ORCH_REQUIRE_APPROVAL the item waits for a human: seed plays that human.
+    let approval = v.get("approval").filter(|a| !a.is_null()).map(|a| s(a, "id"));
+    let approval = approval.or_else(|| Some(s(w, "approval_id")).filter(|_| s(w, "state") == "awaiting_approval"));
+    if let Some(a) = approval.filter(|a| !a.is_empty()) {
+        c.post(&format!("/approvals/{a}/approve"), &json!({"by": actor(o), "reason": "sample data"})).await?;
+        seeded.approved.push(a);
+    }
+    Ok(id)
+}
+
+/// Creates the sample project and its work, and prints what it made.
+pub async fn run(o: &ClientOpts) -> Result<Seeded, ClientError> {
+    let c = o.client()?;
+    let mut seeded = Seeded::default();
+    let name = format!("sample-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
+    let project = c
+        .post("/projects", &json!({"name": name, "description": "Sample project created by `orchestrator seed`"}))
+        .await?;
+    seeded.project_id = s(&project, "id");
+    let pid = seeded.project_id.clone();
+    let vision = c
+        .call(
+            reqwest::Method::PUT,
+            &format!("/projects/{pid}/vision"),
+            Some(&json!({
+                "text": "A tiny pipeline that shows the orchestrator at work: a recipe with an input, \
+                         a dependency between work items, and logs streamed from an agent.",
+                "author": actor(o),
+            })),
+        )
+        .await?;
+    seeded.vision_version = vision.get("version").and_then(Value::as_u64).unwrap_or(0);
+    let recipe = crate::cli::create_recipe(&c, SAMPLE_RECIPE, Some(&pid)).await?;
+    seeded.recipe_id = s(&recipe, "id");
+
+    let first = create_item(
+        o,
+        &c,
+        json!({"project_id": pid, "title": "Greet with the sample recipe",
+               "description": "Runs the two steps of the greet-and-count recipe.",
+               "recipe_id": seeded.recipe_id, "priority": 10}),
+        &mut seeded,
+    )
+    .await?;
+    let second = create_item(
+        o,
+        &c,
+        json!({"project_id": pid, "title": "Report after the greeting",
+               "description": "Runs `echo the greeting is done` once the greeting succeeded.",
+               "priority": 5}),
+        &mut seeded,
+    )
+    .await?;
+    let third = create_item(
+        o,
+        &c,
+        json!({"project_id": pid, "title": "List the workspace",
+               "description": "Runs `ls -la` in the run's workspace."}),
+        &mut seeded,
+    )
+    .await?;
+    c.post("/scheduler/enqueue", &json!({"work_item_id": first})).await?;
+    c.post("/scheduler/enqueue", &json!({"work_item_id": second, "depends_on": [first]})).await?;
+    c.post("/scheduler/enqueue", &json!({"work_item_id": third})).await?;
+
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&seeded).unwrap_or_default());
+    } else {
+        println!("seeded project {name} ({pid}) on {}", c.base());
+        println!("  vision version {}", seeded.vision_version);
+        println!("  recipe {} (greet-and-count: input GREETING, steps greet and count)", seeded.recipe_id);
+        println!("  work item {first}  Greet with the sample recipe   (recipe, queued)");
+        println!("  work item {second}  Report after the greeting     (queued, depends on {first})");
+        println!("  work item {third}  List the workspace            (queued)");
+        for a in &seeded.approved {
+            println!("  approved {a}");
+        }
+        println!("follow the work: orchestrator work-item list --project {pid}; orchestrator runs list");
+    }
+    Ok(seeded)
+}

@@ -1,0 +1,370 @@
+//! `orchestrator serve`: the HTTP API over SQLite or PostgreSQL, optionally with embedded agents.
+
+use crate::store_url::StoreUrl;
+use clap::Args;
+use orchestrator_core::crypto::{Keyring, SecretKey};
+use orchestrator_core::{AgentApi, Orchestrator, OrchestratorConfig, Store};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The address `serve` listens on by default.
+pub const DEFAULT_BIND: &str = "127.0.0.1:18080";
+
+/// How long open connections (log streams, long polls) may take to finish after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Options of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (host:port).
+    #[arg(long, env = "ORCH_BIND", default_value = DEFAULT_BIND)]
+    pub bind: String,
+    /// Run this many agents inside the server process (they use AGENT_* settings).
+    #[arg(long, env = "ORCH_EMBEDDED_AGENTS", default_value_t = 0)]
+    pub agents: u32,
+}
+
+/// A startup failure, shown as `error: <message>`.
+pub type ServeError = String;
+
+/// `ORCH_SCHEDULER_BACKGROUND_INTERVAL` (seconds, fractions allowed; `0`/`off` disables). Unset: every
+/// second when embedded agents run (so retries and not-before times become claimable), else off.
+pub fn background_interval(value: Option<&str>, embedded_agents: u32) -> Result<Option<Duration>, ServeError> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok((embedded_agents > 0).then(|| Duration::from_secs(1))),
+        Some("off" | "false" | "0") => Ok(None),
+        Some(v) => match v.parse::<f64>() {
+            Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(Some(Duration::from_secs_f64(s))),
+            _ => Err(format!(
+                "invalid ORCH_SCHEDULER_BACKGROUND_INTERVAL `{v}`: expected seconds (e.g. 1 or 0.5), or 0/off"
+            )),
+        },
+    }
+}
+
+/// Reads the key file, or creates it (mode 0600) with a new random key. Returns the keyring and whether the
+/// file was created.
+pub fn load_or_create_key(path: &Path) -> Result<(Keyring, bool), ServeError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let read = |path: &Path| -> Result<Keyring, ServeError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the secret key file is readable by other users; run `chmod 600 {}`",
+                    path.display()
+                );
+            }
+        }
+        Keyring::from_config(text.trim()).map_err(|e| format!("key file {}: {e}", path.display()))
+    };
+    if path.exists() {
+        return read(path).map(|k| (k, false));
+    }
+    let key = SecretKey::generate();
+    let mut file = match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(f) => f,
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return read(path).map(|k| (k, false)),
+        Err(e) => return Err(format!("cannot create key file {}: {e}", path.display())),
+    };
+    file.write_all(format!("{}\n", key.to_base64()).as_bytes())
+        .and_then(|_| file.sync_all())
+        .map_err(|e| format!("cannot write key file {}: {e}", path.display()))?;
+    let keyring = Keyring::new("k1", key).map_err(|e| e.to_string())?;
+    Ok((keyring, true))
+}
+
+/// Resolves `bind` and refuses a non-loopback address when authentication is off.
+pub async fn resolve_bind(bind: &str, auth_enabled: bool) -> Result<Vec<SocketAddr>, ServeError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(bind)
+        .await
+        .map_err(|e| format!("invalid bind address `{bind}` (expected host:port, e.g. {DEFAULT_BIND}): {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("bind address `{bind}` resolves to nothing"));
+    }
+    if !auth_enabled {
+        if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+            return Err(format!(
+                "refusing to listen on {a}: no ORCH_API_TOKENS are configured, so every request would be an \
+                 admin. Configure tokens (ORCH_API_TOKENS=name:role:token,...) or bind to a loopback address \
+                 such as {DEFAULT_BIND}"
+            ));
+        }
+    }
+    Ok(addrs)
+}
+
+async fn open_store(url: &StoreUrl) -> Result<Arc<dyn Store>, ServeError> {
+    match url {
+        StoreUrl::Sqlite(path) => {
+            let path = path.clone();
+            let store = tokio::task::spawn_blocking(move || {
+                orchestrator_sqlite::SqliteStore::open(&path, orchestrator_sqlite::SqliteOptions::default())
+            })
+            .await
+            .map_err(|e| format!("opening the database panicked: {e}"))?
+            .map_err(|e| e.to_string())?;
+            Ok(Arc::new(store))
+        }
+        StoreUrl::Postgres(u) => {
+            let store = orchestrator_sqlx::PgStore::connect(u)
+                .await
+                .map_err(|e| format!("cannot open {}: {e}", url.display()))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C received: shutting down"),
+        _ = term => tracing::info!("SIGTERM received: shutting down"),
+    }
+}
+
+/// Runs the server until Ctrl-C or SIGTERM.
+pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+    let http_config = orchestrator_http::HttpConfig::from_env().map_err(|e| e.to_string())?;
+    let addrs = resolve_bind(&args.bind, http_config.auth_enabled()).await?;
+    let interval =
+        background_interval(std::env::var("ORCH_SCHEDULER_BACKGROUND_INTERVAL").ok().as_deref(), args.agents)?;
+    let agent_config = if args.agents > 0 {
+        Some(orchestrator_agent::AgentConfig::from_env().map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+
+    let store_url = StoreUrl::parse(std::env::var("ORCH_DATABASE_URL").ok().as_deref())?;
+    let mut config = OrchestratorConfig::from_env().map_err(|e| e.to_string())?;
+    let db_existed = matches!(&store_url, StoreUrl::Sqlite(p) if p.exists());
+    let store = open_store(&store_url).await?;
+    tracing::info!("store: {}", store_url.display());
+    if config.keyring.is_some() {
+        tracing::info!("info-request answers are encrypted with the key(s) in ORCH_SECRET_KEY");
+    } else {
+        let key_file = store_url.key_file();
+        let (keyring, created) = load_or_create_key(&key_file)?;
+        if created {
+            tracing::info!(
+                "ORCH_SECRET_KEY is not set: created a new secret key in {} (mode 0600) to encrypt info-request \
+                 answers; keep it with the database (answers cannot be read without it)",
+                key_file.display()
+            );
+            if db_existed {
+                tracing::warn!(
+                    "the database existed before this new key: answers encrypted earlier (with another key) \
+                     cannot be read; if you have the old key, put it back in {} or list it in ORCH_SECRET_KEY",
+                    key_file.display()
+                );
+            }
+        } else {
+            tracing::info!(
+                "ORCH_SECRET_KEY is not set: using the secret key in {} to encrypt info-request answers",
+                key_file.display()
+            );
+        }
+        config.keyring = Some(keyring);
+    }
+    let orch = Arc::new(Orchestrator::new(store, config));
+
+    let listener =
+        tokio::net::TcpListener::bind(&addrs[..]).await.map_err(|e| format!("cannot listen on {}: {e}", args.bind))?;
+    let local = listener.local_addr().map_err(|e| format!("cannot read the listening address: {e}"))?;
+    if http_config.auth_enabled() {
+        let names: Vec<String> = http_config.token_names().into_iter().map(|(n, r)| format!("{n} ({r})")).collect();
+        tracing::info!("authentication on: {} token(s): {}", names.len(), names.join(", "));
+    } else {
+        tracing::warn!(
+            "authentication is off (ORCH_API_TOKENS is not set): every request is treated as an admin, so the \
+             server only listens on loopback"
+        );
+    }
+    let app = orchestrator_http::router(orch.clone(), http_config);
+
+    let _background = match interval {
+        Some(every) => {
+            tracing::info!("scheduler tick in the background every {:?}", every);
+            Some(orchestrator_http::spawn_background(orch.clone(), every))
+        }
+        None => {
+            tracing::info!(
+                "no background scheduler tick (set ORCH_SCHEDULER_BACKGROUND_INTERVAL to promote retries and \
+                 reap expired leases automatically)"
+            );
+            None
+        }
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    // Each embedded agent reports its end here; one that stops before shutdown stops the server.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<AgentEnd>();
+    let mut agent_grace = Duration::ZERO;
+    if let Some(base) = agent_config {
+        agent_grace = base.shutdown_grace;
+        for i in 0..args.agents {
+            let mut cfg = base.clone();
+            if args.agents > 1 {
+                cfg.agent_id = format!("{}-{}", base.agent_id, i + 1);
+            }
+            tracing::info!(agent_id = %cfg.agent_id, "starting an embedded agent");
+            let id = cfg.agent_id.clone();
+            let api: Arc<dyn AgentApi> = orch.clone();
+            let agent = orchestrator_agent::Agent::new(api, cfg);
+            let run = tokio::spawn(agent.run(stopped(stop_rx.clone())));
+            let tx = done_tx.clone();
+            tokio::spawn(async move {
+                let end = match run.await {
+                    Ok(Ok(report)) => AgentEnd { id, error: None, report: Some(format!("{report:?}")) },
+                    Ok(Err(e)) => AgentEnd { id, error: Some(e.to_string()), report: None },
+                    Err(e) => AgentEnd { id, error: Some(format!("panicked: {e}")), report: None },
+                };
+                let _ = tx.send(end);
+            });
+        }
+    }
+    drop(done_tx);
+
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let mut server = tokio::spawn(async move { server.await });
+    println!("orchestrator listening on http://{local}");
+
+    let mut failure = None;
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        r = &mut server => {
+            let _ = stop_tx.send(true);
+            return match r {
+                Ok(Ok(())) => Err("the server stopped unexpectedly".to_string()),
+                Ok(Err(e)) => Err(format!("the server failed: {e}")),
+                Err(e) => Err(format!("the server task failed: {e}")),
+            };
+        }
+        Some(end) = done_rx.recv() => {
+            let why = end.error.unwrap_or_else(|| "it stopped".to_string());
+            failure = Some(format!("embedded agent {} stopped: {why}", end.id));
+        }
+    }
+    let _ = stop_tx.send(true);
+    // A second signal while draining stops at once.
+    tokio::spawn(async {
+        shutdown_signal().await;
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    let agent_wait = agent_grace + Duration::from_secs(5);
+    let agents_done = async {
+        let deadline = tokio::time::Instant::now() + agent_wait;
+        loop {
+            match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+                Ok(Some(AgentEnd { id, error: None, report })) => {
+                    tracing::info!(agent_id = %id, "embedded agent stopped: {}", report.unwrap_or_default())
+                }
+                Ok(Some(AgentEnd { id, error: Some(e), .. })) => {
+                    tracing::error!(agent_id = %id, "embedded agent stopped with an error: {e}")
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!("embedded agents did not stop within {agent_wait:?}");
+                    break;
+                }
+            }
+        }
+    };
+    let server_done = async {
+        match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!("server error while shutting down: {e}"),
+            Ok(Err(e)) => tracing::error!("server task failed: {e}"),
+            Err(_) => {
+                tracing::warn!(
+                    "connections still open after {DRAIN_TIMEOUT:?} (log streams, long polls): closing them"
+                );
+                server.abort();
+            }
+        }
+    };
+    tokio::join!(agents_done, server_done);
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// How an embedded agent ended.
+struct AgentEnd {
+    id: String,
+    error: Option<String>,
+    report: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_interval_defaults_and_parsing() {
+        assert_eq!(background_interval(None, 0).unwrap(), None);
+        assert_eq!(background_interval(None, 2).unwrap(), Some(Duration::from_secs(1)));
+        assert_eq!(background_interval(Some("0"), 2).unwrap(), None);
+        assert_eq!(background_interval(Some("off"), 0).unwrap(), None);
+        assert_eq!(background_interval(Some("0.5"), 0).unwrap(), Some(Duration::from_millis(500)));
+        assert_eq!(background_interval(Some(" 5 "), 0).unwrap(), Some(Duration::from_secs(5)));
+        assert!(background_interval(Some("-1"), 0).is_err());
+        assert!(background_interval(Some("soon"), 0).is_err());
+    }
+
+    #[test]
+    fn key_file_is_created_private_then_reused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orchestrator.key");
+        let (k1, created) = load_or_create_key(&path).unwrap();
+        assert!(created);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let (k2, created) = load_or_create_key(&path).unwrap();
+        assert!(!created);
+        let sealed = k1.seal(b"secret", b"aad").unwrap();
+        assert_eq!(k2.open(&sealed, b"aad").unwrap(), b"secret");
+        std::fs::write(&path, "not a key").unwrap();
+        let e = load_or_create_key(&path).unwrap_err();
+        assert!(e.contains("key file") && !e.contains("not a key"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn refuses_non_loopback_without_tokens() {
+        assert!(resolve_bind("127.0.0.1:0", false).await.is_ok());
+        assert!(resolve_bind("[::1]:0", false).await.is_ok());
+        let e = resolve_bind("0.0.0.0:18080", false).await.unwrap_err();
+        assert!(e.contains("ORCH_API_TOKENS"), "{e}");
+        assert!(resolve_bind("0.0.0.0:0", true).await.is_ok());
+        assert!(resolve_bind("nonsense", false).await.is_err());
+    }
+}

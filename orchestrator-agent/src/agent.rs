@@ -1,0 +1,593 @@
+//! The [`Agent`]: the claim loop, one task per run (heartbeat, plan, ask, execute, stream, complete),
+//! and a graceful shutdown.
+
+use crate::codex::CodexExecutor;
+use crate::config::{AgentConfig, ExecutorKind, KeepWorkspaces};
+use crate::planner::default_planners;
+use crate::redact::Redactor;
+use crate::shell::ShellExecutor;
+use crate::sink::{is_lease_lost, is_transient, RunControl, RunSink, StopReason};
+use orchestrator_core::agent::{
+    plan_with_chain, AgentApi, Assignment, Cancellation, ClaimRequest, ExecutionContext, ExecutionOutcome,
+    ExecutionSink, Executor, PlanContext, Planner,
+};
+use orchestrator_core::domain::{NewStepEvent, RunOutcome, StepEventKind, Usage};
+use orchestrator_core::recipe::InputKind;
+use orchestrator_core::retry::FailureKind;
+use orchestrator_core::store::NewInfoRequest;
+use orchestrator_core::Error;
+use serde_json::json;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The workspace root cannot be created.
+    #[error("cannot create the workspace root {path}: {source}")]
+    Workspace {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// What the agent did before it stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentReport {
+    /// Runs claimed (including resumed ones).
+    pub claimed: u64,
+    /// Runs completed as succeeded.
+    pub succeeded: u64,
+    /// Runs completed as failed.
+    pub failed: u64,
+    /// Runs that asked questions and now wait for answers.
+    pub waiting_input: u64,
+    /// Runs whose lease was lost (cancelled, expired or reclaimed): nothing more was written for them.
+    pub lost: u64,
+    /// Runs released at shutdown (failed as retryable so another agent takes them).
+    pub released: u64,
+    /// Runs whose end could not be reported (the orchestrator was unreachable).
+    pub errors: u64,
+}
+
+/// How one run ended for this agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunEnd {
+    Succeeded,
+    Failed,
+    WaitingInput,
+    Lost,
+    Released,
+    Error,
+}
+
+impl AgentReport {
+    fn add(&mut self, end: RunEnd) {
+        match end {
+            RunEnd::Succeeded => self.succeeded += 1,
+            RunEnd::Failed => self.failed += 1,
+            RunEnd::WaitingInput => self.waiting_input += 1,
+            RunEnd::Lost => self.lost += 1,
+            RunEnd::Released => self.released += 1,
+            RunEnd::Error => self.errors += 1,
+        }
+    }
+}
+
+/// The agent: claims runs as slots free up, plans, asks for missing inputs, executes and completes.
+/// The same code runs embedded (over [`orchestrator_core::Orchestrator`]) or remote (over
+/// [`crate::HttpAgentApi`]).
+pub struct Agent {
+    api: Arc<dyn AgentApi>,
+    config: AgentConfig,
+    executor: Option<Arc<dyn Executor>>,
+    planners: Option<Vec<Box<dyn Planner>>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    api: Arc<dyn AgentApi>,
+    config: AgentConfig,
+    executor: Arc<dyn Executor>,
+    planners: Vec<Box<dyn Planner>>,
+    /// Cancelled when the shutdown grace period is over.
+    kill: Cancellation,
+}
+
+fn jittered(d: Duration) -> Duration {
+    // 80% to 120% of the interval, so a fleet of agents does not poll in lockstep.
+    d.mul_f64(0.8 + 0.4 * fastrand::f64())
+}
+
+impl Agent {
+    /// An agent over `api` with `config`; the executor is chosen by `config.executor` unless
+    /// [`Agent::with_executor`] sets one.
+    pub fn new(api: Arc<dyn AgentApi>, config: AgentConfig) -> Agent {
+        Agent { api, config, executor: None, planners: None }
+    }
+
+    /// Uses a custom executor (a host program's own implementation of the core `Executor` trait).
+    pub fn with_executor(mut self, executor: Arc<dyn Executor>) -> Agent {
+        self.executor = Some(executor);
+        self
+    }
+
+    /// Replaces the planner chain (default: [`default_planners`] for the config).
+    pub fn with_planners(mut self, planners: Vec<Box<dyn Planner>>) -> Agent {
+        self.planners = Some(planners);
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// Runs until `shutdown` resolves; then stops claiming, lets running work go on for the grace
+    /// period, cancels what is left and releases it (failed as retryable, so another agent retries it).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<AgentReport, AgentError> {
+        let config = self.config;
+        std::fs::create_dir_all(&config.workspace_root)
+            .map_err(|source| AgentError::Workspace { path: config.workspace_root.clone(), source })?;
+        let executor: Arc<dyn Executor> = match self.executor {
+            Some(e) => e,
+            None => match config.executor {
+                ExecutorKind::Shell => Arc::new(ShellExecutor::new(config.step_timeout, config.kill_grace)),
+                ExecutorKind::Codex => Arc::new(CodexExecutor::from_config(&config)),
+            },
+        };
+        let planners = self.planners.unwrap_or_else(|| default_planners(&config));
+        let (kill_handle, kill) = Cancellation::new();
+        let shared = Arc::new(Shared { api: self.api, config, executor, planners, kill });
+        let concurrency = shared.config.concurrency.max(1) as usize;
+        tracing::info!(agent_id = %shared.config.agent_id, concurrency, executor = shared.executor.name(), "agent started");
+
+        let mut report = AgentReport::default();
+        let mut tasks: JoinSet<RunEnd> = JoinSet::new();
+        let mut error_backoff = Duration::from_millis(100);
+        tokio::pin!(shutdown);
+
+        enum Wait {
+            Again,
+            Work(u64),
+            Error(Duration),
+            Full,
+        }
+
+        loop {
+            while let Some(r) = tasks.try_join_next() {
+                report.add(r.unwrap_or(RunEnd::Error));
+            }
+            let free = concurrency.saturating_sub(tasks.len());
+            let wait = if free == 0 {
+                Wait::Full
+            } else {
+                let generation = shared.api.work_generation().await;
+                let req = ClaimRequest {
+                    agent_id: shared.config.agent_id.clone(),
+                    capabilities: shared.config.capabilities.clone(),
+                    max: free as u32,
+                    lease_ttl_seconds: shared.config.lease_ttl_seconds,
+                };
+                match shared.api.claim(req).await {
+                    Ok(assignments) => {
+                        error_backoff = Duration::from_millis(100);
+                        let n = assignments.len();
+                        for a in assignments {
+                            report.claimed += 1;
+                            tasks.spawn(run_one(shared.clone(), a));
+                        }
+                        if n > 0 {
+                            Wait::Again
+                        } else {
+                            Wait::Work(generation)
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claim failed");
+                        let d = error_backoff;
+                        error_backoff = (error_backoff * 2).min(shared.config.poll_interval.max(error_backoff));
+                        Wait::Error(jittered(d))
+                    }
+                }
+            };
+            if matches!(wait, Wait::Again) {
+                continue;
+            }
+            let waiter = async {
+                match wait {
+                    Wait::Work(g) => {
+                        shared.api.wait_for_work(g, jittered(shared.config.poll_interval)).await;
+                    }
+                    Wait::Error(d) => tokio::time::sleep(d).await,
+                    Wait::Full | Wait::Again => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(r) = tasks.join_next(), if !tasks.is_empty() => report.add(r.unwrap_or(RunEnd::Error)),
+                _ = waiter => {}
+            }
+        }
+
+        // Shutdown: no more claims; running work gets the grace period.
+        tracing::info!(running = tasks.len(), "agent shutting down");
+        let grace = tokio::time::sleep(shared.config.shutdown_grace);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                r = tasks.join_next() => match r {
+                    Some(r) => report.add(r.unwrap_or(RunEnd::Error)),
+                    None => break,
+                },
+                _ = &mut grace => {
+                    tracing::warn!(running = tasks.len(), "grace period over; cancelling and releasing the remaining runs");
+                    kill_handle.cancel();
+                    break;
+                }
+            }
+        }
+        // Cancelled runs kill their processes and release themselves; give them a bounded time.
+        let limit = tokio::time::sleep(shared.config.kill_grace + Duration::from_secs(30));
+        tokio::pin!(limit);
+        loop {
+            tokio::select! {
+                r = tasks.join_next() => match r {
+                    Some(r) => report.add(r.unwrap_or(RunEnd::Error)),
+                    None => break,
+                },
+                _ = &mut limit => {
+                    report.errors += tasks.len() as u64;
+                    tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        tracing::info!(?report, "agent stopped");
+        Ok(report)
+    }
+}
+
+/// Retries a call on transient errors (a few times, with backoff); stops early when the run is lost.
+async fn with_retry<T, F, Fut>(control: &RunControl, mut f: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Err(e) if is_transient(&e) && attempt < 6 && !control.lost() => {
+                attempt += 1;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// The heartbeat of one run: renews at a third of the lease TTL; a lost lease (or the shutdown kill)
+/// cancels the run.
+async fn heartbeat_loop(shared: Arc<Shared>, control: Arc<RunControl>, ttl: Duration) {
+    let every = (ttl / 3).max(Duration::from_millis(50));
+    let mut next = every;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(next) => {}
+            _ = shared.kill.cancelled() => {
+                control.stop(StopReason::Shutdown);
+                return;
+            }
+        }
+        match shared.api.heartbeat(control.run_id, control.token).await {
+            Ok(_) => next = every,
+            Err(e) if is_lease_lost(&e) => {
+                tracing::warn!(run_id = %control.run_id, error = %e, "lease lost; stopping the run");
+                control.stop(StopReason::LeaseLost);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(run_id = %control.run_id, error = %e, "heartbeat failed; retrying");
+                next = (every / 4).max(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn lease_ttl(shared: &Shared, a: &Assignment) -> Duration {
+    if let Some(s) = shared.config.lease_ttl_seconds {
+        return Duration::from_secs(s);
+    }
+    let run = &a.claimed.run;
+    let from = run.heartbeat_at.unwrap_or(run.claimed_at);
+    (a.claimed.lease.expires_at - from).to_std().ok().filter(|d| !d.is_zero()).unwrap_or(Duration::from_secs(60))
+}
+
+/// The questions for recipe inputs that have no answer and no default.
+pub fn missing_inputs(a: &Assignment) -> Vec<NewInfoRequest> {
+    let Some(recipe) = &a.recipe else {
+        return Vec::new();
+    };
+    recipe
+        .inputs
+        .iter()
+        .filter(|i| i.required && i.default.is_none() && !a.answers.contains_key(&i.name))
+        .map(|i| NewInfoRequest {
+            key: i.name.clone(),
+            prompt: i.display_prompt().to_string(),
+            kind: i.kind,
+            choices: if i.kind == InputKind::Choice { i.choices.clone() } else { Vec::new() },
+            deadline: None,
+        })
+        .collect()
+}
+
+async fn run_one(shared: Arc<Shared>, a: Assignment) -> RunEnd {
+    let (handle, cancel) = Cancellation::new();
+    let control = Arc::new(RunControl::new(a.run_id(), a.token(), handle));
+    let redactor = Redactor::from_answers(&a.answers);
+    let sink = Arc::new(RunSink::new(shared.api.clone(), control.clone(), redactor, shared.config.log_batch_lines));
+    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone(), control.clone(), lease_ttl(&shared, &a)));
+    let flusher = {
+        let sink = sink.clone();
+        let every = shared.config.log_flush_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                sink.flush().await;
+            }
+        })
+    };
+    let workspace = shared.config.workspace_root.join(a.run_id().to_string());
+    let end = drive(&shared, &control, &sink, a, cancel, &workspace).await;
+    flusher.abort();
+    heartbeat.abort();
+    let keep = match shared.config.keep_workspaces {
+        KeepWorkspaces::Always => true,
+        KeepWorkspaces::Never => false,
+        KeepWorkspaces::OnFailure => end != RunEnd::Succeeded,
+    };
+    if !keep {
+        if let Err(e) = tokio::fs::remove_dir_all(&workspace).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %workspace.display(), error = %e, "cannot remove the workspace");
+            }
+        }
+    }
+    end
+}
+
+async fn complete(
+    shared: &Shared,
+    control: &RunControl,
+    sink: &RunSink,
+    outcome: RunOutcome,
+    usage: Option<Usage>,
+) -> RunEnd {
+    if control.lost() {
+        return RunEnd::Lost;
+    }
+    sink.flush().await;
+    if control.lost() {
+        return RunEnd::Lost;
+    }
+    let succeeded = matches!(outcome, RunOutcome::Succeeded { .. });
+    let r = with_retry(control, || shared.api.complete(control.run_id, control.token, outcome.clone(), usage.clone()))
+        .await;
+    match r {
+        Ok(res) => {
+            tracing::info!(run_id = %control.run_id, state = ?res.run.state, work_item_state = ?res.work_item_state, "run completed");
+            if succeeded {
+                RunEnd::Succeeded
+            } else {
+                RunEnd::Failed
+            }
+        }
+        Err(e) if is_lease_lost(&e) => {
+            control.stop(StopReason::LeaseLost);
+            RunEnd::Lost
+        }
+        Err(e) => {
+            tracing::error!(run_id = %control.run_id, error = %e, "cannot complete the run");
+            RunEnd::Error
+        }
+    }
+}
+
+/// Releases a run cancelled by the shutdown: fails it as retryable so it is tried again elsewhere.
+async fn release(shared: &Shared, control: &RunControl, sink: &RunSink) -> RunEnd {
+    let outcome = RunOutcome::Failed {
+        error: "the agent shut down before the run finished".into(),
+        exit_code: None,
+        kind: FailureKind::Retryable,
+    };
+    match complete(shared, control, sink, outcome, sink.take_usage()).await {
+        RunEnd::Failed => RunEnd::Released,
+        other => other,
+    }
+}
+
+async fn stopped(shared: &Shared, control: &RunControl, sink: &RunSink) -> RunEnd {
+    match control.reason() {
+        StopReason::Shutdown => release(shared, control, sink).await,
+        _ => RunEnd::Lost,
+    }
+}
+
+async fn ask(shared: &Shared, control: &RunControl, sink: &RunSink, questions: Vec<NewInfoRequest>) -> RunEnd {
+    let keys: Vec<&str> = questions.iter().map(|q| q.key.as_str()).collect();
+    sink.system(format!("waiting for input: {}", keys.join(", "))).await;
+    sink.step_event(NewStepEvent {
+        step_index: None,
+        kind: StepEventKind::Info,
+        name: "needs_input".into(),
+        detail: json!({"keys": keys}),
+    })
+    .await;
+    sink.flush().await;
+    if control.lost() {
+        return RunEnd::Lost;
+    }
+    match with_retry(control, || shared.api.ask(control.run_id, control.token, questions.clone())).await {
+        Ok(reqs) => {
+            tracing::info!(run_id = %control.run_id, questions = reqs.len(), "run waits for input");
+            RunEnd::WaitingInput
+        }
+        Err(e) if is_lease_lost(&e) => RunEnd::Lost,
+        Err(e) => {
+            tracing::error!(run_id = %control.run_id, error = %e, "cannot ask for input");
+            let outcome = RunOutcome::Failed {
+                error: format!("cannot ask for input: {e}"),
+                exit_code: None,
+                kind: FailureKind::Permanent,
+            };
+            complete(shared, control, sink, outcome, None).await
+        }
+    }
+}
+
+async fn drive(
+    shared: &Shared,
+    control: &Arc<RunControl>,
+    sink: &Arc<RunSink>,
+    a: Assignment,
+    cancel: Cancellation,
+    workspace: &std::path::Path,
+) -> RunEnd {
+    let run_id = a.run_id();
+    match with_retry(control, || shared.api.start(run_id, control.token)).await {
+        Ok(_) => {}
+        Err(e) if is_lease_lost(&e) => return RunEnd::Lost,
+        Err(e) => {
+            tracing::error!(run_id = %run_id, error = %e, "cannot start the run");
+            return RunEnd::Error;
+        }
+    }
+    let run = &a.claimed.run;
+    sink.system(format!(
+        "agent {} {} run {} (attempt {}) of work item {}",
+        shared.config.agent_id,
+        if a.claimed.resumed { "resumed" } else { "claimed" },
+        run_id,
+        run.attempt,
+        a.claimed.work_item.id
+    ))
+    .await;
+    if let Err(e) = tokio::fs::create_dir_all(workspace).await {
+        let outcome = RunOutcome::Failed {
+            error: format!("cannot create the workspace {}: {e}", workspace.display()),
+            exit_code: None,
+            kind: FailureKind::Retryable,
+        };
+        return complete(shared, control, sink, outcome, None).await;
+    }
+
+    // Plan.
+    let ctx = PlanContext { work_item: a.claimed.work_item.clone(), recipe: a.recipe.clone() };
+    let planned = tokio::select! {
+        p = plan_with_chain(&shared.planners, &ctx) => p,
+        _ = cancel.cancelled() => return stopped(shared, control, sink).await,
+    };
+    let plan = match planned {
+        Ok(p) => p,
+        Err(fallbacks) => {
+            let why: Vec<String> = fallbacks.iter().map(|f| f.to_string()).collect();
+            let outcome = RunOutcome::Failed {
+                error: format!("no planner produced a plan: {}", why.join("; ")),
+                exit_code: None,
+                kind: FailureKind::Permanent,
+            };
+            return complete(shared, control, sink, outcome, None).await;
+        }
+    };
+    // Planners with nothing to say are normal (no recipe); failures are worth a log line.
+    for f in plan.fallbacks.iter().filter(|f| f.message != "no plan") {
+        sink.system(format!("planner {} fell through: {}", f.planner, f.message)).await;
+    }
+    sink.system(format!("planned {} step(s) with the {} planner", plan.steps.len(), plan.planner)).await;
+    sink.step_event(NewStepEvent {
+        step_index: None,
+        kind: StepEventKind::Planned,
+        name: plan.planner.clone(),
+        detail: json!({
+            "planner": plan.planner,
+            "executor": shared.executor.name(),
+            "steps": plan.steps,
+            "resumed": a.claimed.resumed,
+            "fallbacks": plan.fallbacks.iter().map(|f| json!({"planner": f.planner, "message": f.message})).collect::<Vec<_>>(),
+        }),
+    })
+    .await;
+    if control.lost() {
+        return RunEnd::Lost;
+    }
+
+    // Inputs the recipe needs and does not have become questions.
+    let questions = missing_inputs(&a);
+    if !questions.is_empty() {
+        return ask(shared, control, sink, questions).await;
+    }
+
+    // Resume after the last completed step.
+    let start_step = run.last_completed_step.map_or(0, |i| i.saturating_add(1));
+    for i in 0..start_step.min(plan.steps.len() as u32) {
+        sink.step_event(NewStepEvent {
+            step_index: Some(i),
+            kind: StepEventKind::Skipped,
+            name: crate::shell::step_name(&plan.steps[i as usize]),
+            detail: json!({"reason": "completed before the run waited for input"}),
+        })
+        .await;
+    }
+    let ectx = ExecutionContext {
+        assignment: a,
+        steps: plan.steps,
+        start_step,
+        workspace: workspace.to_path_buf(),
+        cancel: cancel.clone(),
+    };
+    let outcome = shared.executor.execute(ectx, sink.as_ref() as &dyn ExecutionSink).await;
+    sink.flush().await;
+    let usage = sink.take_usage();
+    if control.lost() {
+        return RunEnd::Lost;
+    }
+    match outcome {
+        ExecutionOutcome::Succeeded { exit_code } => {
+            complete(shared, control, sink, RunOutcome::Succeeded { exit_code }, usage).await
+        }
+        ExecutionOutcome::Failed { error, exit_code, kind } => {
+            let error = sink.redactor().redact(&error).into_owned();
+            complete(shared, control, sink, RunOutcome::Failed { error, exit_code, kind }, usage).await
+        }
+        ExecutionOutcome::NeedsInput { questions } => ask(shared, control, sink, questions).await,
+        ExecutionOutcome::Cancelled => match control.reason() {
+            StopReason::None => {
+                // The executor stopped on its own account.
+                let outcome = RunOutcome::Failed {
+                    error: "the executor cancelled the run".into(),
+                    exit_code: None,
+                    kind: FailureKind::Retryable,
+                };
+                complete(shared, control, sink, outcome, usage).await
+            }
+            _ => stopped(shared, control, sink).await,
+        },
+    }
+}

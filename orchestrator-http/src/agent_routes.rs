@@ -1,0 +1,159 @@
+//! The agent protocol (see the crate docs): claim (with long poll), work wake-ups, and the fenced per-run
+//! routes. An agent token acts only on runs whose `agent_id` is its name; admins act on any run.
+
+use crate::dto::*;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Caller, Json, Path, Query};
+use crate::handlers::J;
+use crate::AppState;
+use axum::extract::State;
+use orchestrator_core::agent::{AgentApi, ClaimRequest};
+use orchestrator_core::domain::{Lease, Run};
+use orchestrator_core::ids::RunId;
+use serde::Deserialize;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The longest a long poll waits.
+pub(crate) const MAX_WAIT: Duration = Duration::from_millis(30_000);
+
+/// Refuses an agent acting on another agent's run (403); admins pass.
+async fn own_run(s: &AppState, caller: &Caller, run_id: RunId) -> ApiResult<()> {
+    if caller.is_agent() {
+        let run = s.orch.store().run_get(run_id).await?;
+        if run.agent_id != caller.0.name {
+            tracing::warn!(run_id = %run_id, principal = %caller.0.name, "agent touched another agent's run");
+            return Err(ApiError::forbidden(format!("run `{run_id}` is not held by agent `{}`", caller.0.name)));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn claim(
+    State(s): State<AppState>,
+    caller: Caller,
+    Json(b): Json<ClaimBody>,
+) -> ApiResult<J<ClaimResponse>> {
+    let agent_id = match (b.agent_id, caller.is_agent()) {
+        (Some(a), true) if a != caller.0.name => {
+            return Err(ApiError::forbidden(format!(
+                "agent_id `{a}` differs from the token's agent `{}`",
+                caller.0.name
+            )))
+        }
+        (_, true) => caller.0.name.clone(),
+        (Some(a), false) => a,
+        (None, false) => return Err(ApiError::invalid("agent_id", "required")),
+    };
+    let req =
+        ClaimRequest { agent_id, capabilities: b.capabilities, max: b.max, lease_ttl_seconds: b.lease_ttl_seconds };
+    let wait = Duration::from_millis(b.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    let deadline = Instant::now() + wait;
+    loop {
+        let generation = s.orch.work_generation().await;
+        let assignments = s.orch.claim(req.clone()).await?;
+        let now = Instant::now();
+        if !assignments.is_empty() || now >= deadline {
+            s.metrics.record_claims(assignments.len());
+            if !assignments.is_empty() {
+                tracing::info!(agent_id = %req.agent_id, claimed = assignments.len(), "claimed");
+            }
+            return Ok(J(ClaimResponse { assignments }));
+        }
+        tokio::select! {
+            _ = s.orch.wait_for_work(generation, deadline - now) => {}
+            _ = s.config.shutting_down() => {
+                s.metrics.record_claims(0);
+                return Ok(J(ClaimResponse { assignments: Vec::new() }));
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WorkQuery {
+    seen: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+pub(crate) async fn work(State(s): State<AppState>, Query(q): Query<WorkQuery>) -> J<WorkGeneration> {
+    let woken = match q.seen {
+        None => false,
+        Some(seen) => {
+            let t = Duration::from_millis(q.timeout_ms.unwrap_or(MAX_WAIT.as_millis() as u64)).min(MAX_WAIT);
+            tokio::select! {
+                woken = s.orch.wait_for_work(seen, t) => woken,
+                _ = s.config.shutting_down() => false,
+            }
+        }
+    };
+    J(WorkGeneration { generation: s.orch.work_generation().await, woken })
+}
+
+pub(crate) async fn heartbeat(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<RunId>,
+    Json(b): Json<TokenBody>,
+) -> ApiResult<J<Lease>> {
+    own_run(&s, &caller, id).await?;
+    Ok(J(s.orch.heartbeat(id, b.token).await?))
+}
+
+pub(crate) async fn start(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<RunId>,
+    Json(b): Json<TokenBody>,
+) -> ApiResult<J<Run>> {
+    own_run(&s, &caller, id).await?;
+    Ok(J(s.orch.start(id, b.token).await?))
+}
+
+pub(crate) async fn append_logs(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<RunId>,
+    Json(b): Json<AppendLogs>,
+) -> ApiResult<J<LogsAppended>> {
+    own_run(&s, &caller, id).await?;
+    let last_seq = s.orch.append_logs(id, b.token, b.lines).await?;
+    s.log_bus.notify();
+    Ok(J(LogsAppended { last_seq }))
+}
+
+pub(crate) async fn record_steps(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<RunId>,
+    Json(b): Json<RecordSteps>,
+) -> ApiResult<J<StepsRecorded>> {
+    own_run(&s, &caller, id).await?;
+    Ok(J(StepsRecorded { events: s.orch.record_steps(id, b.token, b.events).await? }))
+}
+
+pub(crate) async fn ask(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<RunId>,
+    Json(b): Json<AskBody>,
+) -> ApiResult<J<Asked>> {
+    own_run(&s, &caller, id).await?;
+    Ok(J(Asked { info_requests: s.orch.ask(id, b.token, b.questions).await? }))
+}
+
+pub(crate) async fn complete(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<RunId>,
+    Json(b): Json<CompleteBody>,
+) -> ApiResult<J<CompletionBody>> {
+    own_run(&s, &caller, id).await?;
+    let outcome = b.outcome.clone();
+    let result = s.orch.complete(id, b.token, b.outcome, b.usage).await?;
+    s.metrics.record_completion(&outcome, &result);
+    s.log_bus.notify();
+    tracing::info!(run_id = %id, work_item_state = %result.work_item_state, "run completed");
+    Ok(J(result.into()))
+}

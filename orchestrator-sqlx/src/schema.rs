@@ -1,0 +1,172 @@
+//! Embedded, versioned migrations. Applied versions are recorded in the `orchestrator_migrations` table
+//! of the configured schema; every statement runs with `search_path` set to that schema.
+
+/// Migrations in order; migration `i` brings the schema to version `i + 1`.
+pub const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE projects (
+    id uuid PRIMARY KEY,
+    name text NOT NULL,
+    description text NOT NULL,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+
+CREATE TABLE visions (
+    project_id uuid NOT NULL,
+    version int4 NOT NULL,
+    text text NOT NULL,
+    author text,
+    created_at timestamptz NOT NULL,
+    PRIMARY KEY (project_id, version)
+);
+
+CREATE TABLE drafts (
+    id uuid PRIMARY KEY,
+    project_id uuid NOT NULL,
+    title text NOT NULL,
+    requirements jsonb NOT NULL,
+    state text NOT NULL,
+    content_hash text NOT NULL,
+    proposed_by text,
+    work_item_ids uuid[] NOT NULL,
+    created_at timestamptz NOT NULL,
+    decided_at timestamptz
+);
+CREATE INDEX drafts_project ON drafts (project_id, id);
+
+CREATE TABLE approvals (
+    id uuid PRIMARY KEY,
+    project_id uuid NOT NULL,
+    subject_kind text NOT NULL,
+    subject_id uuid NOT NULL,
+    content_hash text NOT NULL,
+    state text NOT NULL,
+    requested_at timestamptz NOT NULL,
+    decided_by text,
+    decided_at timestamptz,
+    reason text
+);
+CREATE INDEX approvals_subject ON approvals (subject_id, state);
+CREATE INDEX approvals_project ON approvals (project_id, id);
+
+CREATE TABLE recipes (
+    id uuid PRIMARY KEY,
+    project_id uuid,
+    name text NOT NULL,
+    yaml text NOT NULL,
+    spec jsonb NOT NULL,
+    created_at timestamptz NOT NULL
+);
+CREATE INDEX recipes_project ON recipes (project_id);
+
+CREATE TABLE work_items (
+    id uuid PRIMARY KEY,
+    project_id uuid NOT NULL,
+    title text NOT NULL,
+    description text NOT NULL,
+    recipe_id uuid,
+    labels text[] NOT NULL,
+    state text NOT NULL,
+    priority int4 NOT NULL,
+    dependencies uuid[] NOT NULL,
+    retry jsonb NOT NULL,
+    idempotency_key text,
+    content_hash text NOT NULL,
+    approval_id uuid,
+    draft_id uuid,
+    blocked_reason text,
+    attempts int4 NOT NULL,
+    current_run_id uuid,
+    run_at timestamptz,
+    last_error text,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    enqueued_at timestamptz,
+    pending_deps int4 NOT NULL DEFAULT 0,
+    -- Whether any item depends on this one (completions skip the dependents lookup when false).
+    has_dependents boolean NOT NULL DEFAULT false
+) WITH (fillfactor = 80);
+CREATE INDEX work_items_project ON work_items (project_id, id);
+CREATE UNIQUE INDEX work_items_idempotency ON work_items (project_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+-- Exactly the claimable-but-for-time rows, in claim order: finished rows never enter it.
+CREATE INDEX work_items_ready ON work_items (priority DESC, run_at, id) WHERE state IN ('queued', 'retrying') AND pending_deps = 0;
+CREATE INDEX work_items_retrying ON work_items (run_at) WHERE state = 'retrying';
+CREATE INDEX work_items_queue ON work_items (priority DESC, (COALESCE(run_at, created_at)), id) WHERE state IN ('queued', 'retrying', 'blocked');
+
+CREATE TABLE work_item_deps (
+    depends_on uuid NOT NULL,
+    work_item_id uuid NOT NULL,
+    PRIMARY KEY (depends_on, work_item_id)
+);
+CREATE INDEX work_item_deps_item ON work_item_deps (work_item_id, depends_on);
+
+CREATE TABLE runs (
+    id uuid PRIMARY KEY,
+    work_item_id uuid NOT NULL,
+    project_id uuid NOT NULL,
+    attempt int4 NOT NULL,
+    agent_id text NOT NULL,
+    state text NOT NULL,
+    lease_token int8 NOT NULL,
+    lease_expires_at timestamptz,
+    heartbeat_at timestamptz,
+    claimed_at timestamptz NOT NULL,
+    started_at timestamptz,
+    finished_at timestamptz,
+    exit_code int4,
+    error text,
+    failure_kind text,
+    usage jsonb,
+    last_completed_step int4,
+    log_seq int8 NOT NULL DEFAULT 0,
+    event_seq int8 NOT NULL DEFAULT 0
+) WITH (fillfactor = 80);
+CREATE INDEX runs_work_item ON runs (work_item_id, id);
+CREATE INDEX runs_project ON runs (project_id);
+CREATE INDEX runs_leased ON runs (lease_expires_at) WHERE state IN ('claimed', 'running');
+
+CREATE TABLE logs (
+    run_id uuid NOT NULL,
+    seq int8 NOT NULL,
+    stream text NOT NULL,
+    line text NOT NULL,
+    at timestamptz NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
+
+CREATE TABLE step_events (
+    run_id uuid NOT NULL,
+    seq int8 NOT NULL,
+    step_index int4,
+    kind text NOT NULL,
+    name text NOT NULL,
+    detail jsonb NOT NULL,
+    at timestamptz NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
+
+CREATE TABLE info_requests (
+    id uuid PRIMARY KEY,
+    run_id uuid NOT NULL,
+    work_item_id uuid NOT NULL,
+    project_id uuid NOT NULL,
+    key text NOT NULL,
+    prompt text NOT NULL,
+    kind text NOT NULL,
+    choices text[] NOT NULL,
+    state text NOT NULL,
+    deadline timestamptz,
+    created_at timestamptz NOT NULL,
+    answered_at timestamptz,
+    answered_by text,
+    answer text
+);
+CREATE INDEX info_requests_run ON info_requests (run_id, id);
+CREATE INDEX info_requests_project ON info_requests (project_id);
+CREATE INDEX info_requests_deadline ON info_requests (deadline) WHERE state = 'pending' AND deadline IS NOT NULL;
+"#];
+
+/// The schema version this build writes.
+pub fn latest_version() -> i32 {
+    MIGRATIONS.len() as i32
+}

@@ -1,0 +1,151 @@
+//! LISTEN/NOTIFY wake-ups across stores, and work items created inside a host's own transaction.
+
+mod common;
+
+use chrono::Utc;
+use orchestrator_core::ids::{ProjectId, WorkItemId};
+use orchestrator_core::state::WorkItemState;
+use orchestrator_core::store::{Claim, EnqueueOptions, NewProject, NewWorkItem};
+use orchestrator_core::{Store, StoreError};
+use orchestrator_sqlx::PgStore;
+use std::time::Duration;
+
+fn new_item(project: ProjectId, title: &str) -> NewWorkItem {
+    NewWorkItem {
+        id: WorkItemId::new(),
+        project_id: project,
+        title: title.into(),
+        description: String::new(),
+        recipe_id: None,
+        labels: vec![],
+        priority: 0,
+        retry: Default::default(),
+        idempotency_key: None,
+        state: WorkItemState::Ready,
+        enqueue: Some(EnqueueOptions::default()),
+    }
+}
+
+async fn project(store: &PgStore) -> ProjectId {
+    let id = ProjectId::new();
+    store
+        .project_create(NewProject { id, name: "p".into(), description: String::new(), now: Utc::now() })
+        .await
+        .unwrap();
+    id
+}
+
+fn claim(limit: u32) -> Claim {
+    Claim {
+        agent_id: "agent".into(),
+        capabilities: vec![],
+        limit,
+        lease_ttl: chrono::Duration::seconds(30),
+        now: Utc::now() + chrono::Duration::seconds(1),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_on_one_store_wakes_a_waiter_on_another() {
+    let a = common::fresh_store("notify").await;
+    let b = PgStore::connect_with(&common::url(), common::options(a.schema())).await.unwrap();
+    let p = project(&a).await;
+    for round in 0..3 {
+        let seen = b.notifier().generation();
+        let n = b.notifier().clone();
+        let waiter = tokio::spawn(async move { n.wait_changed(seen, Duration::from_secs(10)).await });
+        a.work_items_create(vec![new_item(p, &format!("wake {round}"))], Utc::now()).await.unwrap();
+        assert!(waiter.await.unwrap(), "store b was not woken by store a's enqueue (round {round})");
+        assert_eq!(b.runs_claim(claim(10)).await.unwrap().len(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_transaction_rollback_leaves_nothing_and_commit_publishes() {
+    let store = common::fresh_store("hosttx").await;
+    let other = PgStore::connect_with(&common::url(), common::options(store.schema())).await.unwrap();
+    let p = project(&store).await;
+    let pool = store.pool().clone();
+    let host_table = format!("{}.host_orders", store.schema());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE TABLE {host_table} (id int PRIMARY KEY)")))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // Rolled back: neither the host's row nor the work item exists.
+    let item = new_item(p, "rolled back");
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {host_table} VALUES (1)"))).execute(&mut *tx).await.unwrap();
+    let created = store.work_items_create_in(&mut tx, vec![item.clone()], Utc::now()).await.unwrap();
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0].work_item.state, WorkItemState::Queued);
+    // Not visible outside the transaction before it commits.
+    assert!(matches!(store.work_item_get(item.id).await, Err(StoreError::NotFound { .. })));
+    tx.rollback().await.unwrap();
+    assert!(matches!(store.work_item_get(item.id).await, Err(StoreError::NotFound { .. })));
+    assert!(store.runs_claim(claim(10)).await.unwrap().is_empty());
+    let rows: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {host_table}"))).fetch_one(&pool).await.unwrap();
+    assert_eq!(rows, 0);
+
+    // Committed: both exist, and claimers elsewhere are woken by the commit.
+    let item = new_item(p, "committed");
+    let seen = other.notifier().generation();
+    let n = other.notifier().clone();
+    let waiter = tokio::spawn(async move { n.wait_changed(seen, Duration::from_secs(10)).await });
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL search_path TO public").execute(&mut *tx).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {host_table} VALUES (2)"))).execute(&mut *tx).await.unwrap();
+    store.work_items_create_in(&mut tx, vec![item.clone()], Utc::now()).await.unwrap();
+    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')").fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(path, "public", "the host's search_path is restored");
+    tx.commit().await.unwrap();
+    assert!(waiter.await.unwrap(), "the commit notified other stores");
+    assert_eq!(store.work_item_get(item.id).await.unwrap().state, WorkItemState::Queued);
+    let claimed = other.runs_claim(claim(10)).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].work_item.id, item.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_idempotent_concurrent_and_refuse_newer_schemas() {
+    let schema = common::unique_schema("mig");
+    let url = common::url();
+    let _guard = common::SchemaGuard { url: url.clone(), schema: schema.clone() };
+    // Several processes starting at once: the advisory lock serializes them.
+    let opts = common::options(&schema);
+    let (a, b, c) = tokio::join!(
+        PgStore::connect_with(&url, opts.clone()),
+        PgStore::connect_with(&url, opts.clone()),
+        PgStore::connect_with(&url, opts.clone())
+    );
+    let (a, _b, _c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    assert_eq!(a.stored_version().await.unwrap(), orchestrator_sqlx::schema_version());
+    a.migrate().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("INSERT INTO {schema}.orchestrator_migrations (version) VALUES (9999)")))
+        .execute(a.pool())
+        .await
+        .unwrap();
+    match PgStore::connect_with(&url, opts).await {
+        Err(StoreError::Unavailable { retryable: false, message }) => assert!(message.contains("newer"), "{message}"),
+        other => panic!("a newer schema must be refused, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_over_a_host_pool_uses_its_own_schema() {
+    let schema = common::unique_schema("hostpool");
+    let url = common::url();
+    let _guard = common::SchemaGuard { url: url.clone(), schema: schema.clone() };
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await.unwrap();
+    let store = PgStore::from_pool(pool.clone(), common::options(&schema)).await.unwrap();
+    let p = project(&store).await;
+    store.work_items_create(vec![new_item(p, "x")], Utc::now()).await.unwrap();
+    assert_eq!(store.runs_claim(claim(5)).await.unwrap().len(), 1);
+    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')").fetch_one(&pool).await.unwrap();
+    assert!(!path.contains(&schema), "the host pool's search_path is left alone: {path}");
+    assert!(matches!(
+        PgStore::from_pool(pool, orchestrator_sqlx::PgOptions::with_schema("Bad-Name")).await,
+        Err(StoreError::Invalid { .. })
+    ));
+}
