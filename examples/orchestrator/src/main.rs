@@ -38,6 +38,20 @@ measure enqueue and claim+complete throughput and claim latency; one JSON line p
   --latency-rate R          enqueues per second of the latency measurement (default 50)
 ";
 
+const SERVE_HELP: &str = "Settings (environment or a .env file):
+  ORCH_DATABASE_URL        sqlite://PATH or postgres://... (default: SQLite file orchestrator.db here)
+  ORCH_SECRET_KEY          key encrypting info-request answers; unset: orchestrator.key beside the
+                           database (created with mode 0600 on first start)
+  ORCH_API_TOKENS          name:role:token,... (roles admin, operator, agent, viewer); without tokens
+                           the server only listens on loopback
+  ORCH_SCHEDULER_BACKGROUND_INTERVAL
+                           seconds between background ticks (promote due retries, reap expired
+                           leases); default 1 with --agents, else off; 0 turns it off
+  AGENT_*                  settings of the embedded agents (AGENT_CONCURRENCY, AGENT_WORKSPACE_ROOT, ...)
+  RUST_LOG                 log filter (default info)
+Ctrl-C or SIGTERM stops it gracefully: embedded agents finish their steps within
+AGENT_SHUTDOWN_GRACE_SECONDS, open connections get 5 seconds.";
+
 /// Command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -54,6 +68,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the HTTP server (SQLite `orchestrator.db` by default; ORCH_DATABASE_URL for another store).
+    #[command(after_help = SERVE_HELP)]
     Serve(serve::ServeArgs),
     /// Run an agent that works for a remote server.
     Agent {
