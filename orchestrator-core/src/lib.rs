@@ -22,6 +22,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+mod due;
 pub mod error;
 pub mod ids;
 pub mod memory;

@@ -6,6 +6,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::OrchestratorConfig;
 use crate::crypto::SealedValue;
 use crate::domain::*;
+use crate::due::DueTimes;
 use crate::error::{Error, StoreError};
 use crate::ids::*;
 use crate::recipe::{parse_recipe, InputKind, RecipeSpec};
@@ -97,6 +98,7 @@ pub struct Orchestrator {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     config: Arc<OrchestratorConfig>,
+    due: Arc<DueTimes>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -158,7 +160,7 @@ impl Orchestrator {
 
     /// A facade with a specific clock (tests use [`crate::ManualClock`]).
     pub fn with_clock(store: Arc<dyn Store>, config: OrchestratorConfig, clock: Arc<dyn Clock>) -> Self {
-        Orchestrator { store, clock, config: Arc::new(config) }
+        Orchestrator { store, clock, config: Arc::new(config), due: Arc::new(DueTimes::default()) }
     }
 
     /// The store.
@@ -361,7 +363,12 @@ impl Orchestrator {
     /// Creates work items in one unit (all or none).
     pub async fn create_work_items(&self, items: Vec<CreateWorkItem>) -> Result<Vec<WorkItemCreated>> {
         let items = items.into_iter().map(|c| self.new_work_item(c)).collect::<Result<Vec<_>>>()?;
-        Ok(self.store.work_items_create(items, self.now()).await?)
+        let now = self.now();
+        let created = self.store.work_items_create(items, now).await?;
+        for c in &created {
+            self.due.add(c.work_item.run_at, now);
+        }
+        Ok(created)
     }
 
     /// Edits a work item.
@@ -425,7 +432,10 @@ impl Orchestrator {
     pub async fn requeue_work_item(&self, id: WorkItemId, r: RequeueRequest) -> Result<WorkItem> {
         let item = self.store.work_item_get(id).await?;
         let rq = self.requeue_at(&item, &r)?;
-        Ok(self.store.work_item_requeue(id, rq).await?)
+        let (now, run_at) = (rq.now, rq.run_at);
+        let item = self.store.work_item_requeue(id, rq).await?;
+        self.due.add(Some(run_at), now);
+        Ok(item)
     }
 
     /// Requeues a run's work item (cancelling the run if still active).
@@ -433,7 +443,10 @@ impl Orchestrator {
         let run = self.store.run_get(id).await?;
         let item = self.store.work_item_get(run.work_item_id).await?;
         let rq = self.requeue_at(&item, &r)?;
-        Ok(self.store.run_requeue(id, rq).await?)
+        let (now, run_at) = (rq.now, rq.run_at);
+        let item = self.store.run_requeue(id, rq).await?;
+        self.due.add(Some(run_at), now);
+        Ok(item)
     }
 
     /// Cancels a run and its work item.
@@ -457,12 +470,22 @@ impl Orchestrator {
                 return Err(Error::invalid("depends_on", format!("at most {} dependencies", rules::MAX_DEPENDENCIES)));
             }
         }
-        Ok(self.store.enqueue_many(items, self.now()).await?)
+        let now = self.now();
+        let tasks = self.store.enqueue_many(items, now).await?;
+        for t in &tasks {
+            self.due.add(t.run_at, now);
+        }
+        Ok(tasks)
     }
 
     /// Promotes due retries and reaps expired leases.
     pub async fn tick(&self) -> Result<TickReport> {
-        Ok(self.store.tick(Tick { retry_defaults: self.config.retry.clone(), limit: 10_000, now: self.now() }).await?)
+        let now = self.now();
+        let report = self.store.tick(Tick { retry_defaults: self.config.retry.clone(), limit: 10_000, now }).await?;
+        for r in report.reaped.iter().chain(&report.expired) {
+            self.due.add(r.retry_at, now);
+        }
+        Ok(report)
     }
 
     /// Completes many runs in one unit of work (each guarded on its own): the batched form of
@@ -474,14 +497,15 @@ impl Orchestrator {
         if completions.len() > Page::MAX_LIMIT as usize {
             return Err(Error::invalid("completions", format!("at most {} per call", Page::MAX_LIMIT)));
         }
-        Ok(self
+        let now = self.now();
+        let results = self
             .store
-            .runs_complete_many(CompleteMany {
-                completions,
-                retry_defaults: self.config.retry.clone(),
-                now: self.now(),
-            })
-            .await?)
+            .runs_complete_many(CompleteMany { completions, retry_defaults: self.config.retry.clone(), now })
+            .await?;
+        for r in results.iter().flatten() {
+            self.due.add(r.retry_at, now);
+        }
+        Ok(results)
     }
 
     // ---- info requests ----
@@ -595,7 +619,17 @@ impl AgentApi for Orchestrator {
     }
 
     async fn wait_for_work(&self, seen: u64, timeout: std::time::Duration) -> bool {
-        self.store.notifier().wait_changed(seen, timeout).await
+        // Work this process scheduled for later (not-before, retry times) wakes the waiter when it is due.
+        let now = self.now();
+        let due = self.due.next_after(now);
+        let wait = match due.and_then(|at| (at - now).to_std().ok()) {
+            Some(until) => timeout.min(until),
+            None => timeout,
+        };
+        if self.store.notifier().wait_changed(seen, wait).await {
+            return true;
+        }
+        due.is_some_and(|at| self.now() >= at)
     }
 
     async fn heartbeat(&self, run_id: RunId, token: u64) -> Result<Lease> {
@@ -642,16 +676,21 @@ impl AgentApi for Orchestrator {
         outcome: RunOutcome,
         usage: Option<Usage>,
     ) -> Result<CompletionResult> {
+        let now = self.now();
         let mut v = self
             .store
             .runs_complete_many(CompleteMany {
                 completions: vec![RunCompletion { run_id, token, outcome, usage }],
                 retry_defaults: self.config.retry.clone(),
-                now: self.now(),
+                now,
             })
             .await?;
         match v.pop() {
-            Some(r) => Ok(r?),
+            Some(r) => {
+                let r = r?;
+                self.due.add(r.retry_at, now);
+                Ok(r)
+            }
             None => Err(Error::Store(StoreError::conflict("no completion result"))),
         }
     }

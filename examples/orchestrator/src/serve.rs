@@ -201,7 +201,9 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
              server only listens on loopback"
         );
     }
-    let app = orchestrator_http::router(orch.clone(), http_config);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Log streams and long polls end on the same signal, so followers do not hold up the shutdown.
+    let app = orchestrator_http::router(orch.clone(), http_config.with_shutdown(stop_rx.clone()));
 
     let _background = match interval {
         Some(every) => {
@@ -217,7 +219,6 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         }
     };
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
