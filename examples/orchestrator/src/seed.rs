@@ -120,3 +120,43 @@ pub async fn run(o: &ClientOpts) -> Result<Seeded, ClientError> {
     }
     Ok(seeded)
 }
+
+/// Seeds, then waits (up to ten minutes) for each sample work item to finish and prints its outcome and
+/// the log of its last run: what `serve --seed` shows a newcomer.
+pub async fn run_and_report(o: &ClientOpts) -> Result<(), ClientError> {
+    let seeded = run(o).await?;
+    let c = o.client()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let mut pending: Vec<(String, String)> = seeded.work_items.clone();
+    while !pending.is_empty() && std::time::Instant::now() < deadline {
+        let mut still = Vec::new();
+        for (id, title) in pending {
+            let item = c.get(&format!("/work-items/{id}")).await?;
+            let state = s(&item, "state");
+            if !matches!(state.as_str(), "succeeded" | "failed" | "cancelled" | "blocked") {
+                still.push((id, title));
+                continue;
+            }
+            println!("work item {id} ({title}): {state}");
+            let runs = crate::client::items(&c.get(&format!("/work-items/{id}/runs")).await?);
+            if let Some(run) = runs.iter().max_by_key(|r| s(r, "claimed_at")) {
+                let rid = s(run, "id");
+                let logs = crate::client::items(&c.get(&format!("/runs/{rid}/logs?limit=1000")).await?);
+                for l in logs {
+                    println!("  [{}] {}", s(&l, "stream"), s(&l, "line"));
+                }
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+    if !pending.is_empty() {
+        println!(
+            "still unfinished after ten minutes: {} work item(s); is an agent running (--agents 1)?",
+            pending.len()
+        );
+    }
+    Ok(())
+}

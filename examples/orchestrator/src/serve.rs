@@ -25,6 +25,10 @@ pub struct ServeArgs {
     /// Run this many agents inside the server process (they use AGENT_* settings).
     #[arg(long, env = "ORCH_EMBEDDED_AGENTS", default_value_t = 0)]
     pub agents: u32,
+    /// Once listening, create the sample project (as `orchestrator seed` does) and print each sample work
+    /// item's outcome and run log as it finishes (uses ORCH_TOKEN when tokens are configured).
+    #[arg(long)]
+    pub seed: bool,
 }
 
 /// A startup failure, shown as `error: <message>`.
@@ -255,6 +259,18 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let mut server = tokio::spawn(async move { server.await });
     println!("orchestrator listening on http://{local}");
+    if args.seed {
+        let opts = crate::cli::ClientOpts {
+            server: format!("http://{local}"),
+            token: std::env::var("ORCH_TOKEN").ok().filter(|t| !t.is_empty()),
+            json: false,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = crate::seed::run_and_report(&opts).await {
+                eprintln!("seed: {e}");
+            }
+        });
+    }
 
     let mut failure = None;
     tokio::select! {

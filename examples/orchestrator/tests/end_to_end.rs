@@ -583,3 +583,21 @@ async fn info_requests_are_answered_from_the_cli_and_secrets_stay_encrypted() {
         }
     }
 }
+
+/// The README's "run it" command: `serve --agents 1 --seed` seeds the sample project and prints each
+/// sample work item's outcome with its run log.
+#[tokio::test]
+async fn serve_with_seed_shows_the_sample_work_done_with_its_logs() {
+    let mut server = Server::start(&["--agents", "1", "--seed"], &[]).await;
+    let out = eventually(Duration::from_secs(90), "the three sample items to be reported", || {
+        let out = server.stdout();
+        async move { (out.matches("): succeeded").count() == 3).then_some(out) }
+    })
+    .await;
+    assert!(out.contains("seeded project sample-"), "{out}");
+    assert!(out.contains("(Greet with the sample recipe): succeeded"), "{out}");
+    assert!(out.contains("[stdout] hello from the sample recipe"), "{out}");
+    assert!(out.contains("[stdout] the greeting is done"), "{out}");
+    assert!(!out.contains("failed"), "{out}");
+    assert!(server.terminate(Duration::from_secs(30)).success(), "{}", server.logs());
+}
