@@ -218,6 +218,8 @@ impl Agent {
                 }
             };
             tokio::select! {
+                // Shutdown first: once asked to stop, never claim again.
+                biased;
                 _ = &mut shutdown => break,
                 Some(r) = tasks.join_next(), if !tasks.is_empty() => report.add(r.unwrap_or(RunEnd::Error)),
                 _ = waiter => {}
@@ -287,6 +289,9 @@ where
 async fn heartbeat_loop(shared: Arc<Shared>, control: Arc<RunControl>, ttl: Duration) {
     let every = (ttl / 3).max(Duration::from_millis(50));
     let mut next = every;
+    // When renewals keep failing (orchestrator unreachable), the lease runs out on the server's side and
+    // the run may be handed to another agent: stop working on it then, rather than run it twice.
+    let mut valid_until = tokio::time::Instant::now() + ttl;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
@@ -295,10 +300,19 @@ async fn heartbeat_loop(shared: Arc<Shared>, control: Arc<RunControl>, ttl: Dura
                 return;
             }
         }
+        let sent = tokio::time::Instant::now();
         match shared.api.heartbeat(control.run_id, control.token).await {
-            Ok(_) => next = every,
+            Ok(_) => {
+                next = every;
+                valid_until = sent + ttl;
+            }
             Err(e) if is_lease_lost(&e) => {
                 tracing::warn!(run_id = %control.run_id, error = %e, "lease lost; stopping the run");
+                control.stop(StopReason::LeaseLost);
+                return;
+            }
+            Err(e) if tokio::time::Instant::now() >= valid_until => {
+                tracing::warn!(run_id = %control.run_id, error = %e, "lease ran out without a renewal; stopping the run");
                 control.stop(StopReason::LeaseLost);
                 return;
             }
