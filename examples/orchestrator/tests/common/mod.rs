@@ -415,6 +415,17 @@ impl Proc {
         self.stderr.lock().unwrap().join("\n")
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("wait")
+    }
+
     /// Whether it has exited (and how).
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().expect("wait")
