@@ -601,3 +601,18 @@ async fn serve_with_seed_shows_the_sample_work_done_with_its_logs() {
     assert!(!out.contains("failed"), "{out}");
     assert!(server.terminate(Duration::from_secs(30)).success(), "{}", server.logs());
 }
+
+/// The same "run it" story on PostgreSQL: the embedded agent does the seeded work, with its logs.
+#[tokio::test]
+async fn serve_with_seed_on_postgresql_shows_the_sample_work_done() {
+    let db = common::PgDb::create();
+    let mut server = Server::start(&["--agents", "1", "--seed"], &[("ORCH_DATABASE_URL", &db.url)]).await;
+    let out = eventually(Duration::from_secs(90), "the three sample items to be reported", || {
+        let out = server.stdout();
+        async move { (out.matches("): succeeded").count() == 3).then_some(out) }
+    })
+    .await;
+    assert!(out.contains("[stdout] hello from the sample recipe"), "{out}");
+    assert!(out.contains("[stdout] the greeting is done"), "{out}");
+    assert!(server.terminate(Duration::from_secs(30)).success(), "{}", server.logs());
+}
