@@ -474,36 +474,143 @@ fn insert_work_item(c: &Connection, w: &WorkItem) -> StoreResult<()> {
     insert_work_item_with(c, w, &RowJson::of(w)?)
 }
 
+/// Multi-row inserts of work items come in these sizes only (largest first), so a few statement
+/// shapes serve every batch.
+const INSERT_SIZES: [usize; 4] = [64, 16, 4, 1];
+
+/// Columns bound per inserted work item row.
+const WI_PARAMS: usize = 22;
+
+/// `INSERT INTO work_items` statements for `n` rows, by size.
+static INSERT_WI_SQL: std::sync::LazyLock<HashMap<usize, String>> = std::sync::LazyLock::new(|| {
+    INSERT_SIZES
+        .iter()
+        .map(|&n| {
+            let rows: Vec<String> = (0..n)
+                .map(|k| {
+                    let ps: Vec<String> = (1..=WI_PARAMS).map(|i| format!("?{}", k * WI_PARAMS + i)).collect();
+                    format!("({}, 0)", ps.join(", "))
+                })
+                .collect();
+            (n, format!("INSERT INTO work_items ({WI_COLS}) VALUES {}", rows.join(", ")))
+        })
+        .collect()
+});
+
+/// Appends the parameters of one work item row (in `WI_COLS` order) to `out`.
+fn push_work_item_params<'a>(out: &mut Vec<rusqlite::types::ToSqlOutput<'a>>, w: &'a WorkItem, j: &'a RowJson) {
+    use rusqlite::types::{ToSqlOutput, ValueRef};
+    let blob = |u: &'a Uuid| ToSqlOutput::Borrowed(ValueRef::Blob(u.as_bytes()));
+    let text = |t: &'a str| ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes()));
+    let int = |v: i64| ToSqlOutput::Owned(rusqlite::types::Value::Integer(v));
+    let null = || ToSqlOutput::Borrowed(ValueRef::Null);
+    let opt_blob = |u: Option<&'a Uuid>| u.map_or_else(null, blob);
+    let opt_text = |t: Option<&'a String>| t.map_or_else(null, |t| text(t));
+    let opt_int = |v: Option<i64>| v.map_or_else(null, int);
+    out.extend([
+        blob(&w.id.0),
+        blob(&w.project_id.0),
+        text(&w.title),
+        text(&w.description),
+        opt_blob(w.recipe_id.as_ref().map(|r| &r.0)),
+        text(&j.labels),
+        text(w.state.as_str()),
+        int(i64::from(w.priority)),
+        text(&j.dependencies),
+        text(&j.retry),
+        opt_text(w.idempotency_key.as_ref()),
+        text(&w.content_hash),
+        opt_blob(w.approval_id.as_ref().map(|r| &r.0)),
+        opt_blob(w.draft_id.as_ref().map(|r| &r.0)),
+        opt_text(w.blocked_reason.as_ref()),
+        int(i64::from(w.attempts)),
+        opt_blob(w.current_run_id.as_ref().map(|r| &r.0)),
+        opt_int(ts_opt(w.run_at)),
+        opt_text(w.last_error.as_ref()),
+        int(ts(w.created_at)),
+        int(ts(w.updated_at)),
+        opt_int(ts_opt(w.enqueued_at)),
+    ]);
+}
+
+/// Inserts new work items with as few statements as [`INSERT_SIZES`] allows. When a multi-row
+/// statement fails (it then wrote nothing), its rows go in one by one so the error names the row.
+fn insert_work_items(c: &Connection, rows: &[(&WorkItem, &RowJson)]) -> StoreResult<()> {
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let n = INSERT_SIZES.iter().copied().find(|&n| n <= rest.len()).unwrap_or(1);
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        if n == 1 {
+            insert_work_item_checked(c, chunk[0].0, chunk[0].1)?;
+            continue;
+        }
+        let mut vals = Vec::with_capacity(n * WI_PARAMS);
+        for (w, j) in chunk {
+            push_work_item_params(&mut vals, w, j);
+        }
+        let sql = INSERT_WI_SQL.get(&n).ok_or_else(|| StoreError::conflict("no insert statement"))?;
+        let res = c.prepare_cached(sql).q()?.execute(rusqlite::params_from_iter(vals.iter()));
+        if let Err(e) = res {
+            if c.is_autocommit() {
+                // SQLite rolled the whole transaction back (I/O error, disk full): nothing to retry in.
+                return Err(map_err(e));
+            }
+            for (w, j) in chunk {
+                insert_work_item_checked(c, w, j)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Inserts one work item; a primary-key clash is reported as a duplicate.
+fn insert_work_item_checked(c: &Connection, w: &WorkItem, j: &RowJson) -> StoreResult<()> {
+    if let Err(e) = insert_work_item_with(c, w, j) {
+        if let StoreError::Backend { .. } = &e {
+            let exists: Option<i64> = c
+                .prepare_cached("SELECT 1 FROM work_items WHERE id = ?1")
+                .q()?
+                .query_row([b(w.id)], |r| r.get(0))
+                .optional()
+                .q()?;
+            if exists.is_some() {
+                return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: w.id.to_string() });
+            }
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
 fn insert_work_item_with(c: &Connection, w: &WorkItem, j: &RowJson) -> StoreResult<()> {
-    c.prepare_cached(&format!(
-        "INSERT INTO work_items ({WI_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, 0)"
-    ))
-    .q()?
-    .execute(params![
-        b(w.id),
-        b(w.project_id),
-        w.title,
-        w.description,
-        w.recipe_id.map(b),
-        j.labels,
-        w.state.as_str(),
-        w.priority,
-        j.dependencies,
-        j.retry,
-        w.idempotency_key,
-        w.content_hash,
-        w.approval_id.map(b),
-        w.draft_id.map(b),
-        w.blocked_reason,
-        w.attempts,
-        w.current_run_id.map(b),
-        ts_opt(w.run_at),
-        w.last_error,
-        ts(w.created_at),
-        ts(w.updated_at),
-        ts_opt(w.enqueued_at)
-    ])
-    .q()?;
+    c.prepare_cached(&INSERT_WI_SQL[&1])
+        .q()?
+        .execute(params![
+            b(w.id),
+            b(w.project_id),
+            w.title,
+            w.description,
+            w.recipe_id.map(b),
+            j.labels,
+            w.state.as_str(),
+            w.priority,
+            j.dependencies,
+            j.retry,
+            w.idempotency_key,
+            w.content_hash,
+            w.approval_id.map(b),
+            w.draft_id.map(b),
+            w.blocked_reason,
+            w.attempts,
+            w.current_run_id.map(b),
+            ts_opt(w.run_at),
+            w.last_error,
+            ts(w.created_at),
+            ts(w.updated_at),
+            ts_opt(w.enqueued_at)
+        ])
+        .q()?;
     Ok(())
 }
 
@@ -797,7 +904,75 @@ pub fn work_items_create(
     let mut enqueues = Vec::new();
     let mut seen_keys: HashMap<(ProjectId, String), ()> = HashMap::new();
     let mut known_projects: std::collections::HashSet<ProjectId> = std::collections::HashSet::new();
-    for (p, mut w, json) in items {
+    // Rows waiting to be inserted (index into `out`, JSON columns): written in multi-row statements
+    // before anything reads work items back, and before any error is returned (so a failing batch
+    // reports the same first error as writing row by row would).
+    let mut pending: Vec<(usize, RowJson)> = Vec::new();
+    let flush = |out: &[WorkItemCreated], pending: &mut Vec<(usize, RowJson)>| -> StoreResult<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(&WorkItem, &RowJson)> = pending.iter().map(|(i, j)| (&out[*i].work_item, j)).collect();
+        let r = insert_work_items(c, &rows);
+        pending.clear();
+        r
+    };
+    for (p, w, json) in items {
+        let step = create_one(
+            c,
+            p,
+            w,
+            json,
+            now,
+            &mut out,
+            &mut pending,
+            &mut enqueues,
+            &mut seen_keys,
+            &mut known_projects,
+            &flush,
+        );
+        if let Err(e) = step {
+            flush(&out, &mut pending)?;
+            return Err(e);
+        }
+    }
+    flush(&out, &mut pending)?;
+    let notify = !enqueues.is_empty() || out.iter().any(|o| o.created && o.work_item.state == WorkItemState::Queued);
+    if !enqueues.is_empty() {
+        let list: Vec<Enqueue> = enqueues.iter().map(|(_, e)| e.clone()).collect();
+        let tasks = enqueue_checked(c, &list, now)?;
+        for ((idx, _), t) in enqueues.iter().zip(tasks) {
+            let w = &mut out[*idx].work_item;
+            w.state = t.state;
+            w.priority = t.priority;
+            w.dependencies = t.dependencies;
+            w.run_at = t.run_at;
+            w.enqueued_at = t.enqueued_at;
+            w.blocked_reason = t.blocked_reason;
+            w.updated_at = now;
+        }
+    }
+    Ok((out, notify))
+}
+
+type Flush<'f> = dyn Fn(&[WorkItemCreated], &mut Vec<(usize, RowJson)>) -> StoreResult<()> + 'f;
+
+/// One creation of [`work_items_create`]: checks it and queues its row in `pending`.
+#[allow(clippy::too_many_arguments)]
+fn create_one(
+    c: &Connection,
+    p: NewWorkItem,
+    mut w: WorkItem,
+    json: RowJson,
+    now: DateTime<Utc>,
+    out: &mut Vec<WorkItemCreated>,
+    pending: &mut Vec<(usize, RowJson)>,
+    enqueues: &mut Vec<(usize, Enqueue)>,
+    seen_keys: &mut HashMap<(ProjectId, String), ()>,
+    known_projects: &mut std::collections::HashSet<ProjectId>,
+    flush: &Flush<'_>,
+) -> StoreResult<()> {
+    {
         if known_projects.insert(p.project_id) {
             project_exists(c, p.project_id)?;
         }
@@ -829,7 +1004,7 @@ pub fn work_items_create(
                     return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: k.clone() });
                 }
                 out.push(WorkItemCreated { work_item: ex, created: false, approval: None });
-                continue;
+                return Ok(());
             }
             seen_keys.insert((p.project_id, k.clone()), ());
         }
@@ -839,6 +1014,10 @@ pub fn work_items_create(
                     "depends_on",
                     format!("at most {} dependencies", rules::MAX_DEPENDENCIES),
                 ));
+            }
+            // Dependencies may name items created earlier in this batch: write those first.
+            if !e.depends_on.is_empty() {
+                flush(out, pending)?;
             }
             for dep in &e.depends_on {
                 let proj: Option<U> = c
@@ -871,41 +1050,13 @@ pub fn work_items_create(
             None
         };
         w.approval_id = approval.as_ref().map(|a| a.id);
-        if let Err(e) = insert_work_item_with(c, &w, &json) {
-            if let StoreError::Backend { .. } = &e {
-                let exists: Option<i64> = c
-                    .prepare_cached("SELECT 1 FROM work_items WHERE id = ?1")
-                    .q()?
-                    .query_row([b(w.id)], |r| r.get(0))
-                    .optional()
-                    .q()?;
-                if exists.is_some() {
-                    return Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key: w.id.to_string() });
-                }
-            }
-            return Err(e);
-        }
         if let Some(e) = p.enqueue.filter(|_| !direct_enqueue) {
             enqueues.push((out.len(), Enqueue { work_item_id: w.id, options: e }));
         }
+        pending.push((out.len(), json));
         out.push(WorkItemCreated { work_item: w, created: true, approval });
     }
-    let notify = !enqueues.is_empty() || out.iter().any(|o| o.created && o.work_item.state == WorkItemState::Queued);
-    if !enqueues.is_empty() {
-        let list: Vec<Enqueue> = enqueues.iter().map(|(_, e)| e.clone()).collect();
-        let tasks = enqueue_checked(c, &list, now)?;
-        for ((idx, _), t) in enqueues.iter().zip(tasks) {
-            let w = &mut out[*idx].work_item;
-            w.state = t.state;
-            w.priority = t.priority;
-            w.dependencies = t.dependencies;
-            w.run_at = t.run_at;
-            w.enqueued_at = t.enqueued_at;
-            w.blocked_reason = t.blocked_reason;
-            w.updated_at = now;
-        }
-    }
-    Ok((out, notify))
+    Ok(())
 }
 
 pub fn work_item_list(c: &Connection, f: &WorkItemFilter) -> StoreResult<Vec<WorkItem>> {
@@ -1279,6 +1430,42 @@ pub fn runs_claim(c: &Connection, cl: &Claim) -> StoreResult<Vec<ClaimedRun>> {
 /// Rows per multi-row claim statement.
 const CLAIM_CHUNK: usize = 32;
 
+/// The claim statements for `n` rows (index `n`), built once. `OR FAIL` keeps SQLite from opening a
+/// statement journal for these multi-row writes: a failure fails the whole command, whose savepoint
+/// the writer rolls back anyway.
+static CLAIM_CHUNK_SQL: std::sync::LazyLock<Vec<(String, String)>> = std::sync::LazyLock::new(|| {
+    (0..=CLAIM_CHUNK)
+        .map(|n| {
+            // ?1 = now; then (item id, run id) per row.
+            let mut upd = String::from(
+                "UPDATE OR FAIL work_items SET state = 'running', updated_at = ?1, attempts = attempts + 1, current_run_id = CASE id",
+            );
+            let mut ids = String::new();
+            for k in 0..n {
+                let (pi, pr) = (2 + 2 * k, 3 + 2 * k);
+                upd.push_str(&format!(" WHEN ?{pi} THEN ?{pr}"));
+                if k > 0 {
+                    ids.push_str(", ");
+                }
+                ids.push_str(&format!("?{pi}"));
+            }
+            upd.push_str(&format!(" END WHERE id IN ({ids})"));
+            // ?1 = agent, ?2 = lease expiry, ?3 = now; then (run id, item id, project id, attempt) per row.
+            let mut ins = String::from(
+                "INSERT OR FAIL INTO runs (id, work_item_id, project_id, attempt, agent_id, state, lease_token, lease_expires_at, heartbeat_at, claimed_at) VALUES ",
+            );
+            for k in 0..n {
+                let p = 4 + 4 * k;
+                if k > 0 {
+                    ins.push_str(", ");
+                }
+                ins.push_str(&format!("(?{}, ?{}, ?{}, ?{}, ?1, 'claimed', 1, ?2, ?3, ?3)", p, p + 1, p + 2, p + 3));
+            }
+            (upd, ins)
+        })
+        .collect()
+});
+
 /// Marks a chunk of claimed items running and inserts their runs: two statements for the whole chunk.
 fn claim_fresh_chunk(
     c: &Connection,
@@ -1287,54 +1474,29 @@ fn claim_fresh_chunk(
     expires: i64,
     now: i64,
 ) -> StoreResult<()> {
-    use rusqlite::types::Value;
     let n = chunk.len();
-    // ?1 = now; then (item id, run id, attempts) per row.
-    let mut sql = String::from(
-        "UPDATE work_items SET state = 'running', updated_at = ?1, attempts = attempts + 1, current_run_id = CASE id",
-    );
-    let mut ids = String::new();
-    for k in 0..n {
-        let (pi, pr) = (2 + 2 * k, 3 + 2 * k);
-        sql.push_str(&format!(" WHEN ?{pi} THEN ?{pr}"));
-        if k > 0 {
-            ids.push_str(", ");
-        }
-        ids.push_str(&format!("?{pi}"));
-    }
-    sql.push_str(&format!(" END WHERE id IN ({ids})"));
-    let mut vals: Vec<Value> = Vec::with_capacity(1 + 2 * n);
-    vals.push(Value::Integer(now));
+    let (upd, ins) = &CLAIM_CHUNK_SQL[n];
+    let mut vals: Vec<P<'_>> = Vec::with_capacity(1 + 2 * n);
+    vals.push(P::I(now));
     for (w, r) in chunk {
-        vals.push(Value::Blob(w.id.0.as_bytes().to_vec()));
-        vals.push(Value::Blob(r.id.0.as_bytes().to_vec()));
+        vals.push(P::B(w.id.0.as_bytes()));
+        vals.push(P::B(r.id.0.as_bytes()));
     }
-    let changed = c.prepare_cached(&sql).q()?.execute(rusqlite::params_from_iter(vals.iter())).q()?;
+    let changed = c.prepare_cached(upd).q()?.execute(rusqlite::params_from_iter(vals.iter())).q()?;
     if changed != n {
         return Err(StoreError::conflict(format!("claimed {changed} of {n} work items")));
     }
-    // ?1 = agent, ?2 = lease expiry, ?3 = now; then (run id, item id, project id, attempt) per row.
-    let mut sql = String::from(
-        "INSERT INTO runs (id, work_item_id, project_id, attempt, agent_id, state, lease_token, lease_expires_at, heartbeat_at, claimed_at) VALUES ",
-    );
-    for k in 0..n {
-        let p = 4 + 4 * k;
-        if k > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!("(?{}, ?{}, ?{}, ?{}, ?1, 'claimed', 1, ?2, ?3, ?3)", p, p + 1, p + 2, p + 3));
-    }
-    let mut vals: Vec<Value> = Vec::with_capacity(3 + 4 * n);
-    vals.push(Value::Text(agent.to_string()));
-    vals.push(Value::Integer(expires));
-    vals.push(Value::Integer(now));
+    let mut vals: Vec<P<'_>> = Vec::with_capacity(3 + 4 * n);
+    vals.push(P::T(agent));
+    vals.push(P::I(expires));
+    vals.push(P::I(now));
     for (w, r) in chunk {
-        vals.push(Value::Blob(r.id.0.as_bytes().to_vec()));
-        vals.push(Value::Blob(w.id.0.as_bytes().to_vec()));
-        vals.push(Value::Blob(w.project_id.0.as_bytes().to_vec()));
-        vals.push(Value::Integer(i64::from(r.attempt)));
+        vals.push(P::B(r.id.0.as_bytes()));
+        vals.push(P::B(w.id.0.as_bytes()));
+        vals.push(P::B(w.project_id.0.as_bytes()));
+        vals.push(P::I(i64::from(r.attempt)));
     }
-    c.prepare_cached(&sql).q()?.execute(rusqlite::params_from_iter(vals.iter())).q()?;
+    c.prepare_cached(ins).q()?.execute(rusqlite::params_from_iter(vals.iter())).q()?;
     Ok(())
 }
 
@@ -1478,7 +1640,9 @@ pub fn runs_complete_many(c: &Connection, p: &CompleteMany) -> StoreResult<(Vec<
             if !batchable(x) {
                 continue;
             }
-            let RunOutcome::Succeeded { exit_code } = x.outcome else { continue };
+            let RunOutcome::Succeeded { exit_code } = x.outcome else {
+                continue;
+            };
             let Some(run) = runs.get(&x.run_id) else {
                 out[i] = Some(Err(StoreError::not_found(EntityKind::Run, x.run_id)));
                 continue;
@@ -1522,12 +1686,33 @@ fn in_params(first: usize, n: usize) -> String {
     (first..first + n).map(|k| format!("?{k}")).collect::<Vec<_>>().join(", ")
 }
 
+/// The completion statements for `n` runs (index `n`), built once: (select runs, finish runs, finish
+/// items). `OR FAIL`: see [`CLAIM_CHUNK_SQL`].
+static COMPLETE_CHUNK_SQL: std::sync::LazyLock<Vec<[String; 3]>> = std::sync::LazyLock::new(|| {
+    (0..=COMPLETE_CHUNK)
+        .map(|n| {
+            [
+                format!("SELECT {RUN_COLS} FROM runs WHERE id IN ({})", in_params(1, n)),
+                format!(
+                    "UPDATE OR FAIL runs SET state = 'succeeded', finished_at = ?1, lease_expires_at = NULL, exit_code = ?2, error = NULL,
+                     failure_kind = NULL WHERE id IN ({})",
+                    in_params(3, n)
+                ),
+                format!(
+                    "UPDATE OR FAIL work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = ?1
+                     WHERE id IN ({}) AND state = 'running' AND has_dependents = 0",
+                    in_params(2, n)
+                ),
+            ]
+        })
+        .collect()
+});
+
 fn runs_by_id(c: &Connection, ids: &[RunId]) -> StoreResult<HashMap<RunId, Run>> {
     let mut out = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(COMPLETE_CHUNK) {
-        let sql = format!("SELECT {RUN_COLS} FROM runs WHERE id IN ({})", in_params(1, chunk.len()));
-        let mut st = c.prepare_cached(&sql).q()?;
-        let rows = st.query_map(rusqlite::params_from_iter(chunk.iter().map(|r| b(*r))), run).q()?;
+        let mut st = c.prepare_cached(&COMPLETE_CHUNK_SQL[chunk.len()][0]).q()?;
+        let rows = st.query_map(rusqlite::params_from_iter(chunk.iter().map(|r| P::B(r.0.as_bytes()))), run).q()?;
         for r in rows {
             let r = r.q()?;
             out.insert(r.id, r);
@@ -1545,26 +1730,23 @@ fn complete_succeeded_chunk(
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<(usize, CompletionResult)>> {
     let n = chunk.len();
-    let sql = format!(
-        "UPDATE runs SET state = 'succeeded', finished_at = ?1, lease_expires_at = NULL, exit_code = ?2, error = NULL,
-         failure_kind = NULL WHERE id IN ({})",
-        in_params(3, n)
-    );
-    let mut vals: Vec<rusqlite::types::Value> = vec![ts(now).into(), exit_code.map(i64::from).into()];
-    vals.extend(chunk.iter().map(|(_, r)| rusqlite::types::Value::Blob(r.id.0.as_bytes().to_vec())));
-    let changed = c.prepare_cached(&sql).q()?.execute(rusqlite::params_from_iter(vals.iter())).q()?;
+    let [_, finish_runs, finish_items] = &COMPLETE_CHUNK_SQL[n];
+    let now_ts = ts(now);
+    let exit: Option<i64> = exit_code.map(i64::from);
+    let mut vals: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(2 + n);
+    vals.push(&now_ts);
+    vals.push(&exit);
+    let ids: Vec<P<'_>> = chunk.iter().map(|(_, r)| P::B(r.id.0.as_bytes())).collect();
+    vals.extend(ids.iter().map(|p| p as &dyn rusqlite::ToSql));
+    let changed = c.prepare_cached(finish_runs).q()?.execute(vals.as_slice()).q()?;
     if changed != n {
         return Err(StoreError::conflict(format!("completed {changed} of {n} runs")));
     }
     // Items nothing depends on finish here; the others (and any item not running) are handled one by one.
-    let sql = format!(
-        "UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = ?1
-         WHERE id IN ({}) AND state = 'running' AND has_dependents = 0",
-        in_params(2, n)
-    );
-    let mut vals: Vec<rusqlite::types::Value> = vec![ts(now).into()];
-    vals.extend(chunk.iter().map(|(_, r)| rusqlite::types::Value::Blob(r.work_item_id.0.as_bytes().to_vec())));
-    let done = c.prepare_cached(&sql).q()?.execute(rusqlite::params_from_iter(vals.iter())).q()?;
+    let mut vals: Vec<P<'_>> = Vec::with_capacity(1 + n);
+    vals.push(P::I(now_ts));
+    vals.extend(chunk.iter().map(|(_, r)| P::B(r.work_item_id.0.as_bytes())));
+    let done = c.prepare_cached(finish_items).q()?.execute(rusqlite::params_from_iter(vals.iter())).q()?;
     let mut out = Vec::with_capacity(n);
     for (i, r) in chunk {
         let mut released = Vec::new();

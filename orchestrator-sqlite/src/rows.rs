@@ -69,17 +69,38 @@ fn conv_err(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusq
     rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
 }
 
+/// The text of column `i`, borrowed from the row (no allocation).
+fn text<'r>(r: &'r Row<'_>, i: usize) -> rusqlite::Result<&'r str> {
+    r.get_ref(i)?
+        .as_str()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e)))
+}
+
 pub fn json<T: DeserializeOwned>(r: &Row<'_>, i: usize) -> rusqlite::Result<T> {
-    let s: String = r.get(i)?;
-    serde_json::from_str(&s).map_err(|e| conv_err(i, e))
+    serde_json::from_str(text(r, i)?).map_err(|e| conv_err(i, e))
+}
+
+/// A JSON array column; the common empty array skips the parser.
+pub fn json_vec<T: DeserializeOwned>(r: &Row<'_>, i: usize) -> rusqlite::Result<Vec<T>> {
+    match text(r, i)? {
+        "[]" => Ok(Vec::new()),
+        s => serde_json::from_str(s).map_err(|e| conv_err(i, e)),
+    }
+}
+
+/// A JSON object column whose empty object is `T::default()` (skips the parser).
+pub fn json_or_default<T: DeserializeOwned + Default>(r: &Row<'_>, i: usize) -> rusqlite::Result<T> {
+    match text(r, i)? {
+        "{}" => Ok(T::default()),
+        s => serde_json::from_str(s).map_err(|e| conv_err(i, e)),
+    }
 }
 
 pub fn parsed<T: std::str::FromStr>(r: &Row<'_>, i: usize) -> rusqlite::Result<T>
 where
     T::Err: std::error::Error + Send + Sync + 'static,
 {
-    let s: String = r.get(i)?;
-    s.parse().map_err(|e| conv_err(i, e))
+    text(r, i)?.parse().map_err(|e| conv_err(i, e))
 }
 
 /// JSON text of a value.
@@ -189,11 +210,11 @@ pub fn work_item(r: &Row<'_>) -> rusqlite::Result<WorkItem> {
         title: r.get(2)?,
         description: r.get(3)?,
         recipe_id: uid_opt(r, 4)?.map(RecipeId),
-        labels: json(r, 5)?,
+        labels: json_vec(r, 5)?,
         state: parsed(r, 6)?,
         priority: r.get(7)?,
-        dependencies: json(r, 8)?,
-        retry: json(r, 9)?,
+        dependencies: json_vec(r, 8)?,
+        retry: json_or_default(r, 9)?,
         idempotency_key: r.get(10)?,
         content_hash: r.get(11)?,
         approval_id: uid_opt(r, 12)?.map(ApprovalId),
@@ -291,4 +312,24 @@ pub fn event(r: &Row<'_>) -> rusqlite::Result<StepEvent> {
         detail: json(r, 5)?,
         at: time(r, 6)?,
     })
+}
+
+/// A borrowed statement parameter (no allocation per value).
+pub enum P<'a> {
+    /// An integer.
+    I(i64),
+    /// A blob (an id's 16 bytes).
+    B(&'a [u8]),
+    /// Text.
+    T(&'a str),
+}
+
+impl rusqlite::ToSql for P<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            P::I(v) => ValueRef::Integer(*v),
+            P::B(b) => ValueRef::Blob(b),
+            P::T(t) => ValueRef::Text(t.as_bytes()),
+        }))
+    }
 }
