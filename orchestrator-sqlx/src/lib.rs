@@ -243,7 +243,15 @@ impl PgStore {
         check_schema_name(&options.schema)?;
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::invalid("database_url", e.to_string()))?
-            .options([("search_path", options.schema.as_str())])
+            // Generic plans: the hot statements are planned once per connection, not on every call. A plan
+            // made while a table was still small must not become a sequential scan of the grown table:
+            // every hot statement has an index path, so sequential scans are taken only when no index
+            // fits.
+            .options([
+                ("search_path", options.schema.as_str()),
+                ("plan_cache_mode", "force_generic_plan"),
+                ("enable_seqscan", "off"),
+            ])
             // Every statement of the store stays prepared on each connection.
             .statement_cache_capacity(256);
         let pool = PgPoolOptions::new()
@@ -410,11 +418,7 @@ impl PgStore {
     async fn begin(&self) -> StoreResult<Transaction<'static, Postgres>> {
         let mut tx = self.pool.begin().await.q()?;
         if self.per_tx_path {
-            sqlx::query("SELECT set_config('search_path', $1, true)")
-                .bind(&self.schema)
-                .execute(&mut *tx)
-                .await
-                .q()?;
+            sqlx::query("SELECT set_config('search_path', $1, true)").bind(&self.schema).execute(&mut *tx).await.q()?;
         }
         Ok(tx)
     }

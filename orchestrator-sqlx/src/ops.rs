@@ -105,8 +105,11 @@ pub async fn project_get(c: &mut PgConnection, id: ProjectId) -> StoreResult<Pro
 /// `project_delete` takes exclusively (cheaper than a row lock, which would write the project row on
 /// every creation). The check runs after the lock, in a fresh snapshot.
 async fn project_exists(c: &mut PgConnection, id: ProjectId) -> StoreResult<()> {
-    exec(c, q("SELECT pg_advisory_xact_lock_shared(hashtextextended('orchestrator-project:' || $1::text, 0))").bind(id.0))
-        .await?;
+    exec(
+        c,
+        q("SELECT pg_advisory_xact_lock_shared(hashtextextended('orchestrator-project:' || $1::text, 0))").bind(id.0),
+    )
+    .await?;
     opt(c, q("SELECT id FROM projects WHERE id = $1").bind(id.0), uuid_of)
         .await?
         .map(|_| ())
@@ -124,7 +127,9 @@ async fn project_exists_read(c: &mut PgConnection, id: ProjectId) -> StoreResult
 pub async fn project_list(c: &mut PgConnection, page: Page) -> StoreResult<Vec<Project>> {
     all(
         c,
-        q(sql!("SELECT {PROJECT_COLS} FROM projects WHERE id > $1 ORDER BY id LIMIT $2")).bind(after(&page)).bind(lim(&page)),
+        q(sql!("SELECT {PROJECT_COLS} FROM projects WHERE id > $1 ORDER BY id LIMIT $2"))
+            .bind(after(&page))
+            .bind(lim(&page)),
         project,
     )
     .await
@@ -161,8 +166,19 @@ pub async fn project_delete(c: &mut PgConnection, id: ProjectId) -> StoreResult<
     if let Some((wid, state)) = busy {
         return Err(StoreError::conflict(format!("project has active work item {wid} ({state}); cancel it first")));
     }
-    exec(c, q("DELETE FROM logs WHERE run_id IN (SELECT id FROM runs WHERE project_id = $1)").bind(id.0)).await?;
-    exec(c, q("DELETE FROM step_events WHERE run_id IN (SELECT id FROM runs WHERE project_id = $1)").bind(id.0)).await?;
+    // Runs are found through their work items (no index on runs.project_id: it would cost every claim).
+    exec(
+        c,
+        q("DELETE FROM logs WHERE run_id IN (SELECT r.id FROM runs r JOIN work_items w ON w.id = r.work_item_id WHERE w.project_id = $1)")
+            .bind(id.0),
+    )
+    .await?;
+    exec(
+        c,
+        q("DELETE FROM step_events WHERE run_id IN (SELECT r.id FROM runs r JOIN work_items w ON w.id = r.work_item_id WHERE w.project_id = $1)")
+            .bind(id.0),
+    )
+    .await?;
     exec(
         c,
         q("DELETE FROM work_item_deps WHERE work_item_id IN (SELECT id FROM work_items WHERE project_id = $1)
@@ -170,7 +186,8 @@ pub async fn project_delete(c: &mut PgConnection, id: ProjectId) -> StoreResult<
         .bind(id.0),
     )
     .await?;
-    exec(c, q("DELETE FROM runs WHERE project_id = $1").bind(id.0)).await?;
+    exec(c, q("DELETE FROM runs WHERE work_item_id IN (SELECT id FROM work_items WHERE project_id = $1)").bind(id.0))
+        .await?;
     exec(c, q("DELETE FROM info_requests WHERE project_id = $1").bind(id.0)).await?;
     exec(c, q("DELETE FROM approvals WHERE project_id = $1").bind(id.0)).await?;
     exec(c, q("DELETE FROM drafts WHERE project_id = $1").bind(id.0)).await?;
@@ -236,17 +253,20 @@ pub async fn vision_get(c: &mut PgConnection, project_id: ProjectId, version: Op
 
 pub async fn vision_list(c: &mut PgConnection, project_id: ProjectId) -> StoreResult<Vec<Vision>> {
     project_exists_read(c, project_id).await?;
-    all(c, q(sql!("SELECT {VISION_COLS} FROM visions WHERE project_id = $1 ORDER BY version")).bind(project_id.0), vision)
-        .await
+    all(
+        c,
+        q(sql!("SELECT {VISION_COLS} FROM visions WHERE project_id = $1 ORDER BY version")).bind(project_id.0),
+        vision,
+    )
+    .await
 }
 
 // ---------------------------------------------------------------- drafts and approvals
 
 async fn check_recipe(c: &mut PgConnection, id: RecipeId, project: ProjectId) -> StoreResult<()> {
-    let found = opt(c, q("SELECT project_id FROM recipes WHERE id = $1").bind(id.0), |r| {
-        r.try_get::<Option<Uuid>, _>(0)
-    })
-    .await?;
+    let found =
+        opt(c, q("SELECT project_id FROM recipes WHERE id = $1").bind(id.0), |r| r.try_get::<Option<Uuid>, _>(0))
+            .await?;
     match found {
         None => Err(StoreError::invalid("recipe_id", format!("unknown recipe `{id}`"))),
         Some(p) => rules::check_recipe_scope(id, p.map(ProjectId), project),
@@ -286,7 +306,11 @@ async fn insert_approval(
     Ok(a)
 }
 
-async fn supersede_pending(c: &mut PgConnection, approval_id: Option<ApprovalId>, now: DateTime<Utc>) -> StoreResult<()> {
+async fn supersede_pending(
+    c: &mut PgConnection,
+    approval_id: Option<ApprovalId>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
     if let Some(id) = approval_id {
         exec(
             c,
@@ -299,7 +323,10 @@ async fn supersede_pending(c: &mut PgConnection, approval_id: Option<ApprovalId>
     Ok(())
 }
 
-pub async fn draft_create(c: &mut PgConnection, p: NewDraft) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)> {
+pub async fn draft_create(
+    c: &mut PgConnection,
+    p: NewDraft,
+) -> StoreResult<(RequirementsDraft, Option<ApprovalRequest>)> {
     project_exists(c, p.project_id).await?;
     for (i, r) in p.requirements.iter().enumerate() {
         if let Some(rid) = r.recipe_id {
@@ -351,7 +378,11 @@ async fn draft_lock(c: &mut PgConnection, id: DraftId) -> StoreResult<Requiremen
         .ok_or_else(|| StoreError::not_found(EntityKind::RequirementsDraft, id))
 }
 
-pub async fn draft_list(c: &mut PgConnection, project_id: ProjectId, page: Page) -> StoreResult<Vec<RequirementsDraft>> {
+pub async fn draft_list(
+    c: &mut PgConnection,
+    project_id: ProjectId,
+    page: Page,
+) -> StoreResult<Vec<RequirementsDraft>> {
     project_exists_read(c, project_id).await?;
     all(
         c,
@@ -502,7 +533,9 @@ pub async fn recipe_get(c: &mut PgConnection, id: RecipeId) -> StoreResult<ToolR
 pub async fn recipe_list(c: &mut PgConnection, page: Page) -> StoreResult<Vec<ToolRecipe>> {
     all(
         c,
-        q(sql!("SELECT {RECIPE_COLS} FROM recipes WHERE id > $1 ORDER BY id LIMIT $2")).bind(after(&page)).bind(lim(&page)),
+        q(sql!("SELECT {RECIPE_COLS} FROM recipes WHERE id > $1 ORDER BY id LIMIT $2"))
+            .bind(after(&page))
+            .bind(lim(&page)),
         recipe,
     )
     .await
@@ -673,9 +706,17 @@ async fn work_item_lock(c: &mut PgConnection, id: WorkItemId) -> StoreResult<Wor
         .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))
 }
 
-async fn set_item_state(c: &mut PgConnection, id: WorkItemId, to: WorkItemState, now: DateTime<Utc>) -> StoreResult<()> {
-    exec(c, q("UPDATE work_items SET state = $2, updated_at = $3 WHERE id = $1").bind(id.0).bind(to.as_str()).bind(now))
-        .await?;
+async fn set_item_state(
+    c: &mut PgConnection,
+    id: WorkItemId,
+    to: WorkItemState,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    exec(
+        c,
+        q("UPDATE work_items SET state = $2, updated_at = $3 WHERE id = $1").bind(id.0).bind(to.as_str()).bind(now),
+    )
+    .await?;
     Ok(())
 }
 
@@ -717,8 +758,12 @@ async fn blocking_dep(c: &mut PgConnection, id: WorkItemId) -> StoreResult<Optio
 }
 
 async fn dependents(c: &mut PgConnection, id: WorkItemId) -> StoreResult<Vec<WorkItemId>> {
-    let v = all(c, q("SELECT work_item_id FROM work_item_deps WHERE depends_on = $1 ORDER BY work_item_id").bind(id.0), uuid_of)
-        .await?;
+    let v = all(
+        c,
+        q("SELECT work_item_id FROM work_item_deps WHERE depends_on = $1 ORDER BY work_item_id").bind(id.0),
+        uuid_of,
+    )
+    .await?;
     Ok(v.into_iter().map(WorkItemId).collect())
 }
 
@@ -820,7 +865,11 @@ async fn lock_dependency_graph(c: &mut PgConnection) -> StoreResult<()> {
     Ok(())
 }
 
-pub async fn enqueue_checked(c: &mut PgConnection, items: &[Enqueue], now: DateTime<Utc>) -> StoreResult<Vec<ScheduledTask>> {
+pub async fn enqueue_checked(
+    c: &mut PgConnection,
+    items: &[Enqueue],
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<ScheduledTask>> {
     rules::check_distinct_enqueues(items)?;
     if items.iter().any(|e| !e.options.depends_on.is_empty()) {
         lock_dependency_graph(c).await?;
@@ -1127,7 +1176,12 @@ async fn cancel_run_row(c: &mut PgConnection, run_id: RunId, reason: &str, now: 
     Ok(())
 }
 
-pub async fn cancel_item(c: &mut PgConnection, id: WorkItemId, reason: &str, now: DateTime<Utc>) -> StoreResult<WorkItem> {
+pub async fn cancel_item(
+    c: &mut PgConnection,
+    id: WorkItemId,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> StoreResult<WorkItem> {
     let mut item = work_item_lock(c, id).await?;
     item.state.transition(WorkItemState::Cancelled)?;
     if let Some(run_id) = item.current_run_id {
@@ -1194,11 +1248,9 @@ pub async fn queue_list(c: &mut PgConnection, f: &QueueFilter) -> StoreResult<Ve
     // queue since (an unknown cursor starts from the top).
     let cursor = match f.page.after {
         Some(a) => {
-            opt(
-                c,
-                q("SELECT priority, COALESCE(run_at, created_at), id FROM work_items WHERE id = $1").bind(a),
-                |r| Ok((r.try_get::<i32, _>(0)?, r.try_get::<DateTime<Utc>, _>(1)?, r.try_get::<Uuid, _>(2)?)),
-            )
+            opt(c, q("SELECT priority, COALESCE(run_at, created_at), id FROM work_items WHERE id = $1").bind(a), |r| {
+                Ok((r.try_get::<i32, _>(0)?, r.try_get::<DateTime<Utc>, _>(1)?, r.try_get::<Uuid, _>(2)?))
+            })
             .await?
         }
         None => None,
@@ -1238,13 +1290,12 @@ async fn fail_item(
     defaults: &RetryPolicy,
     now: DateTime<Utc>,
 ) -> StoreResult<(WorkItemState, Option<DateTime<Utc>>, Vec<WorkItemId>)> {
-    let (state, attempts, retry) = opt(
-        c,
-        q("SELECT state, attempts, retry FROM work_items WHERE id = $1 FOR UPDATE").bind(id.0),
-        |r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i32, _>(1)?, r.try_get::<Json<RetryOverrides>, _>(2)?.0)),
-    )
-    .await?
-    .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))?;
+    let (state, attempts, retry) =
+        opt(c, q("SELECT state, attempts, retry FROM work_items WHERE id = $1 FOR UPDATE").bind(id.0), |r| {
+            Ok((r.try_get::<String, _>(0)?, r.try_get::<i32, _>(1)?, r.try_get::<Json<RetryOverrides>, _>(2)?.0))
+        })
+        .await?
+        .ok_or_else(|| StoreError::not_found(EntityKind::WorkItem, id))?;
     let state = parse_state(&state)?;
     let (mut next, mut retry_at) = rules::after_failure(defaults, &retry, attempts.max(0) as u32, kind, now);
     state.transition(next)?;
@@ -1377,7 +1428,9 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
          ),
          numbered AS (
             SELECT p.id, p.current_run_id,
-                   EXISTS (SELECT 1 FROM runs x WHERE x.id = p.current_run_id AND x.state = 'waiting_input') AS resume,
+                   CASE WHEN p.current_run_id IS NULL THEN false
+                        ELSE EXISTS (SELECT 1 FROM runs x WHERE x.id = p.current_run_id AND x.state = 'waiting_input')
+                   END AS resume,
                    row_number() OVER (ORDER BY p.priority DESC, p.run_at, p.id) AS rn
             FROM picked p
          ),
@@ -1492,7 +1545,13 @@ pub async fn run_start(c: &mut PgConnection, p: &RunStart) -> StoreResult<Run> {
 }
 
 /// Why a guarded completion matched nothing (read after the fact; nothing was written).
-async fn refusal(c: &mut PgConnection, run_id: RunId, token: u64, to: RunState, now: DateTime<Utc>) -> StoreResult<StoreError> {
+async fn refusal(
+    c: &mut PgConnection,
+    run_id: RunId,
+    token: u64,
+    to: RunState,
+    now: DateTime<Utc>,
+) -> StoreResult<StoreError> {
     let r = match run_get(c, run_id).await {
         Ok(r) => r,
         Err(e @ StoreError::NotFound { .. }) => return Ok(e),
@@ -1591,7 +1650,8 @@ static COMPLETE_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new
          r AS (
             UPDATE runs SET state = 'succeeded', finished_at = $4, lease_expires_at = NULL, exit_code = c.exit_code,
                    error = NULL, failure_kind = NULL
-            FROM c WHERE runs.id = c.run_id AND runs.lease_token = c.token AND runs.state IN ('claimed', 'running')
+            FROM c WHERE runs.id = ANY($1::uuid[]) AND runs.id = c.run_id AND runs.lease_token = c.token
+                   AND runs.state IN ('claimed', 'running')
                    AND runs.lease_expires_at > $4
             RETURNING {run_runs}
          ),
@@ -1630,12 +1690,11 @@ pub async fn runs_complete_many(
                 RunOutcome::Failed { exit_code, .. } => exit_code,
             })
             .collect();
-        let rows = all(
-            c,
-            sqlx::query(COMPLETE_MANY_SQL.as_str()).bind(ids).bind(tokens).bind(codes).bind(p.now),
-            |r| Ok((run(r)?, r.try_get::<bool, _>(17)?, r.try_get::<bool, _>(18)?)),
-        )
-        .await?;
+        let rows =
+            all(c, sqlx::query(COMPLETE_MANY_SQL.as_str()).bind(ids).bind(tokens).bind(codes).bind(p.now), |r| {
+                Ok((run(r)?, r.try_get::<bool, _>(17)?, r.try_get::<bool, _>(18)?))
+            })
+            .await?;
         let by_run: HashMap<RunId, (Run, bool, bool)> = rows.into_iter().map(|(r, d, h)| (r.id, (r, d, h))).collect();
         for &i in &idx {
             let x = &p.completions[i];
@@ -1747,7 +1806,12 @@ pub async fn logs_append(c: &mut PgConnection, p: LogAppend) -> StoreResult<u64>
     Ok(seq.max(0) as u64)
 }
 
-pub async fn logs_read_after(c: &mut PgConnection, run_id: RunId, after: u64, limit: u32) -> StoreResult<Vec<LogEntry>> {
+pub async fn logs_read_after(
+    c: &mut PgConnection,
+    run_id: RunId,
+    after: u64,
+    limit: u32,
+) -> StoreResult<Vec<LogEntry>> {
     run_get(c, run_id).await?;
     all(
         c,

@@ -122,7 +122,6 @@ CREATE TABLE runs (
     event_seq int8 NOT NULL DEFAULT 0
 ) WITH (fillfactor = 80);
 CREATE INDEX runs_work_item ON runs (work_item_id, id);
-CREATE INDEX runs_project ON runs (project_id);
 CREATE INDEX runs_leased ON runs (lease_expires_at) WHERE state IN ('claimed', 'running');
 
 CREATE TABLE logs (

@@ -69,7 +69,12 @@ async fn two_replicas_claim_each_item_exactly_once() {
                 assert!(Instant::now() < deadline, "claimers did not finish in time");
                 let seen = orch.work_generation().await;
                 let got = orch
-                    .claim(ClaimRequest { agent_id: agent.clone(), capabilities: vec![], max: 32, lease_ttl_seconds: None })
+                    .claim(ClaimRequest {
+                        agent_id: agent.clone(),
+                        capabilities: vec![],
+                        max: 32,
+                        lease_ttl_seconds: None,
+                    })
                     .await
                     .expect("claim");
                 if got.is_empty() {
@@ -136,7 +141,12 @@ async fn a_reaped_lease_is_fenced_on_the_other_replica() {
         .await
         .unwrap()
         .work_item;
-    let claim = |agent: &str| ClaimRequest { agent_id: agent.into(), capabilities: vec![], max: 1, lease_ttl_seconds: Some(30) };
+    let claim = |agent: &str| ClaimRequest {
+        agent_id: agent.into(),
+        capabilities: vec![],
+        max: 1,
+        lease_ttl_seconds: Some(30),
+    };
     let old = oa.claim(claim("a")).await.unwrap().remove(0);
     assert_eq!(old.claimed.work_item.id, item.id);
     assert!(ob.claim(claim("b")).await.unwrap().is_empty(), "a held item is not claimable elsewhere");

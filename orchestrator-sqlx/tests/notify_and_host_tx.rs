@@ -84,8 +84,10 @@ async fn host_transaction_rollback_leaves_nothing_and_commit_publishes() {
     tx.rollback().await.unwrap();
     assert!(matches!(store.work_item_get(item.id).await, Err(StoreError::NotFound { .. })));
     assert!(store.runs_claim(claim(10)).await.unwrap().is_empty());
-    let rows: i64 =
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {host_table}"))).fetch_one(&pool).await.unwrap();
+    let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {host_table}")))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(rows, 0);
 
     // Committed: both exist, and claimers elsewhere are woken by the commit.

@@ -27,6 +27,7 @@ pub struct Opts {
     database_url: String,
     latency_items: usize,
     latency_rate: f64,
+    latency_claimers: usize,
 }
 
 /// The PostgreSQL server the `postgres` backend uses unless `--database-url` says otherwise.
@@ -52,6 +53,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         database_url: default_database_url(),
         latency_items: 200,
         latency_rate: 50.0,
+        latency_claimers: 1,
     };
     let mut claimers_set = false;
     let mut it = args.iter();
@@ -66,6 +68,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--database-url" => o.database_url = it.next().cloned().ok_or("--database-url needs a value")?,
             "--latency-items" => o.latency_items = num("--latency-items", it.next())?,
             "--latency-rate" => o.latency_rate = num("--latency-rate", it.next())?,
+            "--latency-claimers" => o.latency_claimers = num("--latency-claimers", it.next())?,
             "--batch" => o.batch = num("--batch", it.next())?,
             "--enqueue-batch" => o.enqueue_batch = num("--enqueue-batch", it.next())?,
             "--db" => o.db = Some(PathBuf::from(it.next().ok_or("--db needs a value")?)),
@@ -238,25 +241,29 @@ async fn claim_complete(orch: &Orchestrator, n: usize, claimers: usize, batch: u
 }
 
 /// Enqueues `n` items one at a time at a steady `rate` while claimers wait on the store's wake-up signal;
-/// returns (enqueue-to-claim latencies measured from the start of each enqueue call, enqueue call
-/// latencies).
+/// returns latencies sorted: (from the start of each enqueue call to its claim, from the enqueue call's
+/// return (the item acknowledged) to its claim, of the enqueue calls themselves).
 async fn enqueue_to_claim(
     orch: &Orchestrator,
     project: orchestrator_core::ids::ProjectId,
     n: usize,
     rate: f64,
     claimers: usize,
-) -> Result<(Vec<Duration>, Vec<Duration>), String> {
+) -> Result<(Vec<Duration>, Vec<Duration>, Vec<Duration>), String> {
     let started: Arc<Vec<std::sync::Mutex<Option<Instant>>>> =
         Arc::new((0..n).map(|_| std::sync::Mutex::new(None)).collect());
     let claimed = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for c in 0..claimers {
-        let (orch, started, claimed) = (orch.clone(), started.clone(), claimed.clone());
+        let (orch, claimed) = (orch.clone(), claimed.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            let req =
-                ClaimRequest { agent_id: format!("latency-{c}"), capabilities: vec![], max: 32, lease_ttl_seconds: None };
+            let req = ClaimRequest {
+                agent_id: format!("latency-{c}"),
+                capabilities: vec![],
+                max: 32,
+                lease_ttl_seconds: None,
+            };
             while claimed.load(Ordering::SeqCst) < n {
                 let seen = orch.work_generation().await;
                 let got = orch.claim(req.clone()).await.map_err(|e| e.to_string())?;
@@ -266,11 +273,9 @@ async fn enqueue_to_claim(
                     continue;
                 }
                 for a in &got {
-                    let i: usize = a.claimed.work_item.title.trim_start_matches("latency ").parse().unwrap_or(usize::MAX);
-                    let t0 = started.get(i).and_then(|m| *m.lock().unwrap_or_else(|p| p.into_inner()));
-                    if let Some(t0) = t0 {
-                        lat.push(at.saturating_duration_since(t0));
-                    }
+                    let i: usize =
+                        a.claimed.work_item.title.trim_start_matches("latency ").parse().unwrap_or(usize::MAX);
+                    lat.push((i, at));
                 }
                 let completions: Vec<RunCompletion> = got
                     .iter()
@@ -286,9 +291,10 @@ async fn enqueue_to_claim(
                     r.map_err(|e| e.to_string())?;
                 }
             }
-            Ok::<Vec<Duration>, String>(lat)
+            Ok::<Vec<(usize, Instant)>, String>(lat)
         }));
     }
+    let acked: Vec<std::sync::Mutex<Option<Instant>>> = (0..n).map(|_| std::sync::Mutex::new(None)).collect();
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -306,18 +312,30 @@ async fn enqueue_to_claim(
             ..Default::default()
         };
         orch.create_work_item(it).await.map_err(|e| e.to_string())?;
-        enqueue_lat.push(t0.elapsed());
+        let t1 = Instant::now();
+        if let Some(m) = acked.get(i) {
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(t1);
+        }
+        enqueue_lat.push(t1 - t0);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut lat = Vec::with_capacity(n);
+    let mut claims = Vec::with_capacity(n);
     for t in tasks {
         let left = deadline.saturating_duration_since(Instant::now());
         let r = tokio::time::timeout(left, t).await.map_err(|_| "latency claimers did not finish".to_string())?;
-        lat.extend(r.map_err(|e| e.to_string())??);
+        claims.extend(r.map_err(|e| e.to_string())??);
     }
-    lat.sort();
+    let at = |v: &[std::sync::Mutex<Option<Instant>>], i: usize| {
+        v.get(i).and_then(|m| *m.lock().unwrap_or_else(|p| p.into_inner()))
+    };
+    let mut from_start: Vec<Duration> =
+        claims.iter().filter_map(|(i, c)| at(&started, *i).map(|t| c.saturating_duration_since(t))).collect();
+    let mut from_ack: Vec<Duration> =
+        claims.iter().filter_map(|(i, c)| at(&acked, *i).map(|t| c.saturating_duration_since(t))).collect();
+    from_start.sort();
+    from_ack.sort();
     enqueue_lat.sort();
-    Ok((lat, enqueue_lat))
+    Ok((from_start, from_ack, enqueue_lat))
 }
 
 /// Runs every measurement and prints one JSON line each.
@@ -338,7 +356,9 @@ async fn measure(o: &Opts, b: &Backend) -> Result<(), String> {
     let project = orch.create_project("bench", "").await.map_err(|e| e.to_string())?;
     let base = match &b.pg {
         Some(pg) => json!({"backend": o.backend, "schema": pg.schema()}),
-        None => json!({"backend": o.backend, "synchronous": format!("{:?}", o.synchronous).to_lowercase(), "db": b.path.as_ref().map(|p| p.display().to_string())}),
+        None => {
+            json!({"backend": o.backend, "synchronous": format!("{:?}", o.synchronous).to_lowercase(), "db": b.path.as_ref().map(|p| p.display().to_string())})
+        }
     };
     let with = |mut v: serde_json::Value| {
         if let (Some(m), Some(b)) = (v.as_object_mut(), base.as_object()) {
@@ -414,8 +434,9 @@ async fn measure(o: &Opts, b: &Backend) -> Result<(), String> {
 
     // 6. Enqueue-to-claim latency at a low steady rate, claimers waiting on the wake-up signal.
     if o.latency_items > 0 {
-        let waiters = o.claimers.min(4);
-        let (lat, enq) = enqueue_to_claim(&orch, project.id, o.latency_items, o.latency_rate, waiters).await?;
+        let waiters = o.latency_claimers.max(1);
+        let (lat, from_ack, enq) =
+            enqueue_to_claim(&orch, project.id, o.latency_items, o.latency_rate, waiters).await?;
         emit(with(json!({
             "bench": "enqueue_to_claim_latency",
             "items": o.latency_items,
@@ -425,9 +446,11 @@ async fn measure(o: &Opts, b: &Backend) -> Result<(), String> {
             "p50_ms": percentile(&lat, 0.50),
             "p99_ms": percentile(&lat, 0.99),
             "max_ms": lat.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+            "from_acknowledged_p50_ms": percentile(&from_ack, 0.50),
+            "from_acknowledged_p99_ms": percentile(&from_ack, 0.99),
             "enqueue_call_p50_ms": percentile(&enq, 0.50),
             "enqueue_call_p99_ms": percentile(&enq, 0.99),
-            "note": "from the start of each enqueue call to the claim returning it",
+            "note": "p50/p99: from the start of each enqueue call to the claim returning it; from_acknowledged: from the enqueue call's return",
         })));
     }
     Ok(())
