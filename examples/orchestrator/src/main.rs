@@ -36,6 +36,7 @@ measure enqueue and claim+complete throughput and claim latency; one JSON line p
   --finished M              also measure claims with M finished runs in the database (default 0)
   --latency-items N         items of the enqueue-to-claim latency measurement (default 200)
   --latency-rate R          enqueues per second of the latency measurement (default 50)
+  --latency-claimers K      claimers waiting for work during the latency measurement (default 1)
 ";
 
 const SERVE_HELP: &str = "Settings (environment or a .env file):
