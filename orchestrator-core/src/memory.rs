@@ -155,17 +155,7 @@ impl State {
         hash: &str,
         now: DateTime<Utc>,
     ) -> ApprovalRequest {
-        let a = ApprovalRequest {
-            id: ApprovalId::new(),
-            project_id,
-            subject,
-            content_hash: hash.to_string(),
-            state: ApprovalState::Pending,
-            requested_at: now,
-            decided_by: None,
-            decided_at: None,
-            reason: None,
-        };
+        let a = rules::new_approval(project_id, subject, hash, now);
         self.approvals.insert(a.id, a.clone());
         a
     }
@@ -463,17 +453,7 @@ impl State {
             let id = e.work_item_id;
             {
                 let it = self.item_mut(id)?;
-                for d in &e.options.depends_on {
-                    if !it.dependencies.contains(d) {
-                        it.dependencies.push(*d);
-                    }
-                }
-                if let Some(p) = e.options.priority {
-                    it.priority = p;
-                }
-                it.run_at = Some(e.options.not_before.map_or(now, |t| t.max(now)));
-                it.enqueued_at = Some(now);
-                it.updated_at = now;
+                rules::apply_enqueue(it, &e.options, now);
             }
             for d in &e.options.depends_on {
                 let v = self.dependents.entry(*d).or_default();

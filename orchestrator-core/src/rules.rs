@@ -390,6 +390,58 @@ pub fn blocked_reason(dep: WorkItemId, dep_state: WorkItemState) -> String {
     format!("dependency {dep} is {dep_state}")
 }
 
+/// A new pending approval request of `subject`, bound to its content hash.
+pub fn new_approval(
+    project_id: ProjectId,
+    subject: ApprovalSubject,
+    content_hash: &str,
+    now: DateTime<Utc>,
+) -> ApprovalRequest {
+    ApprovalRequest {
+        id: crate::ids::ApprovalId::new(),
+        project_id,
+        subject,
+        content_hash: content_hash.to_string(),
+        state: ApprovalState::Pending,
+        requested_at: now,
+        decided_by: None,
+        decided_at: None,
+        reason: None,
+    }
+}
+
+/// When an item enqueued at `now` becomes claimable: its not-before time, never in the past.
+pub fn enqueue_run_at(not_before: Option<DateTime<Utc>>, now: DateTime<Utc>) -> DateTime<Utc> {
+    not_before.map_or(now, |t| t.max(now))
+}
+
+/// Applies enqueue options to an item (the caller moves its state): dependencies added (once each),
+/// priority, claimable time, enqueue time.
+pub fn apply_enqueue(it: &mut WorkItem, o: &crate::store::EnqueueOptions, now: DateTime<Utc>) {
+    for d in &o.depends_on {
+        if !it.dependencies.contains(d) {
+            it.dependencies.push(*d);
+        }
+    }
+    if let Some(p) = o.priority {
+        it.priority = p;
+    }
+    it.run_at = Some(enqueue_run_at(o.not_before, now));
+    it.enqueued_at = Some(now);
+    it.updated_at = now;
+}
+
+/// Copies the scheduler's view of an item (after an enqueue) onto the item.
+pub fn apply_scheduled(w: &mut WorkItem, t: crate::domain::ScheduledTask, now: DateTime<Utc>) {
+    w.state = t.state;
+    w.priority = t.priority;
+    w.dependencies = t.dependencies;
+    w.run_at = t.run_at;
+    w.enqueued_at = t.enqueued_at;
+    w.blocked_reason = t.blocked_reason;
+    w.updated_at = now;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -237,17 +237,7 @@ fn insert_approval(
     hash: &str,
     now: DateTime<Utc>,
 ) -> StoreResult<ApprovalRequest> {
-    let a = ApprovalRequest {
-        id: ApprovalId::new(),
-        project_id,
-        subject,
-        content_hash: hash.to_string(),
-        state: ApprovalState::Pending,
-        requested_at: now,
-        decided_by: None,
-        decided_at: None,
-        reason: None,
-    };
+    let a = rules::new_approval(project_id, subject, hash, now);
     let (kind, sid) = subject_parts(&subject);
     c.prepare_cached(
         "INSERT INTO approvals (id, project_id, subject_kind, subject_id, content_hash, state, requested_at) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
@@ -860,21 +850,13 @@ pub fn enqueue_checked(c: &Connection, items: &[Enqueue], now: DateTime<Utc>) ->
     let mut out = Vec::with_capacity(items.len());
     for (e, mut it) in items.iter().zip(loaded) {
         for d in &e.options.depends_on {
-            if !it.dependencies.contains(d) {
-                it.dependencies.push(*d);
-            }
             c.prepare_cached("INSERT OR IGNORE INTO work_item_deps (depends_on, work_item_id) VALUES (?1, ?2)")
                 .q()?
                 .execute(params![b(*d), b(it.id)])
                 .q()?;
             c.prepare_cached("UPDATE work_items SET has_dependents = 1 WHERE id = ?1").q()?.execute([b(*d)]).q()?;
         }
-        if let Some(p) = e.options.priority {
-            it.priority = p;
-        }
-        it.run_at = Some(e.options.not_before.map_or(now, |t| t.max(now)));
-        it.enqueued_at = Some(now);
-        it.updated_at = now;
+        rules::apply_enqueue(&mut it, &e.options, now);
         match blocking_dep(c, it.id)? {
             Some((d, s)) => {
                 it.state = WorkItemState::Blocked;
@@ -943,13 +925,7 @@ pub fn work_items_create(
         let tasks = enqueue_checked(c, &list, now)?;
         for ((idx, _), t) in enqueues.iter().zip(tasks) {
             let w = &mut out[*idx].work_item;
-            w.state = t.state;
-            w.priority = t.priority;
-            w.dependencies = t.dependencies;
-            w.run_at = t.run_at;
-            w.enqueued_at = t.enqueued_at;
-            w.blocked_reason = t.blocked_reason;
-            w.updated_at = now;
+            rules::apply_scheduled(w, t, now);
         }
     }
     Ok((out, notify))
@@ -1038,7 +1014,7 @@ fn create_one(
                 if let Some(pr) = e.priority {
                     w.priority = pr;
                 }
-                w.run_at = Some(e.not_before.map_or(now, |t| t.max(now)));
+                w.run_at = Some(rules::enqueue_run_at(e.not_before, now));
                 w.enqueued_at = Some(now);
                 true
             }

@@ -280,17 +280,7 @@ async fn insert_approval(
     hash: &str,
     now: DateTime<Utc>,
 ) -> StoreResult<ApprovalRequest> {
-    let a = ApprovalRequest {
-        id: ApprovalId::new(),
-        project_id,
-        subject,
-        content_hash: hash.to_string(),
-        state: ApprovalState::Pending,
-        requested_at: now,
-        decided_by: None,
-        decided_at: None,
-        reason: None,
-    };
+    let a = rules::new_approval(project_id, subject, hash, now);
     let (kind, sid) = subject_parts(&subject);
     exec(
         c,
@@ -930,18 +920,8 @@ pub async fn enqueue_checked(
             // Also locks the dependencies: a completion running at the same time either finished first
             // (the count below sees it) or waits for this unit and then sees the new edge.
             exec(c, q("UPDATE work_items SET has_dependents = true WHERE id = ANY($1)").bind(&ds)).await?;
-            for d in &e.options.depends_on {
-                if !it.dependencies.contains(d) {
-                    it.dependencies.push(*d);
-                }
-            }
         }
-        if let Some(p) = e.options.priority {
-            it.priority = p;
-        }
-        it.run_at = Some(e.options.not_before.map_or(now, |t| t.max(now)));
-        it.enqueued_at = Some(now);
-        it.updated_at = now;
+        rules::apply_enqueue(&mut it, &e.options, now);
         let blocking = if it.dependencies.is_empty() { None } else { blocking_dep(c, it.id).await? };
         match blocking {
             Some((d, s)) => {
@@ -1046,7 +1026,7 @@ pub async fn work_items_create(
                 if let Some(pr) = e.priority {
                     w.priority = pr;
                 }
-                w.run_at = Some(e.not_before.map_or(now, |t| t.max(now)));
+                w.run_at = Some(rules::enqueue_run_at(e.not_before, now));
                 w.enqueued_at = Some(now);
                 true
             }
@@ -1074,13 +1054,7 @@ pub async fn work_items_create(
         let tasks = enqueue_checked(c, &list, now).await?;
         for ((idx, _), t) in enqueues.iter().zip(tasks) {
             let w = &mut out[*idx].work_item;
-            w.state = t.state;
-            w.priority = t.priority;
-            w.dependencies = t.dependencies;
-            w.run_at = t.run_at;
-            w.enqueued_at = t.enqueued_at;
-            w.blocked_reason = t.blocked_reason;
-            w.updated_at = now;
+            rules::apply_scheduled(w, t, now);
         }
     }
     Ok((out, notify))
