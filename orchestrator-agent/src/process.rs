@@ -80,6 +80,8 @@ pub(crate) async fn supervise(
     let pgid = group_of(child);
     // Dropped before the end (the agent's task aborted): the whole group is killed.
     let _guard = GroupGuard(pgid);
+    // Killed with the group when this returns.
+    let _watchdog = pgid.and_then(spawn_watchdog);
     let ended = tokio::select! {
         st = child.wait() => Ended::Exited(st?),
         _ = tokio::time::sleep(timeout) => {
@@ -92,6 +94,36 @@ pub(crate) async fn supervise(
         }
     };
     Ok(ended)
+}
+
+/// Starts a watchdog inside the group `pgid` that kills the whole group once the agent process is gone
+/// (its parent changes when the agent dies, even by SIGKILL, before anyone reaps it), so a step never
+/// outlives its agent. It checks once a second and dies with the group when the step ends normally.
+fn spawn_watchdog(pgid: Pid) -> Option<Child> {
+    // It reads its parent from /proc (Linux); elsewhere there is no watchdog.
+    if !std::path::Path::new("/proc/self/stat").exists() {
+        return None;
+    }
+    let script = format!(
+        "while read -r _ _ _ pp _ < /proc/$$/stat && [ \"$pp\" = {agent} ]; do sleep 1; done; kill -KILL -{pgid}",
+        agent = std::process::id(),
+        pgid = pgid.as_raw()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(script)
+        .process_group(pgid.as_raw())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match cmd.spawn() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(pgid = pgid.as_raw(), error = %e, "cannot start the step watchdog");
+            None
+        }
+    }
 }
 
 /// Kills a process group when dropped.
