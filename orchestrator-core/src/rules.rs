@@ -431,6 +431,27 @@ pub fn apply_enqueue(it: &mut WorkItem, o: &crate::store::EnqueueOptions, now: D
     it.updated_at = now;
 }
 
+/// The fast path of creating an item with an enqueue and no dependencies: it is written once, already
+/// queued. True when it applies (otherwise the caller enqueues it after the insert).
+pub fn enqueue_on_create(
+    w: &mut WorkItem,
+    enqueue: Option<&crate::store::EnqueueOptions>,
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    match enqueue {
+        Some(e) if e.depends_on.is_empty() => {
+            w.state = WorkItemState::Ready.transition(WorkItemState::Queued)?;
+            if let Some(pr) = e.priority {
+                w.priority = pr;
+            }
+            w.run_at = Some(enqueue_run_at(e.not_before, now));
+            w.enqueued_at = Some(now);
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// Copies the scheduler's view of an item (after an enqueue) onto the item.
 pub fn apply_scheduled(w: &mut WorkItem, t: crate::domain::ScheduledTask, now: DateTime<Utc>) {
     w.state = t.state;

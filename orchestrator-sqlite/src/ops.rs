@@ -1008,18 +1008,7 @@ fn create_one(
             }
         }
         // Fast path: a new item enqueued without dependencies is written once, already queued.
-        let direct_enqueue = match &p.enqueue {
-            Some(e) if e.depends_on.is_empty() => {
-                w.state = WorkItemState::Ready.transition(WorkItemState::Queued)?;
-                if let Some(pr) = e.priority {
-                    w.priority = pr;
-                }
-                w.run_at = Some(rules::enqueue_run_at(e.not_before, now));
-                w.enqueued_at = Some(now);
-                true
-            }
-            _ => false,
-        };
+        let direct_enqueue = rules::enqueue_on_create(&mut w, p.enqueue.as_ref(), now)?;
         let approval = if p.state == WorkItemState::AwaitingApproval {
             Some(insert_approval(c, w.project_id, ApprovalSubject::WorkItem(w.id), &w.content_hash, now)?)
         } else {
