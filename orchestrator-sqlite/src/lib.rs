@@ -3,8 +3,10 @@
 //! The embedded default [`Store`] on SQLite (rusqlite, bundled).
 //!
 //! - One writer thread owns the write connection and takes commands over a channel with replies. It
-//!   runs every command that is waiting in one `BEGIN IMMEDIATE` transaction (group commit), each
-//!   inside its own savepoint so a failing command rolls back alone, and replies after `COMMIT`.
+//!   runs every command that is waiting in one `BEGIN IMMEDIATE` transaction (group commit) and replies
+//!   after `COMMIT`. A failing command rolls back alone: commands that can run again (claims,
+//!   completions, heartbeats, ...) run without a savepoint and, if one fails after writing, the
+//!   transaction is rolled back and the commands before it run again; the others run in a savepoint.
 //! - Reads run on a few read-only connections in `spawn_blocking` (WAL lets them run beside the writer).
 //! - No rusqlite call ever runs on an async worker thread.
 //! - WAL, `busy_timeout`, `synchronous=NORMAL` (or `FULL` by option), embedded versioned migrations.
@@ -111,7 +113,70 @@ pub enum OpenError {
 }
 
 type Reply = Box<dyn FnOnce(Option<String>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> (bool, bool, Reply) + Send>;
+/// What a command did: (it succeeded, claimers should be woken, the reply to send after the commit).
+type Ran = (bool, bool, Reply);
+
+/// A command for the writer thread.
+enum Job {
+    /// Runs exactly once: in its own savepoint, unless it is the first command of its transaction.
+    Once(Box<dyn FnOnce(&Connection) -> Ran + Send>),
+    /// Can run again with the same effect (it only reads what it captured): runs without a savepoint.
+    /// If it fails after writing, the transaction is rolled back and the commands before it run again,
+    /// each in its own savepoint.
+    Again(Box<dyn FnMut(&Connection) -> Ran + Send>),
+}
+
+/// Up to this many work items, a creation is a command that can run again (see [`Job`]).
+const SMALL_CREATE: usize = 16;
+
+type Answer<R> = tokio::sync::oneshot::Receiver<StoreResult<R>>;
+
+/// A command that runs once, and where its answer arrives.
+fn once_job<R: Send + 'static>(
+    f: impl FnOnce(&Connection) -> StoreResult<(R, bool)> + Send + 'static,
+) -> (Job, Answer<R>) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<StoreResult<R>>();
+    let job = Job::Once(Box::new(move |c: &Connection| {
+        ran(f(c), move |v| {
+            let _ = tx.send(v);
+        })
+    }));
+    (job, rx)
+}
+
+/// A command that can run again, and where its answer arrives.
+fn again_job<R: Send + 'static>(
+    f: impl Fn(&Connection) -> StoreResult<(R, bool)> + Send + 'static,
+) -> (Job, Answer<R>) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<StoreResult<R>>();
+    // Every run makes a reply; only the one of the run whose transaction ends is sent.
+    let slot = Arc::new(Mutex::new(Some(tx)));
+    let job = Job::Again(Box::new(move |c: &Connection| {
+        let slot = slot.clone();
+        ran(f(c), move |v| {
+            if let Some(tx) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = tx.send(v);
+            }
+        })
+    }));
+    (job, rx)
+}
+
+/// Turns a command's result into what the writer needs; `send` delivers the caller's answer.
+fn ran<R: Send + 'static>(res: StoreResult<(R, bool)>, send: impl FnOnce(StoreResult<R>) + Send + 'static) -> Ran {
+    match res {
+        Ok((r, notify)) => {
+            let reply: Reply = Box::new(move |commit_err: Option<String>| {
+                send(match commit_err {
+                    None => Ok(r),
+                    Some(m) => Err(StoreError::Unavailable { retryable: true, message: m }),
+                })
+            });
+            (true, notify, reply)
+        }
+        Err(e) => (false, false, Box::new(move |_| send(Err(e)))),
+    }
+}
 
 enum Readers {
     /// Read-only connections for a file database.
@@ -318,30 +383,27 @@ impl SqliteStore {
         })
     }
 
-    /// Runs `f` in the writer's transaction (inside its own savepoint); replies after commit. The bool
-    /// returned by `f` says whether claimers should be woken.
+    /// Runs `f` once in the writer's transaction (inside its own savepoint unless it opens the
+    /// transaction); replies after commit. The bool returned by `f` says whether claimers should be woken.
     async fn write<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> StoreResult<(R, bool)> + Send + 'static,
     ) -> StoreResult<R> {
-        let (tx, rx) = tokio::sync::oneshot::channel::<StoreResult<R>>();
-        let job: Job = Box::new(move |c: &Connection| match f(c) {
-            Ok((r, notify)) => {
-                let reply: Reply = Box::new(move |commit_err: Option<String>| {
-                    let _ = tx.send(match commit_err {
-                        None => Ok(r),
-                        Some(m) => Err(StoreError::Unavailable { retryable: true, message: m }),
-                    });
-                });
-                (true, notify, reply)
-            }
-            Err(e) => {
-                let reply: Reply = Box::new(move |_| {
-                    let _ = tx.send(Err(e));
-                });
-                (false, false, reply)
-            }
-        });
+        let (job, rx) = once_job(f);
+        self.submit(job, rx).await
+    }
+
+    /// Like [`Self::write`] for commands that `f` can run again with the same effect (it only reads
+    /// what it captured): they run without a savepoint of their own.
+    async fn write_again<R: Send + 'static>(
+        &self,
+        f: impl Fn(&Connection) -> StoreResult<(R, bool)> + Send + 'static,
+    ) -> StoreResult<R> {
+        let (job, rx) = again_job(f);
+        self.submit(job, rx).await
+    }
+
+    async fn submit<R>(&self, job: Job, rx: Answer<R>) -> StoreResult<R> {
         self.jobs.send(job).map_err(|_| StoreError::Unavailable {
             retryable: false,
             message: "the SQLite writer thread has stopped".into(),
@@ -474,59 +536,126 @@ fn writer_loop(
 }
 
 fn run_batch(conn: &mut Connection, batch: Vec<Job>, notifier: &Notifier) {
-    let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+    let mut jobs: Vec<Option<Job>> = batch.into_iter().map(Some).collect();
+    let mut next = 0;
+    while next < jobs.len() {
+        next = run_tx(conn, &mut jobs, next, notifier);
+    }
+}
+
+/// Runs a command (a `Once` command is used up).
+fn call(job: &mut Option<Job>, conn: &Connection) -> Option<Ran> {
+    match job {
+        Some(Job::Again(f)) => Some(f(conn)),
+        Some(Job::Once(_)) => match job.take() {
+            Some(Job::Once(f)) => Some(f(conn)),
+            _ => None,
+        },
+        None => None,
+    }
+}
+
+/// Runs commands from `start` in one transaction and commits it; returns the index of the first
+/// command it did not take.
+///
+/// Savepoints cost a copy of every page a command changes, so they are used only where needed: the
+/// first command of the transaction, and every command that can run again, run without one. A command
+/// that fails without having changed a row needs nothing undone. One that fails after writing rolls
+/// the transaction back: alone in it, it is simply answered; otherwise the commands before it (all of
+/// them runnable again) run again from the start of a new transaction, each in its own savepoint, as
+/// do all commands after the first one that can run only once.
+fn run_tx(conn: &mut Connection, jobs: &mut [Option<Job>], start: usize, notifier: &Notifier) -> usize {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        // The command cannot run; dropping it answers its caller with a retryable `Unavailable`.
+        tracing::error!(error = %e, "could not begin a write transaction");
+        jobs[start] = None;
+        return start + 1;
+    }
+    let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len() - start);
     let mut notify = false;
-    let mut in_tx = false;
-    for job in batch {
-        if !in_tx {
-            if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-                // The job cannot run; dropping it answers its caller with a retryable `Unavailable`.
-                tracing::error!(error = %e, "could not begin a write transaction");
-                drop(job);
+    let mut guarded = false;
+    let mut i = start;
+    while i < jobs.len() {
+        let again = matches!(jobs[i], Some(Job::Again(_)));
+        if !again {
+            // Nothing before the next command could be run again after this one.
+            guarded = true;
+        }
+        let before = conn.total_changes();
+        if !guarded || i == start {
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(&mut jobs[i], conn)));
+            if conn.is_autocommit() {
+                lost(&mut replies, res.ok().flatten().map(|r| r.2));
+                return i + 1;
+            }
+            match res {
+                Ok(Some((true, n, reply))) => {
+                    notify |= n;
+                    replies.push(reply);
+                }
+                Ok(Some((false, _, reply))) if conn.total_changes() == before => replies.push(reply),
+                Ok(None) => {}
+                failed => {
+                    // It failed (or panicked) after writing: undo the whole transaction.
+                    let _ = conn.execute_batch("ROLLBACK");
+                    if i == start {
+                        match failed {
+                            Ok(Some((_, _, reply))) => reply(None),
+                            _ => tracing::error!("a SQLite command panicked; it was rolled back"),
+                        }
+                        jobs[i] = None;
+                        return i + 1;
+                    }
+                    // Commands start..i can all run again: do so, each in its own savepoint.
+                    replies.clear();
+                    notify = false;
+                    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+                        tracing::error!(error = %e, "could not begin a write transaction");
+                        for j in jobs.iter_mut().take(i + 1).skip(start) {
+                            *j = None;
+                        }
+                        return i + 1;
+                    }
+                    guarded = true;
+                    i = start;
+                    continue;
+                }
+            }
+        } else {
+            if let Err(e) = conn.prepare_cached("SAVEPOINT job").and_then(|mut st| st.execute([])) {
+                tracing::error!(error = %e, "savepoint failed");
+                jobs[i] = None;
+                i += 1;
                 continue;
             }
-            in_tx = true;
-        }
-        if let Err(e) = conn.prepare_cached("SAVEPOINT job").and_then(|mut st| st.execute([])) {
-            tracing::error!(error = %e, "savepoint failed");
-            drop(job);
-            continue;
-        }
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)));
-        let mut reply = match res {
-            Ok((ok, n, reply)) => {
-                let end = if ok {
-                    conn.prepare_cached("RELEASE job").and_then(|mut st| st.execute([])).map(|_| ())
-                } else {
-                    conn.execute_batch("ROLLBACK TO job; RELEASE job")
-                };
-                if let Err(e) = end {
-                    tracing::error!(error = %e, "savepoint release failed");
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(&mut jobs[i], conn)));
+            let reply = match res {
+                Ok(Some((ok, n, reply))) => {
+                    let end = if ok {
+                        conn.prepare_cached("RELEASE job").and_then(|mut st| st.execute([])).map(|_| ())
+                    } else {
+                        conn.execute_batch("ROLLBACK TO job; RELEASE job")
+                    };
+                    if let Err(e) = end {
+                        tracing::error!(error = %e, "savepoint release failed");
+                    }
+                    notify |= ok && n;
+                    Some(reply)
                 }
-                notify |= ok && n;
-                Some(reply)
+                Ok(None) => None,
+                Err(_) => {
+                    let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                    tracing::error!("a SQLite command panicked; it was rolled back");
+                    None
+                }
+            };
+            if conn.is_autocommit() {
+                lost(&mut replies, reply);
+                return i + 1;
             }
-            Err(_) => {
-                let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
-                tracing::error!("a SQLite command panicked; it was rolled back");
-                None
-            }
-        };
-        if conn.is_autocommit() {
-            // SQLite rolled the whole transaction back by itself (disk full, I/O error, out of memory):
-            // every command already run in it is lost. Tell their callers and go on in a new transaction.
-            let msg = "the write transaction was rolled back by SQLite; nothing of this command was stored";
-            for r in replies.drain(..).chain(reply.take()) {
-                r(Some(msg.to_string()));
-            }
-            notify = false;
-            in_tx = false;
-            continue;
+            replies.extend(reply);
         }
-        replies.extend(reply);
-    }
-    if !in_tx {
-        return;
+        i += 1;
     }
     match conn.execute_batch("COMMIT") {
         Ok(()) => {
@@ -545,6 +674,16 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, notifier: &Notifier) {
                 r(Some(msg.clone()));
             }
         }
+    }
+    jobs.len()
+}
+
+/// SQLite rolled the whole transaction back by itself (disk full, I/O error, out of memory): every
+/// command already run in it is lost. Tells their callers; the writer goes on in a new transaction.
+fn lost(replies: &mut Vec<Reply>, current: Option<Reply>) {
+    let msg = "the write transaction was rolled back by SQLite; nothing of this command was stored";
+    for r in replies.drain(..).chain(current) {
+        r(Some(msg.to_string()));
     }
 }
 
@@ -594,7 +733,7 @@ impl Store for SqliteStore {
         self.read(move |c| ops::draft_list(c, project_id, page)).await
     }
     async fn draft_decide(&self, id: DraftId, d: Decide) -> StoreResult<DecisionOutcome> {
-        self.write(move |c| ops::decide(c, None, Some(id), &d).map(|r| (r, false))).await
+        self.write_again(move |c| ops::decide(c, None, Some(id), &d).map(|r| (r, false))).await
     }
 
     async fn approval_get(&self, id: ApprovalId) -> StoreResult<ApprovalRequest> {
@@ -604,7 +743,7 @@ impl Store for SqliteStore {
         self.read(move |c| ops::approval_list(c, &f)).await
     }
     async fn approval_decide(&self, id: ApprovalId, d: Decide) -> StoreResult<DecisionOutcome> {
-        self.write(move |c| ops::decide(c, Some(id), None, &d).map(|r| (r, false))).await
+        self.write_again(move |c| ops::decide(c, Some(id), None, &d).map(|r| (r, false))).await
     }
 
     async fn recipe_create(&self, p: NewRecipe) -> StoreResult<ToolRecipe> {
@@ -630,7 +769,12 @@ impl Store for SqliteStore {
                 Ok((p, w, json))
             })
             .collect::<StoreResult<Vec<_>>>()?;
-        self.write(move |c| ops::work_items_create(c, prepared, now)).await
+        // A few creations can run again from a copy (cheaper than a savepoint); a large batch runs once.
+        if prepared.len() <= SMALL_CREATE {
+            self.write_again(move |c| ops::work_items_create(c, prepared.clone(), now)).await
+        } else {
+            self.write(move |c| ops::work_items_create(c, prepared, now)).await
+        }
     }
     async fn work_item_get(&self, id: WorkItemId) -> StoreResult<WorkItem> {
         self.read(move |c| ops::work_item_get(c, id)).await
@@ -658,14 +802,14 @@ impl Store for SqliteStore {
         self.write(move |c| ops::work_item_set_policy(c, id, retry, now).map(|r| (r, false))).await
     }
     async fn work_item_cancel(&self, id: WorkItemId, x: Cancel) -> StoreResult<WorkItem> {
-        self.write(move |c| ops::cancel_item(c, id, &x.reason, x.now).map(|r| (r, false))).await
+        self.write_again(move |c| ops::cancel_item(c, id, &x.reason, x.now).map(|r| (r, false))).await
     }
     async fn work_item_requeue(&self, id: WorkItemId, r: Requeue) -> StoreResult<WorkItem> {
-        self.write(move |c| ops::work_item_requeue(c, id, &r).map(|w| (w, true))).await
+        self.write_again(move |c| ops::work_item_requeue(c, id, &r).map(|w| (w, true))).await
     }
 
     async fn enqueue_many(&self, items: Vec<Enqueue>, now: DateTime<Utc>) -> StoreResult<Vec<ScheduledTask>> {
-        self.write(move |c| ops::enqueue_checked(c, &items, now).map(|r| (r, true))).await
+        self.write_again(move |c| ops::enqueue_checked(c, &items, now).map(|r| (r, true))).await
     }
     async fn scheduled_task_get(&self, id: WorkItemId) -> StoreResult<ScheduledTask> {
         self.read(move |c| ops::scheduled_task_get(c, id)).await
@@ -674,10 +818,10 @@ impl Store for SqliteStore {
         self.read(move |c| ops::queue_list(c, &f)).await
     }
     async fn tick(&self, t: Tick) -> StoreResult<TickReport> {
-        self.write(move |c| ops::tick(c, &t)).await
+        self.write_again(move |c| ops::tick(c, &t)).await
     }
     async fn leases_reap_expired(&self, t: Tick) -> StoreResult<Vec<ReapedRun>> {
-        self.write(move |c| {
+        self.write_again(move |c| {
             ops::reap(c, &t).map(|r| {
                 let n = !r.is_empty();
                 (r, n)
@@ -687,16 +831,16 @@ impl Store for SqliteStore {
     }
 
     async fn runs_claim(&self, cl: Claim) -> StoreResult<Vec<ClaimedRun>> {
-        self.write(move |c| ops::runs_claim(c, &cl).map(|r| (r, false))).await
+        self.write_again(move |c| ops::runs_claim(c, &cl).map(|r| (r, false))).await
     }
     async fn lease_renew(&self, p: LeaseRenew) -> StoreResult<Lease> {
-        self.write(move |c| ops::lease_renew(c, &p).map(|r| (r, false))).await
+        self.write_again(move |c| ops::lease_renew(c, &p).map(|r| (r, false))).await
     }
     async fn run_start(&self, p: RunStart) -> StoreResult<Run> {
-        self.write(move |c| ops::run_start(c, &p).map(|r| (r, false))).await
+        self.write_again(move |c| ops::run_start(c, &p).map(|r| (r, false))).await
     }
     async fn runs_complete_many(&self, p: CompleteMany) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
-        self.write(move |c| ops::runs_complete_many(c, &p)).await
+        self.write_again(move |c| ops::runs_complete_many(c, &p)).await
     }
     async fn run_get(&self, id: RunId) -> StoreResult<Run> {
         self.read(move |c| ops::run_get(c, id)).await
@@ -705,14 +849,14 @@ impl Store for SqliteStore {
         self.read(move |c| ops::run_list(c, &f)).await
     }
     async fn run_cancel(&self, id: RunId, x: Cancel) -> StoreResult<Run> {
-        self.write(move |c| ops::run_cancel(c, id, &x).map(|r| (r, false))).await
+        self.write_again(move |c| ops::run_cancel(c, id, &x).map(|r| (r, false))).await
     }
     async fn run_requeue(&self, id: RunId, r: Requeue) -> StoreResult<WorkItem> {
-        self.write(move |c| ops::run_requeue(c, id, &r).map(|w| (w, true))).await
+        self.write_again(move |c| ops::run_requeue(c, id, &r).map(|w| (w, true))).await
     }
 
     async fn logs_append(&self, p: LogAppend) -> StoreResult<u64> {
-        self.write(move |c| ops::logs_append(c, p).map(|r| (r, false))).await
+        self.write_again(move |c| ops::logs_append(c, &p).map(|r| (r, false))).await
     }
     async fn logs_read_after(&self, run_id: RunId, after: u64, limit: u32) -> StoreResult<Vec<LogEntry>> {
         self.read(move |c| ops::logs_read_after(c, run_id, after, limit)).await
@@ -753,5 +897,175 @@ impl Store for SqliteStore {
 
     async fn stats(&self) -> StoreResult<QueueStats> {
         self.read(ops::stats).await
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    //! The writer's transaction handling: which commands run in savepoints, and what a failure undoes.
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn conn() -> Connection {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch("CREATE TABLE t (x TEXT PRIMARY KEY)").unwrap();
+        c
+    }
+
+    fn rows(c: &Connection) -> Vec<String> {
+        let mut st = c.prepare("SELECT x FROM t ORDER BY x").unwrap();
+        st.query_map([], |r| r.get(0)).unwrap().collect::<rusqlite::Result<Vec<String>>>().unwrap()
+    }
+
+    fn insert(c: &Connection, x: &str) -> StoreResult<()> {
+        c.execute("INSERT INTO t (x) VALUES (?1)", [x]).map(|_| ()).map_err(ops::map_err)
+    }
+
+    /// What a test command does.
+    #[derive(Clone, Copy)]
+    enum Act {
+        /// Inserts its row and succeeds.
+        Ok,
+        /// Fails before writing anything.
+        FailClean,
+        /// Inserts its row, then fails.
+        FailDirty,
+        /// Inserts its row, then panics.
+        Panic,
+    }
+
+    fn body(c: &Connection, name: &str, act: Act) -> StoreResult<(String, bool)> {
+        match act {
+            Act::FailClean => return Err(StoreError::conflict(format!("{name} refused"))),
+            _ => insert(c, name)?,
+        }
+        match act {
+            Act::FailDirty => Err(StoreError::conflict(format!("{name} failed after writing"))),
+            Act::Panic => panic!("{name} panicked"),
+            _ => Ok((name.to_string(), false)),
+        }
+    }
+
+    struct Cmd {
+        runs: Arc<AtomicUsize>,
+        answer: Answer<String>,
+    }
+
+    fn again(name: &'static str, act: Act) -> (Job, Cmd) {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let r = runs.clone();
+        let (job, answer) = again_job(move |c| {
+            r.fetch_add(1, Ordering::SeqCst);
+            body(c, name, act)
+        });
+        (job, Cmd { runs, answer })
+    }
+
+    fn once(name: &'static str, act: Act) -> (Job, Cmd) {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let r = runs.clone();
+        let (job, answer) = once_job(move |c| {
+            r.fetch_add(1, Ordering::SeqCst);
+            body(c, name, act)
+        });
+        (job, Cmd { runs, answer })
+    }
+
+    /// Runs the commands as one batch; returns each one's answer (None: dropped unanswered) and runs.
+    fn batch(c: &mut Connection, cmds: Vec<(Job, Cmd)>) -> Vec<(Option<StoreResult<String>>, usize)> {
+        let (jobs, cmds): (Vec<Job>, Vec<Cmd>) = cmds.into_iter().unzip();
+        run_batch(c, jobs, &Notifier::new());
+        assert!(c.is_autocommit(), "the batch left a transaction open");
+        cmds.into_iter()
+            .map(|mut k| {
+                let a = k.answer.try_recv().ok();
+                (a, k.runs.load(Ordering::SeqCst))
+            })
+            .collect()
+    }
+
+    fn ok(a: &(Option<StoreResult<String>>, usize)) -> bool {
+        matches!(&a.0, Some(Ok(_)))
+    }
+    fn err(a: &(Option<StoreResult<String>>, usize)) -> bool {
+        matches!(&a.0, Some(Err(StoreError::Conflict { .. })))
+    }
+
+    #[test]
+    fn commands_that_can_run_again_commit_together_without_replays() {
+        let mut c = conn();
+        let out = batch(&mut c, vec![again("a", Act::Ok), again("b", Act::FailClean), again("c", Act::Ok)]);
+        assert!(ok(&out[0]) && err(&out[1]) && ok(&out[2]));
+        assert_eq!(out.iter().map(|o| o.1).collect::<Vec<_>>(), vec![1, 1, 1], "a clean failure undoes nothing");
+        assert_eq!(rows(&c), vec!["a", "c"]);
+    }
+
+    #[test]
+    fn a_failure_after_writing_undoes_only_that_command() {
+        let mut c = conn();
+        let out = batch(
+            &mut c,
+            vec![again("a", Act::Ok), again("b", Act::Ok), again("x", Act::FailDirty), again("d", Act::Ok)],
+        );
+        assert!(ok(&out[0]) && ok(&out[1]) && err(&out[2]) && ok(&out[3]));
+        // a and b ran again after the rollback; x ran again in a savepoint; d ran once.
+        assert_eq!(out.iter().map(|o| o.1).collect::<Vec<_>>(), vec![2, 2, 2, 1]);
+        assert_eq!(rows(&c), vec!["a", "b", "d"]);
+    }
+
+    #[test]
+    fn a_lone_command_that_fails_after_writing_is_rolled_back() {
+        let mut c = conn();
+        let out = batch(&mut c, vec![again("x", Act::FailDirty), again("b", Act::Ok)]);
+        assert!(err(&out[0]) && ok(&out[1]));
+        assert_eq!((out[0].1, out[1].1), (1, 1));
+        assert_eq!(rows(&c), vec!["b"]);
+        let out = batch(&mut c, vec![once("y", Act::FailDirty), once("e", Act::Ok)]);
+        assert!(err(&out[0]) && ok(&out[1]));
+        assert_eq!(rows(&c), vec!["b", "e"]);
+    }
+
+    #[test]
+    fn commands_after_a_run_once_command_use_savepoints() {
+        let mut c = conn();
+        let out = batch(
+            &mut c,
+            vec![again("a", Act::Ok), once("b", Act::Ok), again("x", Act::FailDirty), once("y", Act::FailDirty)]
+                .into_iter()
+                .chain([again("e", Act::Ok)])
+                .collect(),
+        );
+        assert!(ok(&out[0]) && ok(&out[1]) && err(&out[2]) && err(&out[3]) && ok(&out[4]));
+        assert_eq!(out.iter().map(|o| o.1).collect::<Vec<_>>(), vec![1, 1, 1, 1, 1]);
+        assert_eq!(rows(&c), vec!["a", "b", "e"]);
+    }
+
+    #[test]
+    fn a_panic_is_rolled_back_and_the_others_commit() {
+        let mut c = conn();
+        let out = batch(&mut c, vec![again("a", Act::Ok), again("p", Act::Panic), once("q", Act::Panic)]);
+        assert!(ok(&out[0]));
+        assert!(out[1].0.is_none() && out[2].0.is_none(), "a panicking command is dropped unanswered");
+        assert_eq!(rows(&c), vec!["a"]);
+        let out = batch(&mut c, vec![once("r", Act::Panic), again("f", Act::Ok)]);
+        assert!(out[0].0.is_none() && ok(&out[1]));
+        assert_eq!(rows(&c), vec!["a", "f"]);
+    }
+
+    #[test]
+    fn a_failed_commit_answers_every_command_with_a_retryable_error() {
+        let mut c = conn();
+        c.execute_batch("CREATE TABLE parent (id INTEGER PRIMARY KEY); CREATE TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED); PRAGMA foreign_keys = ON;").unwrap();
+        let (job, mut answer) = again_job(|c: &Connection| {
+            c.execute("INSERT INTO child (p) VALUES (42)", []).map_err(ops::map_err)?;
+            Ok(((), false))
+        });
+        let out = batch(&mut c, vec![again("a", Act::Ok)]);
+        assert!(ok(&out[0]));
+        run_batch(&mut c, vec![job], &Notifier::new());
+        assert!(matches!(answer.try_recv(), Ok(Err(StoreError::Unavailable { retryable: true, .. }))));
+        assert!(c.is_autocommit());
+        let n: i64 = c.query_row("SELECT count(*) FROM child", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 0);
     }
 }

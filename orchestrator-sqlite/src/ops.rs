@@ -447,6 +447,7 @@ pub fn recipe_list(c: &Connection, page: Page) -> StoreResult<Vec<ToolRecipe>> {
 // ---------------------------------------------------------------- work items
 
 /// The JSON columns of a work item row, encoded ahead of the write.
+#[derive(Clone)]
 pub struct RowJson {
     labels: String,
     dependencies: String,
@@ -1806,7 +1807,7 @@ pub fn run_requeue(c: &Connection, id: RunId, rq: &Requeue) -> StoreResult<WorkI
 
 // ---------------------------------------------------------------- logs and step events
 
-pub fn logs_append(c: &Connection, p: LogAppend) -> StoreResult<u64> {
+pub fn logs_append(c: &Connection, p: &LogAppend) -> StoreResult<u64> {
     let r = run_get(c, p.run_id)?;
     rules::check_fence(&r, p.token, p.now)?;
     let mut seq: i64 =
