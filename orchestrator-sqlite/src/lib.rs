@@ -54,6 +54,11 @@ pub struct SqliteOptions {
     pub read_connections: usize,
     /// Most commands committed together in one transaction.
     pub max_batch: usize,
+    /// The writer's page cache, in KiB (`PRAGMA cache_size`). Bigger is not faster: when a B-tree page
+    /// splits, SQLite renumbers pages through a temporary page number far past the end of the file,
+    /// and the next commit then walks the whole cache; with a big cache that walk costs more than the
+    /// reads it saves (the operating system caches the file too). Measured in the README.
+    pub cache_kib: u32,
 }
 
 impl Default for SqliteOptions {
@@ -63,6 +68,7 @@ impl Default for SqliteOptions {
             busy_timeout: std::time::Duration::from_secs(5),
             read_connections: 4,
             max_batch: 512,
+            cache_kib: 8 * 1024,
         }
     }
 }
@@ -130,6 +136,15 @@ enum Job {
 const SMALL_CREATE: usize = 16;
 
 type Answer<R> = tokio::sync::oneshot::Receiver<StoreResult<R>>;
+
+/// The answer to a command; a command dropped unanswered (it panicked, or its transaction could not
+/// begin) is a retryable `Unavailable`.
+async fn answered<R>(rx: Answer<R>) -> StoreResult<R> {
+    rx.await.map_err(|_| StoreError::Unavailable {
+        retryable: true,
+        message: "the SQLite writer could not run the command (see the log)".into(),
+    })?
+}
 
 /// A command that runs once, and where its answer arrives.
 fn once_job<R: Send + 'static>(
@@ -271,8 +286,9 @@ fn configure_writer(conn: &Connection, opts: &SqliteOptions, memory: bool) -> ru
     };
     // Checkpoints run on their own thread (see `start_checkpointer`); the writer checkpoints itself
     // only as a fallback when the WAL grows past ~80 MB.
+    let cache = opts.cache_kib.max(64);
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -262144;
+        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -{cache};
          PRAGMA wal_autocheckpoint = 20000;"
     ))?;
     ops::register_functions(conn)?;
@@ -404,14 +420,15 @@ impl SqliteStore {
     }
 
     async fn submit<R>(&self, job: Job, rx: Answer<R>) -> StoreResult<R> {
+        self.send_job(job)?;
+        answered(rx).await
+    }
+
+    fn send_job(&self, job: Job) -> StoreResult<()> {
         self.jobs.send(job).map_err(|_| StoreError::Unavailable {
             retryable: false,
             message: "the SQLite writer thread has stopped".into(),
-        })?;
-        rx.await.map_err(|_| StoreError::Unavailable {
-            retryable: true,
-            message: "the SQLite writer could not run the command (see the log)".into(),
-        })?
+        })
     }
 
     /// Runs a read on a read-only connection (or through the writer for `:memory:`).
@@ -443,6 +460,92 @@ impl SqliteStore {
                 .map_err(StoreError::backend)?
             }
         }
+    }
+}
+
+/// A work item creation with its row, prepared off the writer thread (hashing, JSON).
+type Prepared = (NewWorkItem, WorkItem, ops::RowJson);
+
+fn prepare(p: NewWorkItem, now: DateTime<Utc>) -> StoreResult<Prepared> {
+    let w = orchestrator_core::rules::new_work_item(&p, now);
+    let json = ops::RowJson::of(&w)?;
+    Ok((p, w, json))
+}
+
+/// Creations above this many items stream to the writer in chunks.
+const STREAM_CREATE: usize = 2 * ops::INSERT_CHUNK;
+
+/// The rows of a streamed creation, as the writer thread receives them. `None` marks the end; a
+/// stream whose sender went away without it was abandoned (the caller's task was dropped or failed).
+struct Streamed {
+    rx: mpsc::Receiver<Option<Vec<Prepared>>>,
+    buf: std::vec::IntoIter<Prepared>,
+    ended: bool,
+}
+
+impl Iterator for Streamed {
+    type Item = Prepared;
+    fn next(&mut self) -> Option<Prepared> {
+        loop {
+            if let Some(x) = self.buf.next() {
+                return Some(x);
+            }
+            if self.ended {
+                return None;
+            }
+            match self.rx.recv() {
+                Ok(Some(rows)) => self.buf = rows.into_iter(),
+                Ok(None) => self.ended = true,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+impl SqliteStore {
+    /// [`Store::work_items_create`] for many items: one command whose rows arrive in chunks, so the
+    /// writer inserts while this task prepares the rest. All or nothing, like any creation.
+    async fn work_items_create_streamed(
+        &self,
+        items: Vec<NewWorkItem>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<WorkItemCreated>> {
+        let (tx, rx) = mpsc::channel::<Option<Vec<Prepared>>>();
+        let (job, answer) = once_job(move |c| {
+            let mut rows = Streamed { rx, buf: Vec::new().into_iter(), ended: false };
+            let res = ops::work_items_create(c, &mut rows, now)?;
+            if !rows.ended {
+                return Err(StoreError::Unavailable {
+                    retryable: true,
+                    message: "the creation was abandoned before all its items arrived; nothing was stored".into(),
+                });
+            }
+            Ok(res)
+        });
+        self.send_job(job)?;
+        let mut items = items.into_iter();
+        loop {
+            let chunk: Vec<NewWorkItem> = items.by_ref().take(ops::INSERT_CHUNK).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            match chunk.into_iter().map(|p| prepare(p, now)).collect::<StoreResult<Vec<_>>>() {
+                // A send fails only when the command already ended (with an error): its answer says why.
+                Ok(rows) => {
+                    if tx.send(Some(rows)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    // Dropping the sender abandons the command, which stores nothing.
+                    drop(tx);
+                    let _ = answer.await;
+                    return Err(e);
+                }
+            }
+        }
+        let _ = tx.send(None);
+        answered(answer).await
     }
 }
 
@@ -761,14 +864,11 @@ impl Store for SqliteStore {
         items: Vec<NewWorkItem>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<WorkItemCreated>> {
-        let prepared = items
-            .into_iter()
-            .map(|p| {
-                let w = orchestrator_core::rules::new_work_item(&p, now);
-                let json = ops::RowJson::of(&w)?;
-                Ok((p, w, json))
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
+        // A large creation streams: the writer starts inserting while this task still prepares rows.
+        if items.len() > STREAM_CREATE {
+            return self.work_items_create_streamed(items, now).await;
+        }
+        let prepared = items.into_iter().map(|p| prepare(p, now)).collect::<StoreResult<Vec<_>>>()?;
         // A few creations can run again from a copy (cheaper than a savepoint); a large batch runs once.
         if prepared.len() <= SMALL_CREATE {
             self.write_again(move |c| ops::work_items_create(c, prepared.clone(), now)).await

@@ -469,6 +469,9 @@ fn insert_work_item(c: &Connection, w: &WorkItem) -> StoreResult<()> {
 /// shapes serve every batch.
 const INSERT_SIZES: [usize; 4] = [64, 16, 4, 1];
 
+/// A creation writes its rows whenever this many are waiting (one multi-row statement).
+pub const INSERT_CHUNK: usize = INSERT_SIZES[0];
+
 /// Columns bound per inserted work item row.
 const WI_PARAMS: usize = 22;
 
@@ -878,12 +881,16 @@ pub fn enqueue_checked(c: &Connection, items: &[Enqueue], now: DateTime<Utc>) ->
 
 /// `items` pairs each creation with its prepared row (`rules::new_work_item`, built before the command
 /// reaches the writer thread so hashing and allocation happen off it).
+///
+/// `items` may be a stream that the caller is still preparing (see the SQLite store's
+/// `work_items_create`): rows are written every [`INSERT_CHUNK`] items as they arrive.
 pub fn work_items_create(
     c: &Connection,
-    items: Vec<(NewWorkItem, WorkItem, RowJson)>,
+    items: impl IntoIterator<Item = (NewWorkItem, WorkItem, RowJson)>,
     now: DateTime<Utc>,
 ) -> StoreResult<(Vec<WorkItemCreated>, bool)> {
-    let mut out = Vec::with_capacity(items.len());
+    let items = items.into_iter();
+    let mut out = Vec::with_capacity(items.size_hint().0);
     let mut enqueues = Vec::new();
     let mut seen_keys: HashMap<(ProjectId, String), ()> = HashMap::new();
     let mut known_projects: std::collections::HashSet<ProjectId> = std::collections::HashSet::new();
@@ -917,6 +924,9 @@ pub fn work_items_create(
         if let Err(e) = step {
             flush(&out, &mut pending)?;
             return Err(e);
+        }
+        if pending.len() >= INSERT_CHUNK {
+            flush(&out, &mut pending)?;
         }
     }
     flush(&out, &mut pending)?;

@@ -411,6 +411,37 @@ pub async fn edge_idempotency_key_twice_in_one_batch(store: Arc<dyn Store>) {
     assert_eq!(items_of(&h, p.id).await.len(), 2);
 }
 
+/// A large creation batch (stores may stream or chunk it) is all or nothing: a duplicate idempotency key
+/// near its end stores none of it; a valid one stores every item, returned in request order.
+pub async fn edge_large_creation_batch_is_atomic(store: Arc<dyn Store>) {
+    let h = Harness::new(store);
+    let p = h.project().await;
+    let n = 700;
+    let batch = |tag: &str| -> Vec<CreateWorkItem> {
+        (0..n)
+            .map(|i| CreateWorkItem { enqueue: Some(EnqueueOptions::default()), ..create(p.id, &format!("{tag} {i}")) })
+            .collect()
+    };
+    let mut bad = batch("bad");
+    bad[n - 50].idempotency_key = Some("twice".into());
+    bad[n - 10].idempotency_key = Some("twice".into());
+    let e = h.orch.create_work_items(bad).await.unwrap_err();
+    assert!(matches!(e, Error::Store(StoreError::Duplicate { .. })), "{e:?}");
+    assert!(items_of(&h, p.id).await.is_empty(), "a refused batch stored some of its items");
+
+    let good = batch("good");
+    let out = h.orch.create_work_items(good).await.unwrap();
+    assert_eq!(out.len(), n);
+    for (i, o) in out.iter().enumerate() {
+        assert!(o.created);
+        assert_eq!(o.work_item.title, format!("good {i}"));
+        assert_eq!(o.work_item.state, WorkItemState::Queued);
+    }
+    assert_eq!(items_of(&h, p.id).await.len(), n);
+    let stats = h.store.stats().await.unwrap();
+    assert_eq!(stats.work_items.get("queued"), Some(&(n as u64)));
+}
+
 // ---- recipe scope ----
 
 /// A recipe created for project P cannot be used by project Q (creating, attaching or proposing a
@@ -906,6 +937,7 @@ macro_rules! __edge_cases {
             edge_pending_deps_exact_for_waiting_dependent,
             edge_enqueue_many_same_item_twice_is_invalid,
             edge_idempotency_key_twice_in_one_batch,
+            edge_large_creation_batch_is_atomic,
             edge_recipe_scope_by_project,
             edge_project_delete_cascades,
             edge_pagination_after_visits_every_row_once,
