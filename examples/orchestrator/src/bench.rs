@@ -23,6 +23,7 @@ pub struct Opts {
     enqueue_batch: usize,
     db: Option<PathBuf>,
     synchronous: Synchronous,
+    cache_kib: Option<u32>,
     finished: usize,
     database_url: String,
     latency_items: usize,
@@ -49,6 +50,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         enqueue_batch: 1000,
         db: None,
         synchronous: Synchronous::Normal,
+        cache_kib: None,
         finished: 0,
         database_url: default_database_url(),
         latency_items: 200,
@@ -80,6 +82,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
                 }
             }
             "--finished" => o.finished = num("--finished", it.next())?,
+            "--cache-kib" => o.cache_kib = Some(num("--cache-kib", it.next())?),
             other => return Err(format!("unknown option `{other}`")),
         }
     }
@@ -133,7 +136,10 @@ async fn open(o: &Opts) -> Result<Backend, String> {
                     (Some(d), p)
                 }
             };
-            let opts = SqliteOptions { synchronous: o.synchronous, ..Default::default() };
+            let mut opts = SqliteOptions { synchronous: o.synchronous, ..Default::default() };
+            if let Some(k) = o.cache_kib {
+                opts.cache_kib = k;
+            }
             let s = SqliteStore::open(&path, opts).map_err(|e| e.to_string())?;
             Ok(Backend { store: Arc::new(s), _dir: dir, path: Some(path), pg: None })
         }
@@ -357,7 +363,7 @@ async fn measure(o: &Opts, b: &Backend) -> Result<(), String> {
     let base = match &b.pg {
         Some(pg) => json!({"backend": o.backend, "schema": pg.schema()}),
         None => {
-            json!({"backend": o.backend, "synchronous": format!("{:?}", o.synchronous).to_lowercase(), "db": b.path.as_ref().map(|p| p.display().to_string())})
+            json!({"backend": o.backend, "synchronous": format!("{:?}", o.synchronous).to_lowercase(), "cache_kib": o.cache_kib.unwrap_or(SqliteOptions::default().cache_kib), "db": b.path.as_ref().map(|p| p.display().to_string())})
         }
     };
     let with = |mut v: serde_json::Value| {

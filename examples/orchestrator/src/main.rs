@@ -34,6 +34,7 @@ measure enqueue and claim+complete throughput and claim latency; one JSON line p
   --database-url URL        PostgreSQL server for the postgres backend (default ORCH_TEST_DATABASE_URL,
                             else the local server's `postgres` database)
   --finished M              also measure claims with M finished runs in the database (default 0)
+  --cache-kib N             SQLite writer page cache in KiB (default 8192)
   --latency-items N         items of the enqueue-to-claim latency measurement (default 200)
   --latency-rate R          enqueues per second of the latency measurement (default 50)
   --latency-claimers K      claimers waiting for work during the latency measurement (default 1)
