@@ -3,8 +3,8 @@
 //! The embedded default [`Store`] on SQLite (rusqlite, bundled).
 //!
 //! - One writer thread owns the write connection and takes commands over a channel with replies. It
-//!   runs every command that is waiting in one `BEGIN IMMEDIATE` transaction (group commit) and replies
-//!   after `COMMIT`. A failing command rolls back alone: commands that can run again (claims,
+//!   runs every command that is waiting in one `BEGIN IMMEDIATE` transaction (group commit; commands
+//!   arriving within a few milliseconds join it) and replies after `COMMIT`. A failing command rolls back alone: commands that can run again (claims,
 //!   completions, heartbeats, ...) run without a savepoint and, if one fails after writing, the
 //!   transaction is rolled back and the commands before it run again; the others run in a savepoint.
 //! - Reads run on a few read-only connections in `spawn_blocking` (WAL lets them run beside the writer).
@@ -628,7 +628,17 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        run_batch(&mut conn, batch, &notifier);
+        // Commands that arrive while the transaction is young join it: fewer commits, and pages that
+        // several commands change are written to the WAL once.
+        let deadline = std::time::Instant::now() + JOIN_WINDOW;
+        let mut more = |len: usize| {
+            if len < max_batch && std::time::Instant::now() < deadline {
+                rx.try_recv().ok()
+            } else {
+                None
+            }
+        };
+        run_batch_joining(&mut conn, batch, &notifier, &mut more);
         batches = batches.wrapping_add(1);
         if let Some((frames, busy)) = &wal {
             if batches % 16 == 0 {
@@ -638,11 +648,26 @@ fn writer_loop(
     }
 }
 
+/// How long after a transaction began newly arriving commands may still join it.
+const JOIN_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+
+#[cfg(test)]
 fn run_batch(conn: &mut Connection, batch: Vec<Job>, notifier: &Notifier) {
+    run_batch_joining(conn, batch, notifier, &mut |_| None)
+}
+
+/// Runs the batch; `more(n)` may hand over another command to run in the same transaction (n: commands
+/// in the batch so far).
+fn run_batch_joining(
+    conn: &mut Connection,
+    batch: Vec<Job>,
+    notifier: &Notifier,
+    more: &mut dyn FnMut(usize) -> Option<Job>,
+) {
     let mut jobs: Vec<Option<Job>> = batch.into_iter().map(Some).collect();
     let mut next = 0;
     while next < jobs.len() {
-        next = run_tx(conn, &mut jobs, next, notifier);
+        next = run_tx(conn, &mut jobs, next, notifier, more);
     }
 }
 
@@ -667,7 +692,13 @@ fn call(job: &mut Option<Job>, conn: &Connection) -> Option<Ran> {
 /// the transaction back: alone in it, it is simply answered; otherwise the commands before it (all of
 /// them runnable again) run again from the start of a new transaction, each in its own savepoint, as
 /// do all commands after the first one that can run only once.
-fn run_tx(conn: &mut Connection, jobs: &mut [Option<Job>], start: usize, notifier: &Notifier) -> usize {
+fn run_tx(
+    conn: &mut Connection,
+    jobs: &mut Vec<Option<Job>>,
+    start: usize,
+    notifier: &Notifier,
+    more: &mut dyn FnMut(usize) -> Option<Job>,
+) -> usize {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         // The command cannot run; dropping it answers its caller with a retryable `Unavailable`.
         tracing::error!(error = %e, "could not begin a write transaction");
@@ -678,7 +709,13 @@ fn run_tx(conn: &mut Connection, jobs: &mut [Option<Job>], start: usize, notifie
     let mut notify = false;
     let mut guarded = false;
     let mut i = start;
-    while i < jobs.len() {
+    loop {
+        if i == jobs.len() {
+            match more(jobs.len()) {
+                Some(j) => jobs.push(Some(j)),
+                None => break,
+            }
+        }
         let again = matches!(jobs[i], Some(Job::Again(_)));
         if !again {
             // Nothing before the next command could be run again after this one.
@@ -1150,6 +1187,31 @@ mod writer_tests {
         let out = batch(&mut c, vec![once("r", Act::Panic), again("f", Act::Ok)]);
         assert!(out[0].0.is_none() && ok(&out[1]));
         assert_eq!(rows(&c), vec!["a", "f"]);
+    }
+
+    #[test]
+    fn commands_that_arrive_during_the_transaction_join_it() {
+        let mut c = conn();
+        let (a, ka) = again("a", Act::Ok);
+        let mut later = vec![again("x", Act::FailDirty), once("b", Act::Ok), again("c", Act::Ok)].into_iter();
+        let mut cmds = Vec::new();
+        let mut more = |n: usize| {
+            assert!(n >= 1);
+            later.next().map(|(j, k)| {
+                cmds.push(k);
+                j
+            })
+        };
+        run_batch_joining(&mut c, vec![a], &Notifier::new(), &mut more);
+        assert!(c.is_autocommit());
+        let mut answers = vec![ka];
+        answers.extend(cmds);
+        let out: Vec<_> =
+            answers.into_iter().map(|mut k| (k.answer.try_recv().ok(), k.runs.load(Ordering::SeqCst))).collect();
+        assert!(ok(&out[0]) && err(&out[1]) && ok(&out[2]) && ok(&out[3]));
+        // x failed after writing: a ran again, x in a savepoint; b and c joined after that.
+        assert_eq!(out.iter().map(|o| o.1).collect::<Vec<_>>(), vec![2, 2, 1, 1]);
+        assert_eq!(rows(&c), vec!["a", "b", "c"]);
     }
 
     #[test]
