@@ -1398,7 +1398,7 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             FROM picked p
          ),
          fresh AS (
-            SELECT n.*, f.run_id FROM numbered n JOIN unnest($4::uuid[]) WITH ORDINALITY AS f(run_id, rn) ON f.rn = n.rn
+            SELECT n.*, ($4::uuid[])[n.rn::int4] AS run_id FROM numbered n
          ),
          upd AS (
             UPDATE work_items w SET state = 'running', updated_at = $1,
@@ -1606,6 +1606,10 @@ async fn complete_one(
     Ok(Ok(res))
 }
 
+/// The leased run states, bound as a parameter: with the literal list the planner may read the runs by
+/// the leased-runs index (every leased run, filtered) instead of by primary key.
+const LEASED: &[&str] = &["claimed", "running"];
+
 static COMPLETE_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let run_runs = run_cols_of("runs");
     format!(
@@ -1614,7 +1618,7 @@ static COMPLETE_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new
             UPDATE runs SET state = 'succeeded', finished_at = $4, lease_expires_at = NULL, exit_code = c.exit_code,
                    error = NULL, failure_kind = NULL
             FROM c WHERE runs.id = ANY($1::uuid[]) AND runs.id = c.run_id AND runs.lease_token = c.token
-                   AND runs.state IN ('claimed', 'running')
+                   AND runs.state = ANY($5::text[])
                    AND runs.lease_expires_at > $4
             RETURNING {run_runs}
          ),
@@ -1653,11 +1657,12 @@ pub async fn runs_complete_many(
                 RunOutcome::Failed { exit_code, .. } => exit_code,
             })
             .collect();
-        let rows =
-            all(c, sqlx::query(COMPLETE_MANY_SQL.as_str()).bind(ids).bind(tokens).bind(codes).bind(p.now), |r| {
-                Ok((run(r)?, r.try_get::<bool, _>(17)?, r.try_get::<bool, _>(18)?))
-            })
-            .await?;
+        let rows = all(
+            c,
+            sqlx::query(COMPLETE_MANY_SQL.as_str()).bind(ids).bind(tokens).bind(codes).bind(p.now).bind(LEASED),
+            |r| Ok((run(r)?, r.try_get::<bool, _>(17)?, r.try_get::<bool, _>(18)?)),
+        )
+        .await?;
         let by_run: HashMap<RunId, (Run, bool, bool)> = rows.into_iter().map(|(r, d, h)| (r.id, (r, d, h))).collect();
         for &i in &idx {
             let x = &p.completions[i];
