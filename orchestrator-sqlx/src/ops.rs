@@ -1410,15 +1410,14 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
          ins AS (
             INSERT INTO runs (id, work_item_id, project_id, attempt, agent_id, state, lease_token, lease_expires_at, heartbeat_at, claimed_at)
             SELECT u.current_run_id, u.id, u.project_id, u.attempts, $5, 'claimed', 1, $6, $1, $1 FROM upd u WHERE NOT u.resume
-            RETURNING {run_runs}
          ),
          res AS (
             UPDATE runs SET state = 'claimed', agent_id = $5, lease_token = runs.lease_token + 1, lease_expires_at = $6, heartbeat_at = $1
             FROM upd u WHERE u.resume AND runs.id = u.current_run_id AND runs.state = 'waiting_input'
             RETURNING {run_runs}
          )
-         SELECT {wi_u}, {run_r}, u.resume
-         FROM upd u JOIN (SELECT * FROM ins UNION ALL SELECT * FROM res) r ON r.work_item_id = u.id"
+         SELECT {wi_u}, u.resume, {run_r}
+         FROM upd u LEFT JOIN res r ON r.work_item_id = u.id"
     )
 });
 
@@ -1440,20 +1439,36 @@ pub async fn runs_claim(c: &mut PgConnection, cl: &Claim) -> StoreResult<Vec<Cla
             .bind(expires),
         |r| {
             let w = work_item(r)?;
-            let run = run_at(r, WI_N)?;
-            let resumed: bool = r.try_get(WI_N + 17)?;
-            Ok((w, run, resumed))
+            let resumed: bool = r.try_get(WI_N)?;
+            let run = if resumed && r.try_get::<Option<Uuid>, _>(WI_N + 1)?.is_some() {
+                Some(run_at(r, WI_N + 1)?)
+            } else {
+                None
+            };
+            Ok((w, resumed, run))
         },
     )
     .await?;
-    let mut out: Vec<ClaimedRun> = rows
-        .into_iter()
-        .map(|(work_item, run, resumed)| {
-            let lease =
-                Lease { run_id: run.id, token: run.lease_token, expires_at: run.lease_expires_at.unwrap_or(expires) };
-            ClaimedRun { run, lease, work_item, resumed }
-        })
-        .collect();
+    let mut out: Vec<ClaimedRun> = Vec::with_capacity(rows.len());
+    for (work_item, resumed, run) in rows {
+        // A fresh run is exactly what the statement inserted: built here rather than sent back.
+        let run = match (resumed, run, work_item.current_run_id) {
+            (true, Some(run), _) => run,
+            (false, _, Some(run_id)) => {
+                let lease = Lease { run_id, token: 1, expires_at: expires };
+                rules::new_run(&work_item, &cl.agent_id, work_item.attempts, &lease, cl.now)
+            }
+            _ => {
+                return Err(StoreError::conflict(format!(
+                    "work item {} was claimed without a run it could use",
+                    work_item.id
+                )))
+            }
+        };
+        let lease =
+            Lease { run_id: run.id, token: run.lease_token, expires_at: run.lease_expires_at.unwrap_or(expires) };
+        out.push(ClaimedRun { run, lease, work_item, resumed });
+    }
     out.sort_by_key(|c| (std::cmp::Reverse(c.work_item.priority), c.work_item.run_at, c.work_item.id));
     Ok(out)
 }
@@ -1612,12 +1627,15 @@ const LEASED: &[&str] = &["claimed", "running"];
 
 static COMPLETE_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let run_runs = run_cols_of("runs");
+    let run_r = run_cols_of("r");
+    // Each run's token and exit code are found by its position in $1 (no join: a nested loop over
+    // the batch in the generic plan grows with its square). The runs whose work item was finished come
+    // back with it, beside the count of all finished runs, which tells whether any item was not running.
     format!(
-        "WITH c AS (SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int4[]) AS c(run_id, token, exit_code)),
-         r AS (
-            UPDATE runs SET state = 'succeeded', finished_at = $4, lease_expires_at = NULL, exit_code = c.exit_code,
-                   error = NULL, failure_kind = NULL
-            FROM c WHERE runs.id = ANY($1::uuid[]) AND runs.id = c.run_id AND runs.lease_token = c.token
+        "WITH r AS (
+            UPDATE runs SET state = 'succeeded', finished_at = $4, lease_expires_at = NULL,
+                   exit_code = ($3::int4[])[array_position($1::uuid[], runs.id)], error = NULL, failure_kind = NULL
+            WHERE runs.id = ANY($1::uuid[]) AND runs.lease_token = ($2::int8[])[array_position($1::uuid[], runs.id)]
                    AND runs.state = ANY($5::text[])
                    AND runs.lease_expires_at > $4
             RETURNING {run_runs}
@@ -1625,9 +1643,9 @@ static COMPLETE_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new
          w AS (
             UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = $4
             FROM r WHERE work_items.id = r.work_item_id AND work_items.state = 'running'
-            RETURNING work_items.id, work_items.has_dependents
+            RETURNING {run_r}, work_items.has_dependents
          )
-         SELECT r.*, w.id IS NOT NULL, COALESCE(w.has_dependents, false) FROM r LEFT JOIN w ON w.id = r.work_item_id"
+         SELECT c.n, w.* FROM (SELECT count(*) AS n FROM r) c LEFT JOIN w ON true"
     )
 });
 
@@ -1659,19 +1677,40 @@ pub async fn runs_complete_many(
             .collect();
         let rows = all(
             c,
-            sqlx::query(COMPLETE_MANY_SQL.as_str()).bind(ids).bind(tokens).bind(codes).bind(p.now).bind(LEASED),
-            |r| Ok((run(r)?, r.try_get::<bool, _>(17)?, r.try_get::<bool, _>(18)?)),
+            sqlx::query(COMPLETE_MANY_SQL.as_str()).bind(&ids).bind(tokens).bind(codes).bind(p.now).bind(LEASED),
+            |r| {
+                let n: i64 = r.try_get(0)?;
+                let done = match r.try_get::<Option<Uuid>, _>(1)? {
+                    Some(_) => Some((run_at(r, 1)?, r.try_get::<bool, _>(18)?)),
+                    None => None,
+                };
+                Ok((n, done))
+            },
         )
         .await?;
-        let by_run: HashMap<RunId, (Run, bool, bool)> = rows.into_iter().map(|(r, d, h)| (r.id, (r, d, h))).collect();
+        // One row at least (the count), with the finished run and item when there is one.
+        let finished = rows.first().map_or(0, |x| x.0);
+        let by_run: HashMap<RunId, (Run, bool)> =
+            rows.into_iter().filter_map(|(_, d)| d).map(|(r, h)| (r.id, (r, h))).collect();
+        if finished != by_run.len() as i64 {
+            // A run was finished but its work item was not running: an invariant is broken. Name the item
+            // (the transaction rolls back).
+            for id in &ids {
+                if by_run.contains_key(&RunId(*id)) {
+                    continue;
+                }
+                let r = run_get(c, RunId(*id)).await?;
+                if r.state == RunState::Succeeded && r.finished_at == Some(p.now) {
+                    let s = item_state(c, r.work_item_id).await?;
+                    return Err(transition_err(s, WorkItemState::Succeeded));
+                }
+            }
+            return Err(StoreError::conflict("a completed run's work item was not running"));
+        }
         for &i in &idx {
             let x = &p.completions[i];
             match by_run.get(&x.run_id) {
-                Some((run, item_done, has_dependents)) => {
-                    if !item_done {
-                        let s = item_state(c, run.work_item_id).await?;
-                        return Err(transition_err(s, WorkItemState::Succeeded));
-                    }
+                Some((run, has_dependents)) => {
                     let released =
                         if *has_dependents { release_dependents(c, run.work_item_id).await? } else { Vec::new() };
                     notify |= !released.is_empty();
