@@ -4,9 +4,10 @@
 //!
 //! - One writer thread owns the write connection and takes commands over a channel with replies. It
 //!   runs every command that is waiting in one `BEGIN IMMEDIATE` transaction (group commit; commands
-//!   arriving within a few milliseconds join it) and replies after `COMMIT`. A failing command rolls back alone: commands that can run again (claims,
-//!   completions, heartbeats, ...) run without a savepoint and, if one fails after writing, the
-//!   transaction is rolled back and the commands before it run again; the others run in a savepoint.
+//!   arriving within a few milliseconds join it) and replies after `COMMIT`. A failing command rolls
+//!   back alone: commands that can run again (claims, completions, heartbeats, ...) run without a
+//!   savepoint and, if one fails after writing, the transaction is rolled back and the commands before
+//!   it run again; the others run in a savepoint.
 //! - Reads run on a few read-only connections in `spawn_blocking` (WAL lets them run beside the writer).
 //! - No rusqlite call ever runs on an async worker thread.
 //! - WAL, `busy_timeout`, `synchronous=NORMAL` (or `FULL` by option), embedded versioned migrations.
