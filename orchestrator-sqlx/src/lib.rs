@@ -62,12 +62,6 @@ pub struct PgOptions {
     pub listen: bool,
     /// How many times a unit of work is run again after a serialization failure or deadlock.
     pub max_retries: u32,
-    /// The store vacuums its queue table after this many of its own claims and completions, or after a
-    /// quarter of the queue's size when that is more (0: never). Every claim and completion leaves a dead
-    /// queue row whose index entries claims would otherwise step over until the next vacuum; the table
-    /// holds only the live queue, so vacuuming it is cheap. Hosts that tune autovacuum for the table
-    /// themselves can turn this off.
-    pub vacuum_queue_after: u64,
 }
 
 impl Default for PgOptions {
@@ -80,7 +74,6 @@ impl Default for PgOptions {
             migrate: true,
             listen: true,
             max_retries: 5,
-            vacuum_queue_after: 5000,
         }
     }
 }
@@ -118,9 +111,6 @@ pub struct PgStore {
     per_tx_path: bool,
     max_retries: u32,
     listener: Option<tokio::task::JoinHandle<()>>,
-    /// Queue rows this store has left dead since its last vacuum of the queue table.
-    churn: std::sync::Arc<Churn>,
-    vacuum: Option<tokio::task::JoinHandle<()>>,
     // Dropped with the store (after the LISTEN task stops), e.g. a test's schema cleanup.
     _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
@@ -134,9 +124,6 @@ impl std::fmt::Debug for PgStore {
 impl Drop for PgStore {
     fn drop(&mut self) {
         if let Some(h) = self.listener.take() {
-            h.abort();
-        }
-        if let Some(h) = self.vacuum.take() {
             h.abort();
         }
     }
@@ -259,14 +246,11 @@ impl PgStore {
             // Generic plans: the hot statements are planned once per connection, not on every call. A plan
             // made while a table was still small must not become a sequential scan of the grown table:
             // every hot statement has an index path, so sequential scans are taken only when no index
-            // fits. Nor bitmap scans: without column statistics (autovacuum off or behind) the generic
-            // claim plan would estimate one ready row, and a bitmap scan of the whole ready set with a sort
-            // would look cheaper than walking the ready index in claim order until the limit.
+            // fits.
             .options([
                 ("search_path", options.schema.as_str()),
                 ("plan_cache_mode", "force_generic_plan"),
                 ("enable_seqscan", "off"),
-                ("enable_bitmapscan", "off"),
             ])
             // Every statement of the store stays prepared on each connection.
             .statement_cache_capacity(256);
@@ -296,19 +280,10 @@ impl PgStore {
             per_tx_path,
             max_retries: options.max_retries,
             listener: None,
-            churn: std::sync::Arc::new(Churn::new(options.vacuum_queue_after)),
-            vacuum: None,
             _guard: None,
         };
         if options.migrate {
             store.migrate().await?;
-        }
-        if options.vacuum_queue_after > 0 {
-            store.vacuum = Some(tokio::spawn(vacuum_loop(
-                store.pool.clone(),
-                format!("{}.work_queue", store.schema),
-                store.churn.clone(),
-            )));
         }
         if options.listen {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -351,18 +326,6 @@ impl PgStore {
     /// Applies pending migrations (idempotent; safe when several processes start at once: an advisory
     /// lock serializes them). Refuses a schema written by a newer build.
     pub async fn migrate(&self) -> StoreResult<()> {
-        self.migrate_to(schema::latest_version()).await
-    }
-
-    /// Applies pending migrations up to schema version `version` (for hosts that roll schema changes out
-    /// step by step; [`PgStore::migrate`] applies them all). A version this build does not know is refused.
-    pub async fn migrate_to(&self, version: i32) -> StoreResult<()> {
-        if !(1..=schema::latest_version()).contains(&version) {
-            return Err(StoreError::invalid(
-                "version",
-                format!("schema versions of this build are 1 to {}", schema::latest_version()),
-            ));
-        }
         let mut conn = self.pool.acquire().await.q()?;
         let mut tx = conn.begin().await.q()?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('orchestrator-migrations:' || $1))")
@@ -391,7 +354,7 @@ impl PgStore {
                 ),
             });
         }
-        for (i, m) in schema::MIGRATIONS.iter().enumerate().take(version as usize).skip(found.max(0) as usize) {
+        for (i, m) in schema::MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
             sqlx::raw_sql(*m).execute(&mut *tx).await.q()?;
             sqlx::query("INSERT INTO orchestrator_migrations (version) VALUES ($1)")
                 .bind(i as i32 + 1)
@@ -476,76 +439,6 @@ impl PgStore {
     async fn backoff(&self, attempt: u32) {
         let ms = (5u64 << attempt.min(6)) + fastrand_ms();
         tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
-}
-
-/// Counts the queue rows left dead by this store's claims and completions, and wakes the vacuum task
-/// when they reach the threshold.
-struct Churn {
-    dead: std::sync::atomic::AtomicU64,
-    /// The configured threshold (0: never vacuum).
-    base: u64,
-    /// The threshold in force: the base, or a quarter of the queue's size at the last vacuum if more (a
-    /// vacuum reads the whole table, so a long queue is vacuumed less often).
-    threshold: std::sync::atomic::AtomicU64,
-    wake: tokio::sync::Notify,
-}
-
-impl Churn {
-    fn new(base: u64) -> Self {
-        Churn {
-            dead: std::sync::atomic::AtomicU64::new(0),
-            base,
-            threshold: std::sync::atomic::AtomicU64::new(base),
-            wake: tokio::sync::Notify::new(),
-        }
-    }
-
-    fn add(&self, n: usize) {
-        if self.base == 0 || n == 0 {
-            return;
-        }
-        let threshold = self.threshold.load(std::sync::atomic::Ordering::Relaxed);
-        let before = self.dead.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        if before < threshold && before + n as u64 >= threshold {
-            self.wake.notify_one();
-        }
-    }
-
-    /// Sets the threshold for a queue of `rows` rows.
-    fn sized(&self, rows: u64) {
-        self.threshold.store(self.base.max(rows / 4), std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Vacuums the queue table whenever enough of its rows died. Claims scan the ready index from its
-/// head, where the entries of claimed rows gather: without a vacuum (or with autovacuum off or behind)
-/// every claim would step over all of them.
-async fn vacuum_loop(pool: PgPool, table: String, churn: std::sync::Arc<Churn>) {
-    // TRUNCATE OFF: truncating the table's empty tail would take a lock that stops every claim.
-    let sql = format!("VACUUM (INDEX_CLEANUP ON, TRUNCATE OFF, SKIP_LOCKED) {table}");
-    loop {
-        churn.wake.notified().await;
-        churn.dead.store(0, std::sync::atomic::Ordering::Relaxed);
-        let started = std::time::Instant::now();
-        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&pool).await {
-            Ok(_) => {
-                tracing::trace!(table = %table, elapsed = ?started.elapsed(), "vacuumed the queue table");
-                let rows: Result<f32, _> =
-                    sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = $1::regclass")
-                        .bind(&table)
-                        .fetch_one(&pool)
-                        .await;
-                if let Ok(rows) = rows {
-                    churn.sized(rows.max(0.0) as u64);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, table = %table, "could not vacuum the queue table");
-                // Do not retry at once against a failing server.
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
     }
 }
 
@@ -746,7 +639,7 @@ impl Store for PgStore {
         // One self-contained statement: atomic without an explicit transaction.
         let mut attempt = 0u32;
         loop {
-            match read_conn!(self, |c| ops::runs_claim(c, &cl).await).inspect(|v| self.churn.add(v.len())) {
+            match read_conn!(self, |c| ops::runs_claim(c, &cl).await) {
                 Err(e) if is_transient(&e) && attempt < self.max_retries => {
                     attempt += 1;
                     self.backoff(attempt).await;
@@ -765,12 +658,7 @@ impl Store for PgStore {
         write_tx!(self, |c| ops::run_start(c, &p).await.map(|r| (r, false)))
     }
     async fn runs_complete_many(&self, p: CompleteMany) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
-        let res: StoreResult<Vec<StoreResult<CompletionResult>>> =
-            write_tx!(self, |c| ops::runs_complete_many(c, &p).await);
-        if let Ok(v) = &res {
-            self.churn.add(v.iter().filter(|r| r.is_ok()).count());
-        }
-        res
+        write_tx!(self, |c| ops::runs_complete_many(c, &p).await)
     }
     async fn run_get(&self, id: RunId) -> StoreResult<Run> {
         read_conn!(self, |c| ops::run_get(c, id).await)

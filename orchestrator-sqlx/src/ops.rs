@@ -614,22 +614,15 @@ async fn insert_work_items(c: &mut PgConnection, items: &[WorkItem]) -> StoreRes
         created.push(w.created_at);
         enq.push(w.enqueued_at);
     }
-    // The queue rows of queued (or blocked) items are written by the same statement.
     let res = q(sql!(
-        "WITH ins AS (
-            INSERT INTO work_items ({WI_COLS})
-            SELECT id, project_id, title, description, recipe_id, labels::text[], state, priority, deps::uuid[], retry::jsonb, key,
-                   hash, approval_id, draft_id, NULL, 0, NULL, run_at, NULL, created, created, enqueued_at, 0, false
-            FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::text[], $8::int4[],
-                        $9::text[], $10::text[], $11::text[], $12::text[], $13::uuid[], $14::uuid[], $15::timestamptz[],
-                        $16::timestamptz[], $17::timestamptz[])
-                 AS t(id, project_id, title, description, recipe_id, labels, state, priority, deps, retry, key, hash,
-                      approval_id, draft_id, run_at, created, enqueued_at)
-            RETURNING id, project_id, state, priority, run_at, created_at, pending_deps, labels
-         )
-         INSERT INTO work_queue (work_item_id, project_id, state, priority, run_at, created_at, pending_deps, labels)
-         SELECT id, project_id, state, priority, run_at, created_at, pending_deps, labels FROM ins
-         WHERE state IN ('queued', 'retrying', 'blocked')"
+        "INSERT INTO work_items ({WI_COLS})
+         SELECT id, project_id, title, description, recipe_id, labels::text[], state, priority, deps::uuid[], retry::jsonb, key,
+                hash, approval_id, draft_id, NULL, 0, NULL, run_at, NULL, created, created, enqueued_at, 0, false
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::text[], $8::int4[],
+                     $9::text[], $10::text[], $11::text[], $12::text[], $13::uuid[], $14::uuid[], $15::timestamptz[],
+                     $16::timestamptz[], $17::timestamptz[])
+              AS t(id, project_id, title, description, recipe_id, labels, state, priority, deps, retry, key, hash,
+                   approval_id, draft_id, run_at, created, enqueued_at)"
     ))
     .bind(ids)
     .bind(projects)
@@ -1233,14 +1226,11 @@ pub async fn queue_list(c: &mut PgConnection, f: &QueueFilter) -> StoreResult<Ve
     let rows = all(
         c,
         q(sql!(
-            "SELECT {}, (SELECT COUNT(*) FROM work_item_deps d JOIN work_items x ON x.id = d.depends_on
-                         WHERE d.work_item_id = w.id AND x.state <> 'succeeded')
-             FROM work_queue q JOIN work_items w ON w.id = q.work_item_id
-             WHERE q.state IN ('queued', 'retrying', 'blocked') AND ($1::uuid IS NULL OR q.project_id = $1)
-               AND ($2::int4 IS NULL OR (q.priority < $2)
-                    OR (q.priority = $2 AND (COALESCE(q.run_at, q.created_at), q.work_item_id) > ($3, $4)))
-             ORDER BY q.priority DESC, COALESCE(q.run_at, q.created_at), q.work_item_id LIMIT $5",
-            wi_cols_of("w")
+            "SELECT {WI_COLS}, (SELECT COUNT(*) FROM work_item_deps d JOIN work_items x ON x.id = d.depends_on
+                                WHERE d.work_item_id = work_items.id AND x.state <> 'succeeded')
+             FROM work_items WHERE state IN ('queued', 'retrying', 'blocked') AND ($1::uuid IS NULL OR project_id = $1)
+               AND ($2::int4 IS NULL OR (priority < $2) OR (priority = $2 AND (COALESCE(run_at, created_at), id) > ($3, $4)))
+             ORDER BY priority DESC, COALESCE(run_at, created_at), id LIMIT $5"
         ))
         .bind(f.project_id.map(|p| p.0))
         .bind(cp)
@@ -1298,14 +1288,9 @@ async fn fail_item(
 pub async fn reap(c: &mut PgConnection, t: &Tick) -> StoreResult<Vec<ReapedRun>> {
     let rows = all(
         c,
-        // Leases are found through the queue's copy of their expiry; the run's own lease is checked where it
-        // is locked.
         q("UPDATE runs SET state = 'lost', error = 'lease expired', failure_kind = 'retryable', finished_at = $1, lease_expires_at = NULL
-           WHERE id IN (SELECT r.id FROM runs r
-                        WHERE r.id IN (SELECT run_id FROM work_queue WHERE state = 'running' AND lease_expires_at <= $1
-                                       ORDER BY lease_expires_at LIMIT $2)
-                          AND r.state IN ('claimed', 'running') AND r.lease_expires_at <= $1
-                        FOR UPDATE SKIP LOCKED)
+           WHERE id IN (SELECT id FROM runs WHERE state IN ('claimed', 'running') AND lease_expires_at <= $1
+                        ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
            RETURNING id, work_item_id")
         .bind(t.now)
         .bind(t.limit.max(1) as i64),
@@ -1325,14 +1310,8 @@ pub async fn reap(c: &mut PgConnection, t: &Tick) -> StoreResult<Vec<ReapedRun>>
 pub async fn tick(c: &mut PgConnection, t: &Tick) -> StoreResult<(TickReport, bool)> {
     let promoted = all(
         c,
-        // Candidates come from the queue (unlocked: a work item is locked before its queue row); the items are
-        // locked, skipping busy ones, and checked again.
         q("UPDATE work_items SET state = 'queued', updated_at = $1
-           WHERE id IN (SELECT w.id FROM work_items w
-                        WHERE w.id IN (SELECT work_item_id FROM work_queue WHERE state = 'retrying' AND run_at <= $1
-                                       ORDER BY run_at, work_item_id LIMIT $2)
-                          AND w.state = 'retrying' AND w.run_at <= $1
-                        FOR UPDATE SKIP LOCKED)
+           WHERE id IN (SELECT id FROM work_items WHERE state = 'retrying' AND run_at <= $1 ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)
            RETURNING id")
         .bind(t.now)
         .bind(t.limit.max(1) as i64),
@@ -1394,27 +1373,21 @@ async fn expire_info_requests(c: &mut PgConnection, t: &Tick) -> StoreResult<Vec
 
 // ---------------------------------------------------------------- runs
 
-/// One statement: pick ready queue rows in claim order with `FOR UPDATE SKIP LOCKED`, lock their work
-/// items (skipping busy ones: a claim never waits), mark them running, insert fresh runs (or resume runs
-/// that waited for input), turn the queue rows into leases, and return everything.
+/// One statement: pick ready rows in claim order with `FOR UPDATE SKIP LOCKED`, mark them running,
+/// insert fresh runs (or resume runs that waited for input), and return everything.
 static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let wi_w = wi_cols_of("w");
     let wi_u = wi_cols_of("u");
     let run_r = run_cols_of("r");
     let run_runs = run_cols_of("runs");
     format!(
-        "WITH queued AS (
-            SELECT work_item_id FROM work_queue
+        "WITH picked AS (
+            SELECT id, current_run_id, priority, run_at FROM work_items
             WHERE state IN ('queued', 'retrying') AND pending_deps = 0 AND run_at <= $1
               AND (labels = '{{}}' OR labels <@ $2::text[])
-            ORDER BY priority DESC, run_at, work_item_id
+            ORDER BY priority DESC, run_at, id
             LIMIT $3
             FOR UPDATE SKIP LOCKED
-         ),
-         picked AS (
-            SELECT w.id, w.current_run_id, w.priority, w.run_at FROM work_items w
-            WHERE w.id IN (SELECT work_item_id FROM queued) AND w.state IN ('queued', 'retrying')
-            FOR UPDATE OF w SKIP LOCKED
          ),
          numbered AS (
             SELECT p.id, p.current_run_id,
@@ -1442,10 +1415,6 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             UPDATE runs SET state = 'claimed', agent_id = $5, lease_token = runs.lease_token + 1, lease_expires_at = $6, heartbeat_at = $1
             FROM upd u WHERE u.resume AND runs.id = u.current_run_id AND runs.state = 'waiting_input'
             RETURNING {run_runs}
-         ),
-         leased AS (
-            UPDATE work_queue SET state = 'running', run_id = u.current_run_id, lease_expires_at = $6
-            FROM upd u WHERE work_queue.work_item_id = u.id
          )
          SELECT {wi_u}, u.resume, {run_r}
          FROM upd u LEFT JOIN res r ON r.work_item_id = u.id"
@@ -1527,15 +1496,12 @@ async fn fenced(c: &mut PgConnection, id: RunId, token: u64, now: DateTime<Utc>)
 pub async fn lease_renew(c: &mut PgConnection, p: &LeaseRenew) -> StoreResult<Lease> {
     let r = fenced(c, p.run_id, p.token, p.now).await?;
     let lease = rules::lease_for(r.id, r.lease_token, p.now, rules::renewal_ttl(&r, p.ttl));
-    // The run and the queue's copy of its expiry (which the reaper scans) in one statement.
     exec(
         c,
-        q("WITH q AS (UPDATE work_queue SET lease_expires_at = $2 WHERE work_item_id = $4 AND run_id = $1)
-           UPDATE runs SET lease_expires_at = $2, heartbeat_at = $3 WHERE id = $1")
-        .bind(r.id.0)
-        .bind(lease.expires_at)
-        .bind(p.now)
-        .bind(r.work_item_id.0),
+        q("UPDATE runs SET lease_expires_at = $2, heartbeat_at = $3 WHERE id = $1")
+            .bind(r.id.0)
+            .bind(lease.expires_at)
+            .bind(p.now),
     )
     .await?;
     Ok(lease)
@@ -1629,8 +1595,7 @@ async fn complete_one(
         None => {
             let done = opt(
                 c,
-                q("WITH q AS (DELETE FROM work_queue WHERE work_item_id = $1)
-                   UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = $2
+                q("UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = $2
                    WHERE id = $1 AND state = 'running' RETURNING has_dependents")
                 .bind(wid.0)
                 .bind(now),
@@ -1680,9 +1645,6 @@ static COMPLETE_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new
             UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = $4
             FROM r WHERE work_items.id = r.work_item_id AND work_items.state = 'running'
             RETURNING {run_r}, work_items.has_dependents
-         ),
-         dq AS (
-            DELETE FROM work_queue USING w WHERE work_queue.work_item_id = w.work_item_id
          )
          SELECT c.n, w.* FROM (SELECT count(*) AS n FROM r) c LEFT JOIN w ON true"
     )

@@ -2,8 +2,7 @@
 //! of the configured schema; every statement runs with `search_path` set to that schema.
 
 /// Migrations in order; migration `i` brings the schema to version `i + 1`.
-pub const MIGRATIONS: &[&str] = &[
-    r#"
+pub const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE projects (
     id uuid PRIMARY KEY,
     name text NOT NULL,
@@ -164,76 +163,7 @@ CREATE TABLE info_requests (
 CREATE INDEX info_requests_run ON info_requests (run_id, id);
 CREATE INDEX info_requests_project ON info_requests (project_id);
 CREATE INDEX info_requests_deadline ON info_requests (deadline) WHERE state = 'pending' AND deadline IS NOT NULL;
-"#,
-    r#"
--- Version 2: the queue lives in its own narrow table.
---
--- `work_queue` holds one row per work item that is queued, retrying, blocked or running: what claims,
--- the scheduler and the lease reaper look for. Claims turn a row to `running` (with its run and lease),
--- completions delete it, so the table stays as small as the live queue and the store vacuums it often
--- (finished rows leave no dead entries in front of the claim scan for long). `work_items` keeps no index
--- on its state: a claim's and a completion's update of the item is a heap-only (HOT) update, and so is
--- a run's (the leased-runs index is gone: leases are found through the queue).
-CREATE TABLE work_queue (
-    work_item_id uuid PRIMARY KEY,
-    project_id uuid NOT NULL,
-    state text NOT NULL,
-    priority int4 NOT NULL,
-    run_at timestamptz,
-    created_at timestamptz NOT NULL,
-    pending_deps int4 NOT NULL,
-    labels text[] NOT NULL,
-    -- While running: the run and the expiry of its lease (a copy of the run's, kept in step by claims
-    -- and renewals; the reaper re-checks the run's own).
-    run_id uuid,
-    lease_expires_at timestamptz
-);
-CREATE INDEX work_queue_ready ON work_queue (priority DESC, run_at, work_item_id) WHERE state IN ('queued', 'retrying') AND pending_deps = 0;
-CREATE INDEX work_queue_retrying ON work_queue (run_at) WHERE state = 'retrying';
-CREATE INDEX work_queue_order ON work_queue (priority DESC, (COALESCE(run_at, created_at)), work_item_id) WHERE state IN ('queued', 'retrying', 'blocked');
-CREATE INDEX work_queue_leases ON work_queue (lease_expires_at) WHERE state = 'running';
-
-INSERT INTO work_queue (work_item_id, project_id, state, priority, run_at, created_at, pending_deps, labels, run_id, lease_expires_at)
-SELECT w.id, w.project_id, w.state, w.priority, w.run_at, w.created_at, w.pending_deps, w.labels,
-       CASE WHEN w.state = 'running' THEN w.current_run_id END, CASE WHEN w.state = 'running' THEN r.lease_expires_at END
-FROM work_items w LEFT JOIN runs r ON r.id = w.current_run_id
-WHERE w.state IN ('queued', 'retrying', 'blocked', 'running');
-
--- Every other change of a work item's queue columns keeps its queue row in step. Two transitions are
--- left to the statements that make them, which write the queue row themselves: a claim (to `running`)
--- and a successful completion (`running` to `succeeded`). Inserts write their queue rows themselves too.
-CREATE FUNCTION work_queue_sync() RETURNS trigger LANGUAGE plpgsql AS $fn$
-BEGIN
-    IF TG_OP = 'DELETE' THEN
-        DELETE FROM work_queue WHERE work_item_id = OLD.id;
-    ELSIF NEW.state IN ('queued', 'retrying', 'blocked') THEN
-        INSERT INTO work_queue (work_item_id, project_id, state, priority, run_at, created_at, pending_deps, labels)
-        VALUES (NEW.id, NEW.project_id, NEW.state, NEW.priority, NEW.run_at, NEW.created_at, NEW.pending_deps, NEW.labels)
-        ON CONFLICT (work_item_id) DO UPDATE SET state = EXCLUDED.state, priority = EXCLUDED.priority,
-            run_at = EXCLUDED.run_at, pending_deps = EXCLUDED.pending_deps, labels = EXCLUDED.labels,
-            run_id = NULL, lease_expires_at = NULL;
-    ELSE
-        DELETE FROM work_queue WHERE work_item_id = NEW.id;
-    END IF;
-    RETURN NULL;
-END
-$fn$;
-CREATE TRIGGER work_items_queue_update AFTER UPDATE ON work_items FOR EACH ROW
-    WHEN ((OLD.state IN ('queued', 'retrying', 'blocked', 'running') OR NEW.state IN ('queued', 'retrying', 'blocked'))
-          AND NEW.state <> 'running' AND NOT (OLD.state = 'running' AND NEW.state = 'succeeded')
-          AND (OLD.state, OLD.priority, OLD.run_at, OLD.pending_deps, OLD.labels)
-              IS DISTINCT FROM (NEW.state, NEW.priority, NEW.run_at, NEW.pending_deps, NEW.labels))
-    EXECUTE FUNCTION work_queue_sync();
-CREATE TRIGGER work_items_queue_delete AFTER DELETE ON work_items FOR EACH ROW
-    WHEN (OLD.state IN ('queued', 'retrying', 'blocked', 'running'))
-    EXECUTE FUNCTION work_queue_sync();
-
-DROP INDEX work_items_ready;
-DROP INDEX work_items_retrying;
-DROP INDEX work_items_queue;
-DROP INDEX runs_leased;
-"#,
-];
+"#];
 
 /// The schema version this build writes.
 pub fn latest_version() -> i32 {

@@ -29,7 +29,6 @@ pub struct Opts {
     latency_items: usize,
     latency_rate: f64,
     latency_claimers: usize,
-    vacuum_after: Option<u64>,
 }
 
 /// The PostgreSQL server the `postgres` backend uses unless `--database-url` says otherwise.
@@ -57,7 +56,6 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         latency_items: 200,
         latency_rate: 50.0,
         latency_claimers: 1,
-        vacuum_after: None,
     };
     let mut claimers_set = false;
     let mut it = args.iter();
@@ -73,7 +71,6 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--latency-items" => o.latency_items = num("--latency-items", it.next())?,
             "--latency-rate" => o.latency_rate = num("--latency-rate", it.next())?,
             "--latency-claimers" => o.latency_claimers = num("--latency-claimers", it.next())?,
-            "--vacuum-after" => o.vacuum_after = Some(num("--vacuum-after", it.next())?),
             "--batch" => o.batch = num("--batch", it.next())?,
             "--enqueue-batch" => o.enqueue_batch = num("--enqueue-batch", it.next())?,
             "--db" => o.db = Some(PathBuf::from(it.next().ok_or("--db needs a value")?)),
@@ -126,10 +123,6 @@ async fn open(o: &Opts) -> Result<Backend, String> {
                 max_connections: (o.claimers as u32 + 4).max(8),
                 min_connections: (o.claimers as u32).min(32),
                 ..PgOptions::default()
-            };
-            let opts = match o.vacuum_after {
-                Some(v) => PgOptions { vacuum_queue_after: v, ..opts },
-                None => opts,
             };
             let s = Arc::new(PgStore::connect_with(&o.database_url, opts).await.map_err(|e| e.to_string())?);
             Ok(Backend { store: s.clone(), _dir: None, path: None, pg: Some(s) })

@@ -38,8 +38,6 @@ measure enqueue and claim+complete throughput and claim latency; one JSON line p
   --latency-items N         items of the enqueue-to-claim latency measurement (default 200)
   --latency-rate R          enqueues per second of the latency measurement (default 50)
   --latency-claimers K      claimers waiting for work during the latency measurement (default 1)
-  --vacuum-after N          postgres: vacuum the queue table after N claims and completions (0: never;
-                            default: the store's)
 ";
 
 const SERVE_HELP: &str = "Settings (environment or a .env file):
