@@ -92,6 +92,15 @@ pub struct RequeueRequest {
     pub backoff: bool,
 }
 
+/// What [`Orchestrator::complete_and_claim`] did.
+#[derive(Debug)]
+pub struct CompletedAndAssigned {
+    /// One result per completion, in order (as [`Orchestrator::complete_many`]).
+    pub completed: Vec<std::result::Result<CompletionResult, StoreError>>,
+    /// The runs claimed after the completions, ready to execute; an error leaves the completions applied.
+    pub assigned: Result<Vec<Assignment>>,
+}
+
 /// The orchestrator: policy over a store.
 #[derive(Clone)]
 pub struct Orchestrator {
@@ -508,6 +517,79 @@ impl Orchestrator {
         Ok(results)
     }
 
+    /// Completes runs, then claims up to `req.max` more for the same agent, in one call (one transaction
+    /// on stores that can): what a worker does when it finishes a batch. The claim sees the completions,
+    /// so dependents they released can come back at once. Bad input and failures before the completions
+    /// were applied are the outer `Err`; a claim that failed after them is [`CompletedAndAssigned::assigned`].
+    pub async fn complete_and_claim(
+        &self,
+        completions: Vec<RunCompletion>,
+        req: ClaimRequest,
+    ) -> Result<CompletedAndAssigned> {
+        if completions.len() > Page::MAX_LIMIT as usize {
+            return Err(Error::invalid("completions", format!("at most {} per call", Page::MAX_LIMIT)));
+        }
+        let claim = self.claim_params(req)?;
+        let now = claim.now;
+        let done = self
+            .store
+            .runs_complete_and_claim(CompleteMany { completions, retry_defaults: self.config.retry.clone(), now }, claim)
+            .await?;
+        for r in done.completed.iter().flatten() {
+            self.due.add(r.retry_at, now);
+        }
+        let assigned = match done.claimed {
+            Ok(c) => Ok(self.assign_all(c).await),
+            Err(e) => Err(Error::Store(e)),
+        };
+        Ok(CompletedAndAssigned { completed: done.completed, assigned })
+    }
+
+    /// A claim request checked and turned into the store's parameters.
+    fn claim_params(&self, req: ClaimRequest) -> Result<Claim> {
+        check_text("agent_id", &req.agent_id, 200, true)?;
+        if req.max == 0 || req.max > Page::MAX_LIMIT {
+            return Err(Error::invalid("max", format!("between 1 and {}", Page::MAX_LIMIT)));
+        }
+        let ttl = match req.lease_ttl_seconds {
+            Some(s) => {
+                let max = self.config.max_lease_ttl.num_seconds().max(1) as u64;
+                if s == 0 || s > max {
+                    return Err(Error::invalid("lease_ttl_seconds", format!("between 1 and {max}")));
+                }
+                Duration::seconds(s as i64)
+            }
+            None => self.config.lease_ttl,
+        };
+        Ok(Claim { agent_id: req.agent_id, capabilities: req.capabilities, limit: req.max, lease_ttl: ttl, now: self.now() })
+    }
+
+    /// Claimed runs with their recipes and answers. A run that cannot be assigned (its recipe vanished,
+    /// an answer cannot be decrypted) is failed permanently now instead of letting its lease expire again
+    /// and again.
+    async fn assign_all(&self, claimed: Vec<ClaimedRun>) -> Vec<Assignment> {
+        let mut out = Vec::with_capacity(claimed.len());
+        for c in claimed {
+            let (run_id, token) = (c.run.id, c.lease.token);
+            match self.assignment(c).await {
+                Ok(a) => out.push(a),
+                Err(e) => {
+                    tracing::error!(run_id = %run_id, error = %e, "claimed run cannot be assigned");
+                    let outcome = RunOutcome::Failed {
+                        error: format!("cannot be assigned to an agent: {e}"),
+                        exit_code: None,
+                        kind: crate::retry::FailureKind::Permanent,
+                    };
+                    if let Err(e2) = self.complete(run_id, token, outcome, None).await {
+                        // Keep the runs already assigned in this call; this one's lease will expire.
+                        tracing::error!(run_id = %run_id, error = %e2, "could not fail the unassignable run");
+                    }
+                }
+            }
+        }
+        out
+    }
+
     // ---- info requests ----
 
     /// Answers a pending info request: validated for its kind and encrypted at rest.
@@ -566,52 +648,9 @@ impl Orchestrator {
 #[async_trait]
 impl AgentApi for Orchestrator {
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<Assignment>> {
-        check_text("agent_id", &req.agent_id, 200, true)?;
-        if req.max == 0 || req.max > Page::MAX_LIMIT {
-            return Err(Error::invalid("max", format!("between 1 and {}", Page::MAX_LIMIT)));
-        }
-        let ttl = match req.lease_ttl_seconds {
-            Some(s) => {
-                let max = self.config.max_lease_ttl.num_seconds().max(1) as u64;
-                if s == 0 || s > max {
-                    return Err(Error::invalid("lease_ttl_seconds", format!("between 1 and {max}")));
-                }
-                Duration::seconds(s as i64)
-            }
-            None => self.config.lease_ttl,
-        };
-        let claimed = self
-            .store
-            .runs_claim(Claim {
-                agent_id: req.agent_id,
-                capabilities: req.capabilities,
-                limit: req.max,
-                lease_ttl: ttl,
-                now: self.now(),
-            })
-            .await?;
-        let mut out = Vec::with_capacity(claimed.len());
-        for c in claimed {
-            let (run_id, token) = (c.run.id, c.lease.token);
-            match self.assignment(c).await {
-                Ok(a) => out.push(a),
-                Err(e) => {
-                    // The run cannot be executed (its recipe vanished, an answer cannot be decrypted):
-                    // fail it permanently now instead of letting its lease expire again and again.
-                    tracing::error!(run_id = %run_id, error = %e, "claimed run cannot be assigned");
-                    let outcome = RunOutcome::Failed {
-                        error: format!("cannot be assigned to an agent: {e}"),
-                        exit_code: None,
-                        kind: crate::retry::FailureKind::Permanent,
-                    };
-                    if let Err(e2) = self.complete(run_id, token, outcome, None).await {
-                        // Keep the runs already assigned in this call; this one's lease will expire.
-                        tracing::error!(run_id = %run_id, error = %e2, "could not fail the unassignable run");
-                    }
-                }
-            }
-        }
-        Ok(out)
+        let claim = self.claim_params(req)?;
+        let claimed = self.store.runs_claim(claim).await?;
+        Ok(self.assign_all(claimed).await)
     }
 
     async fn work_generation(&self) -> u64 {

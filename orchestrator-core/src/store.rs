@@ -416,6 +416,16 @@ pub struct CompletionResult {
     pub blocked: Vec<WorkItemId>,
 }
 
+/// What [`Store::runs_complete_and_claim`] did.
+#[derive(Debug)]
+pub struct CompletedAndClaimed {
+    /// One result per completion, in order, as [`Store::runs_complete_many`] gives them.
+    pub completed: Vec<StoreResult<CompletionResult>>,
+    /// The runs claimed after the completions were applied, as [`Store::runs_claim`] gives them. An error
+    /// here leaves the completions applied.
+    pub claimed: StoreResult<Vec<ClaimedRun>>,
+}
+
 /// Filter for [`Store::run_list`].
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
@@ -665,6 +675,16 @@ pub trait Store: Send + Sync + 'static {
     /// Completes runs, each fenced and guarded on its own; successes release dependents, failures retry
     /// or fail (blocking dependents).
     async fn runs_complete_many(&self, p: CompleteMany) -> StoreResult<Vec<StoreResult<CompletionResult>>>;
+    /// Completes runs, then claims more for an agent: what a worker does when it finishes a batch. The
+    /// claim sees the completions (dependents they released can be claimed at once). An `Err` means no
+    /// completion was applied; a claim that fails after the completions were applied is reported in
+    /// [`CompletedAndClaimed::claimed`]. Backends that can do both in one transaction (one commit)
+    /// override this; the default runs [`Store::runs_complete_many`], then [`Store::runs_claim`].
+    async fn runs_complete_and_claim(&self, p: CompleteMany, c: Claim) -> StoreResult<CompletedAndClaimed> {
+        let completed = self.runs_complete_many(p).await?;
+        let claimed = self.runs_claim(c).await;
+        Ok(CompletedAndClaimed { completed, claimed })
+    }
     /// Reads a run.
     async fn run_get(&self, id: RunId) -> StoreResult<Run>;
     /// Lists runs.

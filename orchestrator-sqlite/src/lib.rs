@@ -980,6 +980,27 @@ impl Store for SqliteStore {
     async fn runs_complete_many(&self, p: CompleteMany) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
         self.write_again(move |c| ops::runs_complete_many(c, &p)).await
     }
+    async fn runs_complete_and_claim(&self, p: CompleteMany, cl: Claim) -> StoreResult<CompletedAndClaimed> {
+        // One writer job (one commit): the completions, then the claim (which sees them).
+        let (p2, cl2) = (p.clone(), cl.clone());
+        let both = self
+            .write_again(move |c| {
+                let (completed, notify) = ops::runs_complete_many(c, &p2)?;
+                let claimed = ops::runs_claim(c, &cl2)?;
+                Ok(((completed, claimed), notify))
+            })
+            .await;
+        match both {
+            Ok((completed, claimed)) => Ok(CompletedAndClaimed { completed, claimed: Ok(claimed) }),
+            Err(e @ StoreError::Unavailable { .. }) => Err(e),
+            // Nothing was written: the completions must not depend on the claim.
+            Err(_) => {
+                let completed = self.runs_complete_many(p).await?;
+                let claimed = self.runs_claim(cl).await;
+                Ok(CompletedAndClaimed { completed, claimed })
+            }
+        }
+    }
     async fn run_get(&self, id: RunId) -> StoreResult<Run> {
         self.read(move |c| ops::run_get(c, id)).await
     }

@@ -660,6 +660,27 @@ impl Store for PgStore {
     async fn runs_complete_many(&self, p: CompleteMany) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
         write_tx!(self, |c| ops::runs_complete_many(c, &p).await)
     }
+    async fn runs_complete_and_claim(&self, p: CompleteMany, cl: Claim) -> StoreResult<CompletedAndClaimed> {
+        // One transaction, one commit: the completions, then the claim (which sees them).
+        let both = write_tx!(self, |c| {
+            match ops::runs_complete_many(c, &p).await {
+                Ok((completed, notify)) => ops::runs_claim(c, &cl).await.map(|claimed| ((completed, claimed), notify)),
+                Err(e) => Err(e),
+            }
+        });
+        match both {
+            Ok((completed, claimed)) => Ok(CompletedAndClaimed { completed, claimed: Ok(claimed) }),
+            // The server is away: the separate steps would fail the same way.
+            Err(e @ StoreError::Unavailable { .. }) => Err(e),
+            // Nothing was written. The completions must not depend on the claim: apply them alone, then
+            // claim on its own so the caller learns which part failed.
+            Err(_) => {
+                let completed = self.runs_complete_many(p).await?;
+                let claimed = self.runs_claim(cl).await;
+                Ok(CompletedAndClaimed { completed, claimed })
+            }
+        }
+    }
     async fn run_get(&self, id: RunId) -> StoreResult<Run> {
         read_conn!(self, |c| ops::run_get(c, id).await)
     }

@@ -29,6 +29,7 @@ pub struct Opts {
     latency_items: usize,
     latency_rate: f64,
     latency_claimers: usize,
+    combined: bool,
 }
 
 /// The PostgreSQL server the `postgres` backend uses unless `--database-url` says otherwise.
@@ -56,6 +57,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         latency_items: 200,
         latency_rate: 50.0,
         latency_claimers: 1,
+        combined: false,
     };
     let mut claimers_set = false;
     let mut it = args.iter();
@@ -71,6 +73,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--latency-items" => o.latency_items = num("--latency-items", it.next())?,
             "--latency-rate" => o.latency_rate = num("--latency-rate", it.next())?,
             "--latency-claimers" => o.latency_claimers = num("--latency-claimers", it.next())?,
+            "--combined" => o.combined = true,
             "--batch" => o.batch = num("--batch", it.next())?,
             "--enqueue-batch" => o.enqueue_batch = num("--enqueue-batch", it.next())?,
             "--db" => o.db = Some(PathBuf::from(it.next().ok_or("--db needs a value")?)),
@@ -191,7 +194,15 @@ struct ClaimStats {
     latencies: Vec<Duration>,
 }
 
-async fn claim_complete(orch: &Orchestrator, n: usize, claimers: usize, batch: u32) -> Result<ClaimStats, String> {
+/// `n` runs claimed and completed by `claimers` tasks in batches of `batch`: a claim, then a completion
+/// of what it returned (`combined`: each completion call also claims the next batch, in one transaction).
+async fn claim_complete(
+    orch: &Orchestrator,
+    n: usize,
+    claimers: usize,
+    batch: u32,
+    combined: bool,
+) -> Result<ClaimStats, String> {
     let done = Arc::new(AtomicUsize::new(0));
     let t = Instant::now();
     let mut tasks = Vec::new();
@@ -206,18 +217,18 @@ async fn claim_complete(orch: &Orchestrator, n: usize, claimers: usize, batch: u
                 max: batch,
                 lease_ttl_seconds: None,
             };
+            let mut got = Vec::new();
             loop {
-                if done.load(Ordering::Relaxed) >= n {
-                    break;
-                }
-                let t0 = Instant::now();
-                let got = orch.claim(req.clone()).await.map_err(|e| e.to_string())?;
-                lat.push(t0.elapsed());
                 if got.is_empty() {
                     if done.load(Ordering::Relaxed) >= n {
                         break;
                     }
-                    tokio::task::yield_now().await;
+                    let t0 = Instant::now();
+                    got = orch.claim(req.clone()).await.map_err(|e| e.to_string())?;
+                    lat.push(t0.elapsed());
+                    if got.is_empty() {
+                        tokio::task::yield_now().await;
+                    }
                     continue;
                 }
                 let completions: Vec<RunCompletion> = got
@@ -230,10 +241,22 @@ async fn claim_complete(orch: &Orchestrator, n: usize, claimers: usize, batch: u
                     })
                     .collect();
                 let k = completions.len();
-                for r in orch.complete_many(completions).await.map_err(|e| e.to_string())? {
-                    r.map_err(|e| e.to_string())?;
+                if combined {
+                    let t0 = Instant::now();
+                    let out = orch.complete_and_claim(completions, req.clone()).await.map_err(|e| e.to_string())?;
+                    lat.push(t0.elapsed());
+                    for r in out.completed {
+                        r.map_err(|e| e.to_string())?;
+                    }
+                    done.fetch_add(k, Ordering::Relaxed);
+                    got = out.assigned.map_err(|e| e.to_string())?;
+                } else {
+                    for r in orch.complete_many(completions).await.map_err(|e| e.to_string())? {
+                        r.map_err(|e| e.to_string())?;
+                    }
+                    done.fetch_add(k, Ordering::Relaxed);
+                    got = Vec::new();
                 }
-                done.fetch_add(k, Ordering::Relaxed);
             }
             Ok::<Vec<Duration>, String>(lat)
         }));
@@ -403,7 +426,7 @@ async fn measure(o: &Opts, b: &Backend) -> Result<(), String> {
     ));
 
     // 2. Claim + complete what was just enqueued.
-    let st = claim_complete(&orch, o.items, o.claimers, o.batch).await?;
+    let st = claim_complete(&orch, o.items, o.claimers, o.batch, o.combined).await?;
     report_claims(&with, "claim_complete", &o, &st);
 
     // 3. Batched enqueue.
@@ -413,7 +436,7 @@ async fn measure(o: &Opts, b: &Backend) -> Result<(), String> {
     ));
 
     // 4. Claim + complete again (now with 2 * items finished runs in the store).
-    let st = claim_complete(&orch, o.items, o.claimers, o.batch).await?;
+    let st = claim_complete(&orch, o.items, o.claimers, o.batch, o.combined).await?;
     report_claims(&with, "claim_complete_after_batched_enqueue", &o, &st);
 
     // 5. Optionally: claims with M finished runs beside `items` ready ones.
@@ -423,14 +446,14 @@ async fn measure(o: &Opts, b: &Backend) -> Result<(), String> {
         while left > 0 {
             let k = left.min(100_000);
             enqueue_batched(&orch, project.id, k, o.enqueue_batch).await?;
-            claim_complete(&orch, k, o.claimers, 1000).await?;
+            claim_complete(&orch, k, o.claimers, 1000, o.combined).await?;
             left -= k;
         }
         let finished =
             orch.store().stats().await.map_err(|e| e.to_string())?.runs.get("succeeded").copied().unwrap_or(0);
         eprintln!("preloaded {finished} finished runs in {:.1}s", t.elapsed().as_secs_f64());
         enqueue_batched(&orch, project.id, o.items, o.enqueue_batch).await?;
-        let st = claim_complete(&orch, o.items, o.claimers, o.batch).await?;
+        let st = claim_complete(&orch, o.items, o.claimers, o.batch, o.combined).await?;
         let mut v = json!({"finished_runs": finished});
         if let Some(m) = v.as_object_mut() {
             m.insert("note".into(), json!("claims with finished runs in the database"));
@@ -474,12 +497,14 @@ fn merge(mut a: serde_json::Value, b: &serde_json::Value) -> serde_json::Value {
 fn report_claims(with: &dyn Fn(serde_json::Value) -> serde_json::Value, name: &str, o: &Opts, st: &ClaimStats) {
     emit(with(json!({
         "bench": name,
+        "combined": o.combined,
         "runs": st.runs,
         "claimers": o.claimers,
         "batch": o.batch,
         "seconds": st.seconds,
         "per_second": st.runs as f64 / st.seconds,
         "claim_calls": st.latencies.len(),
+        "note": "claim_p50_ms/claim_p99_ms: each claim call (with --combined: each completion-and-claim call)",
         "claim_p50_ms": percentile(&st.latencies, 0.50),
         "claim_p99_ms": percentile(&st.latencies, 0.99),
     })));

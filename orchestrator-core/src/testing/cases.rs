@@ -222,3 +222,113 @@ pub async fn complete_many_mixed_batch(store: Arc<dyn Store>) {
     }
     assert_eq!(h.claim_one("agent").await.claimed.work_item.id, b.id);
 }
+
+/// `complete_and_claim` applies the completions, then claims for the same agent: dependents the
+/// completions released are claimable in the same call (in claim order), a failed run's retry waits for
+/// its backoff, and the claimed runs hold fresh leases.
+pub async fn complete_and_claim_hands_over(store: Arc<dyn Store>) {
+    use crate::agent::ClaimRequest;
+    use crate::domain::RunOutcome;
+    use crate::retry::FailureKind;
+    let h = Harness::new(store);
+    let p = h.project().await;
+    let a = h.queued(p.id, "a", 3, &[]).await;
+    let d = h.queued(p.id, "d", 2, &[]).await;
+    let b = h.queued(p.id, "b", 5, &[a.id]).await;
+    let c = h.queued(p.id, "c", 0, &[]).await;
+    let first = h.claim("agent", 2).await;
+    assert_eq!(first.iter().map(|x| x.claimed.work_item.id).collect::<Vec<_>>(), vec![a.id, d.id]);
+    let done = |x: &crate::agent::Assignment, outcome| RunCompletion {
+        run_id: x.run_id(),
+        token: x.token(),
+        outcome,
+        usage: None,
+    };
+    let req = ClaimRequest { agent_id: "agent".into(), capabilities: vec![], max: 5, lease_ttl_seconds: Some(120) };
+    let out = h
+        .orch
+        .complete_and_claim(
+            vec![
+                done(&first[0], RunOutcome::Succeeded { exit_code: Some(0) }),
+                done(&first[1], RunOutcome::Failed { error: "flaky".into(), exit_code: Some(1), kind: FailureKind::Retryable }),
+            ],
+            req,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.completed.len(), 2);
+    let ra = out.completed[0].as_ref().unwrap();
+    assert_eq!(ra.work_item_state, WorkItemState::Succeeded);
+    assert_eq!(ra.released, vec![b.id]);
+    let rd = out.completed[1].as_ref().unwrap();
+    assert_eq!(rd.work_item_state, WorkItemState::Retrying);
+    assert!(rd.retry_at.is_some());
+    let got = out.assigned.unwrap();
+    assert_eq!(got.iter().map(|x| x.claimed.work_item.id).collect::<Vec<_>>(), vec![b.id, c.id]);
+    let now = h.orch.clock().now();
+    for x in &got {
+        assert_eq!(x.claimed.run.agent_id, "agent");
+        assert_eq!(x.claimed.run.state, RunState::Claimed);
+        assert_eq!(x.claimed.lease.expires_at, now + chrono::Duration::seconds(120));
+        let run = h.store.run_get(x.run_id()).await.unwrap();
+        assert_eq!((run.state, run.lease_token), (RunState::Claimed, x.token()));
+        assert_eq!(h.state_of(x.claimed.work_item.id).await, WorkItemState::Running);
+    }
+    assert_eq!(h.state_of(a.id).await, WorkItemState::Succeeded);
+    assert_eq!(h.state_of(d.id).await, WorkItemState::Retrying);
+    // With nothing to complete it is a plain claim; with nothing claimable it completes and returns none.
+    let e = h.queued(p.id, "e", 0, &[]).await;
+    let req = |max| ClaimRequest { agent_id: "agent".into(), capabilities: vec![], max, lease_ttl_seconds: None };
+    let out = h.orch.complete_and_claim(vec![], req(1)).await.unwrap();
+    assert!(out.completed.is_empty());
+    assert_eq!(out.assigned.unwrap()[0].claimed.work_item.id, e.id);
+    let out = h
+        .orch
+        .complete_and_claim(got.iter().map(|x| done(x, RunOutcome::Succeeded { exit_code: None })).collect(), req(4))
+        .await
+        .unwrap();
+    assert!(out.completed.iter().all(|r| r.is_ok()));
+    assert!(out.assigned.unwrap().is_empty());
+    assert_eq!(h.state_of(b.id).await, WorkItemState::Succeeded);
+    assert_eq!(h.state_of(c.id).await, WorkItemState::Succeeded);
+}
+
+/// A refused completion (stale token) in `complete_and_claim` is its own result: the other completions
+/// and the claim go ahead. Bad input is refused before anything is written.
+pub async fn complete_and_claim_refusals(store: Arc<dyn Store>) {
+    use crate::agent::ClaimRequest;
+    use crate::domain::RunOutcome;
+    let h = Harness::new(store);
+    let p = h.project().await;
+    for i in 0..3 {
+        h.queued(p.id, &format!("w{i}"), 0, &[]).await;
+        h.clock.advance(chrono::Duration::seconds(1));
+    }
+    let claimed = h.claim("a", 2).await;
+    let ok = |x: &crate::agent::Assignment, token| RunCompletion {
+        run_id: x.run_id(),
+        token,
+        outcome: RunOutcome::Succeeded { exit_code: Some(0) },
+        usage: None,
+    };
+    let req = |max| ClaimRequest { agent_id: "a".into(), capabilities: vec![], max, lease_ttl_seconds: None };
+    // Bad claim input: nothing is completed.
+    let bad = h.orch.complete_and_claim(vec![ok(&claimed[0], claimed[0].token())], req(0)).await;
+    assert!(matches!(bad, Err(crate::Error::Invalid { .. })), "{bad:?}");
+    let too_many = (0..=Page::MAX_LIMIT).map(|_| ok(&claimed[0], claimed[0].token())).collect();
+    assert!(matches!(h.orch.complete_and_claim(too_many, req(1)).await, Err(crate::Error::Invalid { .. })));
+    assert_eq!(h.state_of(claimed[0].claimed.work_item.id).await, WorkItemState::Running);
+    let out = h
+        .orch
+        .complete_and_claim(
+            vec![ok(&claimed[0], claimed[0].token() + 1), ok(&claimed[1], claimed[1].token())],
+            req(5),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out.completed[0], Err(StoreError::LeaseLost { .. })), "{:?}", out.completed[0]);
+    assert_eq!(out.completed[1].as_ref().unwrap().work_item_state, WorkItemState::Succeeded);
+    assert_eq!(out.assigned.unwrap().len(), 1);
+    assert_eq!(h.state_of(claimed[0].claimed.work_item.id).await, WorkItemState::Running);
+    assert_eq!(h.state_of(claimed[1].claimed.work_item.id).await, WorkItemState::Succeeded);
+}

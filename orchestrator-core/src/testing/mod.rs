@@ -146,6 +146,8 @@ macro_rules! store_conformance_tests {
             queue_list_cursor_survives_claims,
             info_request_deadline_expires_on_tick,
             complete_many_mixed_batch,
+            complete_and_claim_hands_over,
+            complete_and_claim_refusals,
         );
         $crate::__sched_cases!($factory);
         $crate::__flow_cases!($factory);
