@@ -566,11 +566,22 @@ fn duplicate_key(e: &sqlx::Error) -> Option<String> {
     Some(detail[start..end].to_string())
 }
 
-/// Inserts work item rows in one statement (`pending_deps` 0, no dependents). A taken id is `Duplicate`.
-async fn insert_work_items(c: &mut PgConnection, items: &[WorkItem]) -> StoreResult<()> {
-    if items.is_empty() {
-        return Ok(());
-    }
+/// The insert of work item rows from arrays bound as `$1`..`$17` (see [`bind_work_items`]).
+static INSERT_WORK_ITEMS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO work_items ({WI_COLS})
+         SELECT id, project_id, title, description, recipe_id, labels::text[], state, priority, deps::uuid[], retry::jsonb, key,
+                hash, approval_id, draft_id, NULL, 0, NULL, run_at, NULL, created, created, enqueued_at, 0, false
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::text[], $8::int4[],
+                     $9::text[], $10::text[], $11::text[], $12::text[], $13::uuid[], $14::uuid[], $15::timestamptz[],
+                     $16::timestamptz[], $17::timestamptz[])
+              AS t(id, project_id, title, description, recipe_id, labels, state, priority, deps, retry, key, hash,
+                   approval_id, draft_id, run_at, created, enqueued_at)"
+    )
+});
+
+/// `sql` with the rows of `items` bound as the arrays `$1`..`$17` of [`INSERT_WORK_ITEMS`].
+fn bind_work_items<'q>(sql: &'static str, items: &'q [WorkItem]) -> StoreResult<Query<'q>> {
     let n = items.len();
     let mut ids = Vec::with_capacity(n);
     let mut projects = Vec::with_capacity(n);
@@ -614,42 +625,101 @@ async fn insert_work_items(c: &mut PgConnection, items: &[WorkItem]) -> StoreRes
         created.push(w.created_at);
         enq.push(w.enqueued_at);
     }
-    let res = q(sql!(
-        "INSERT INTO work_items ({WI_COLS})
-         SELECT id, project_id, title, description, recipe_id, labels::text[], state, priority, deps::uuid[], retry::jsonb, key,
-                hash, approval_id, draft_id, NULL, 0, NULL, run_at, NULL, created, created, enqueued_at, 0, false
-         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::text[], $8::int4[],
-                     $9::text[], $10::text[], $11::text[], $12::text[], $13::uuid[], $14::uuid[], $15::timestamptz[],
-                     $16::timestamptz[], $17::timestamptz[])
-              AS t(id, project_id, title, description, recipe_id, labels, state, priority, deps, retry, key, hash,
-                   approval_id, draft_id, run_at, created, enqueued_at)"
-    ))
-    .bind(ids)
-    .bind(projects)
-    .bind(titles)
-    .bind(descs)
-    .bind(recipes)
-    .bind(labels)
-    .bind(states)
-    .bind(prios)
-    .bind(deps)
-    .bind(retry)
-    .bind(keys)
-    .bind(hashes)
-    .bind(approvals)
-    .bind(drafts)
-    .bind(run_ats)
-    .bind(created)
-    .bind(enq)
-    .execute(&mut *c)
-    .await;
-    match res {
-        Ok(_) => Ok(()),
-        Err(e) => match duplicate_key(&e) {
-            Some(key) => Err(StoreError::Duplicate { entity: EntityKind::WorkItem, key }),
-            None => Err(map_err(e)),
-        },
+    Ok(sqlx::query(sql)
+        .bind(ids)
+        .bind(projects)
+        .bind(titles)
+        .bind(descs)
+        .bind(recipes)
+        .bind(labels)
+        .bind(states)
+        .bind(prios)
+        .bind(deps)
+        .bind(retry)
+        .bind(keys)
+        .bind(hashes)
+        .bind(approvals)
+        .bind(drafts)
+        .bind(run_ats)
+        .bind(created)
+        .bind(enq))
+}
+
+/// A failed insert of work items: a taken id is `Duplicate`.
+fn insert_error(e: sqlx::Error) -> StoreError {
+    match duplicate_key(&e) {
+        Some(key) => StoreError::Duplicate { entity: EntityKind::WorkItem, key },
+        None => map_err(e),
     }
+}
+
+/// Inserts work item rows in one statement (`pending_deps` 0, no dependents). A taken id is `Duplicate`.
+async fn insert_work_items(c: &mut PgConnection, items: &[WorkItem]) -> StoreResult<()> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    bind_work_items(INSERT_WORK_ITEMS.as_str(), items)?.execute(&mut *c).await.map_err(insert_error)?;
+    Ok(())
+}
+
+/// The rows of new work items that need nothing but their insert: no idempotency key, recipe, approval
+/// or dependency, and distinct ids. `None` when any item needs more (or is refused): the general path
+/// then checks and writes them.
+pub fn plain_creates(items: &[NewWorkItem], now: DateTime<Utc>) -> Option<Vec<WorkItem>> {
+    let mut ids = HashSet::with_capacity(items.len());
+    let mut rows = Vec::with_capacity(items.len());
+    for p in items {
+        let simple_state = match &p.enqueue {
+            Some(e) => p.state == WorkItemState::Ready && e.depends_on.is_empty(),
+            None => matches!(p.state, WorkItemState::Draft | WorkItemState::Ready),
+        };
+        if !simple_state || p.recipe_id.is_some() || p.idempotency_key.is_some() || !ids.insert(p.id) {
+            return None;
+        }
+        let mut w = rules::new_work_item(p, now);
+        match rules::enqueue_on_create(&mut w, p.enqueue.as_ref(), now) {
+            Ok(direct) if direct == p.enqueue.is_some() => rows.push(w),
+            _ => return None,
+        }
+    }
+    Some(rows)
+}
+
+/// [`plain_creates`] rows written by one self-contained statement (atomic without an explicit
+/// transaction, so one round trip): each project is locked against deletion (`FOR KEY SHARE`, which
+/// `project_delete`'s `FOR UPDATE` waits for and which sees a deletion that committed first), the rows
+/// are inserted only when every project exists, and `channel` is notified when any row is queued.
+pub async fn insert_plain(
+    c: &mut PgConnection,
+    rows: &[WorkItem],
+    channel: &str,
+) -> StoreResult<(Vec<WorkItemCreated>, bool)> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let insert = INSERT_WORK_ITEMS.as_str();
+        format!(
+            "WITH p AS (SELECT id FROM projects WHERE id = ANY($18::uuid[]) FOR KEY SHARE),
+             ins AS ({insert} WHERE (SELECT count(*) FROM p) = cardinality($18::uuid[]) RETURNING state)
+             SELECT (SELECT array_agg(id) FROM p),
+                    (SELECT count(*) FROM (SELECT pg_notify($19, '') WHERE EXISTS (SELECT 1 FROM ins WHERE state = 'queued')) n)"
+        )
+    });
+    let mut projects: Vec<Uuid> = rows.iter().map(|w| w.project_id.0).collect();
+    projects.sort_unstable();
+    projects.dedup();
+    let row = bind_work_items(SQL.as_str(), rows)?
+        .bind(&projects)
+        .bind(channel)
+        .fetch_one(&mut *c)
+        .await
+        .map_err(insert_error)?;
+    let found: Option<Vec<Uuid>> = row.try_get(0).map_err(map_err)?;
+    let found = found.unwrap_or_default();
+    if let Some(missing) = projects.iter().find(|p| !found.contains(p)) {
+        return Err(StoreError::not_found(EntityKind::Project, ProjectId(*missing)));
+    }
+    let notified: i64 = row.try_get(1).map_err(map_err)?;
+    let out = rows.iter().map(|w| WorkItemCreated { work_item: w.clone(), created: true, approval: None }).collect();
+    Ok((out, notified > 0))
 }
 
 /// Writes every mutable column of a work item back.

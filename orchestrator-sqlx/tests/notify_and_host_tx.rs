@@ -151,3 +151,54 @@ async fn a_store_over_a_host_pool_uses_its_own_schema() {
         Err(StoreError::Invalid { .. })
     ));
 }
+
+/// A plain create (one statement, no transaction of its own) waits for a project deletion that holds the
+/// project's row, as `project_delete` does: when the deletion rolls back the items are created; when it
+/// commits the create reports the project missing and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_create_waits_for_a_project_deletion_in_progress() {
+    use sqlx::{AssertSqlSafe, Connection};
+    let store = std::sync::Arc::new(common::fresh_store("plaindel").await);
+    let p = project(&store).await;
+    let mut deleter = sqlx::PgConnection::connect(&common::url()).await.unwrap();
+    let deleter_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut deleter).await.unwrap();
+    let mut watcher = sqlx::PgConnection::connect(&common::url()).await.unwrap();
+    let items_of_p = format!("SELECT COUNT(*) FROM {}.work_items WHERE project_id = $1", store.schema());
+    for commit in [false, true] {
+        let mut tx = deleter.begin().await.unwrap();
+        sqlx::query(AssertSqlSafe(format!("DELETE FROM {}.projects WHERE id = $1", store.schema())))
+            .bind(p.0)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let s = store.clone();
+        let create = tokio::spawn(async move { s.work_items_create(vec![new_item(p, "racing")], Utc::now()).await });
+        // Wait (with a deadline) until the create is blocked by the deleting transaction.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let blocked: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
+                    .bind(deleter_pid)
+                    .fetch_one(&mut watcher)
+                    .await
+                    .unwrap();
+            if blocked > 0 {
+                break;
+            }
+            assert!(!create.is_finished(), "the create did not wait for the deletion: {:?}", create.await);
+            assert!(std::time::Instant::now() < deadline, "the create never blocked on the deletion");
+            tokio::task::yield_now().await;
+        }
+        if commit {
+            tx.commit().await.unwrap();
+            let res = create.await.unwrap();
+            assert!(matches!(res, Err(StoreError::NotFound { .. })), "{res:?}");
+        } else {
+            tx.rollback().await.unwrap();
+            assert_eq!(create.await.unwrap().unwrap().len(), 1);
+        }
+        let n: i64 =
+            sqlx::query_scalar(AssertSqlSafe(items_of_p.clone())).bind(p.0).fetch_one(&mut watcher).await.unwrap();
+        assert_eq!(n, 1, "one item from the round whose deletion rolled back, none from the other");
+    }
+}
