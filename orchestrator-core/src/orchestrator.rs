@@ -533,7 +533,10 @@ impl Orchestrator {
         let now = claim.now;
         let done = self
             .store
-            .runs_complete_and_claim(CompleteMany { completions, retry_defaults: self.config.retry.clone(), now }, claim)
+            .runs_complete_and_claim(
+                CompleteMany { completions, retry_defaults: self.config.retry.clone(), now },
+                claim,
+            )
             .await?;
         for r in done.completed.iter().flatten() {
             self.due.add(r.retry_at, now);
@@ -561,7 +564,13 @@ impl Orchestrator {
             }
             None => self.config.lease_ttl,
         };
-        Ok(Claim { agent_id: req.agent_id, capabilities: req.capabilities, limit: req.max, lease_ttl: ttl, now: self.now() })
+        Ok(Claim {
+            agent_id: req.agent_id,
+            capabilities: req.capabilities,
+            limit: req.max,
+            lease_ttl: ttl,
+            now: self.now(),
+        })
     }
 
     /// Claimed runs with their recipes and answers. A run that cannot be assigned (its recipe vanished,

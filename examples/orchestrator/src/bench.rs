@@ -30,6 +30,7 @@ pub struct Opts {
     latency_rate: f64,
     latency_claimers: usize,
     combined: bool,
+    single: bool,
 }
 
 /// The PostgreSQL server the `postgres` backend uses unless `--database-url` says otherwise.
@@ -58,6 +59,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         latency_rate: 50.0,
         latency_claimers: 1,
         combined: false,
+        single: true,
     };
     let mut claimers_set = false;
     let mut it = args.iter();
@@ -74,6 +76,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--latency-rate" => o.latency_rate = num("--latency-rate", it.next())?,
             "--latency-claimers" => o.latency_claimers = num("--latency-claimers", it.next())?,
             "--combined" => o.combined = true,
+            "--no-single" => o.single = false,
             "--batch" => o.batch = num("--batch", it.next())?,
             "--enqueue-batch" => o.enqueue_batch = num("--enqueue-batch", it.next())?,
             "--db" => o.db = Some(PathBuf::from(it.next().ok_or("--db needs a value")?)),
@@ -398,32 +401,39 @@ async fn measure(o: &Opts, b: &Backend) -> Result<(), String> {
         v
     };
 
-    // 1. Enqueue one by one, from C concurrent producers.
-    let t = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..o.claimers {
-        let orch = orch.clone();
-        let next = next.clone();
-        let n = o.items;
-        let pid = project.id;
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return Ok::<(), String>(());
+    // 1. Enqueue one by one, from C concurrent producers (or batched, with --no-single).
+    if !o.single {
+        let s = enqueue_batched(&orch, project.id, o.items, o.enqueue_batch).await?;
+        emit(with(
+            json!({"bench": "enqueue_batched", "items": o.items, "batch": o.enqueue_batch, "seconds": s, "per_second": o.items as f64 / s}),
+        ));
+    } else {
+        let t = Instant::now();
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..o.claimers {
+            let orch = orch.clone();
+            let next = next.clone();
+            let n = o.items;
+            let pid = project.id;
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return Ok::<(), String>(());
+                    }
+                    orch.create_work_item(item(pid, i)).await.map_err(|e| e.to_string())?;
                 }
-                orch.create_work_item(item(pid, i)).await.map_err(|e| e.to_string())?;
-            }
-        }));
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        let s = t.elapsed().as_secs_f64();
+        emit(with(
+            json!({"bench": "enqueue_single", "items": o.items, "producers": o.claimers, "seconds": s, "per_second": o.items as f64 / s}),
+        ));
     }
-    for t in tasks {
-        t.await.map_err(|e| e.to_string())??;
-    }
-    let s = t.elapsed().as_secs_f64();
-    emit(with(
-        json!({"bench": "enqueue_single", "items": o.items, "producers": o.claimers, "seconds": s, "per_second": o.items as f64 / s}),
-    ));
 
     // 2. Claim + complete what was just enqueued.
     let st = claim_complete(&orch, o.items, o.claimers, o.batch, o.combined).await?;

@@ -28,6 +28,7 @@ measure enqueue and claim+complete throughput and claim latency; one JSON line p
   --items N                 work items per measurement (default 100000)
   --claimers C              concurrent in-process claimers (default 8; 16 for postgres)
   --batch B                 runs claimed per claim call (default 32)
+  --no-single               skip the one-by-one enqueue: the first claims take a batched enqueue's items
   --combined                each claimer completes its batch and claims the next in one call
                             (Orchestrator::complete_and_claim) instead of a claim call and a completion call
   --enqueue-batch K         items per batched enqueue call (default 1000)

@@ -250,7 +250,10 @@ pub async fn complete_and_claim_hands_over(store: Arc<dyn Store>) {
         .complete_and_claim(
             vec![
                 done(&first[0], RunOutcome::Succeeded { exit_code: Some(0) }),
-                done(&first[1], RunOutcome::Failed { error: "flaky".into(), exit_code: Some(1), kind: FailureKind::Retryable }),
+                done(
+                    &first[1],
+                    RunOutcome::Failed { error: "flaky".into(), exit_code: Some(1), kind: FailureKind::Retryable },
+                ),
             ],
             req,
         )
@@ -320,10 +323,7 @@ pub async fn complete_and_claim_refusals(store: Arc<dyn Store>) {
     assert_eq!(h.state_of(claimed[0].claimed.work_item.id).await, WorkItemState::Running);
     let out = h
         .orch
-        .complete_and_claim(
-            vec![ok(&claimed[0], claimed[0].token() + 1), ok(&claimed[1], claimed[1].token())],
-            req(5),
-        )
+        .complete_and_claim(vec![ok(&claimed[0], claimed[0].token() + 1), ok(&claimed[1], claimed[1].token())], req(5))
         .await
         .unwrap();
     assert!(matches!(out.completed[0], Err(StoreError::LeaseLost { .. })), "{:?}", out.completed[0]);
