@@ -326,6 +326,18 @@ impl PgStore {
     /// Applies pending migrations (idempotent; safe when several processes start at once: an advisory
     /// lock serializes them). Refuses a schema written by a newer build.
     pub async fn migrate(&self) -> StoreResult<()> {
+        self.migrate_to(schema::latest_version()).await
+    }
+
+    /// Applies pending migrations up to schema version `version` (for hosts that roll schema changes out
+    /// step by step; [`PgStore::migrate`] applies them all). A version this build does not know is refused.
+    pub async fn migrate_to(&self, version: i32) -> StoreResult<()> {
+        if !(1..=schema::latest_version()).contains(&version) {
+            return Err(StoreError::invalid(
+                "version",
+                format!("schema versions of this build are 1 to {}", schema::latest_version()),
+            ));
+        }
         let mut conn = self.pool.acquire().await.q()?;
         let mut tx = conn.begin().await.q()?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('orchestrator-migrations:' || $1))")
@@ -354,7 +366,7 @@ impl PgStore {
                 ),
             });
         }
-        for (i, m) in schema::MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        for (i, m) in schema::MIGRATIONS.iter().enumerate().take(version as usize).skip(found.max(0) as usize) {
             sqlx::raw_sql(*m).execute(&mut *tx).await.q()?;
             sqlx::query("INSERT INTO orchestrator_migrations (version) VALUES ($1)")
                 .bind(i as i32 + 1)

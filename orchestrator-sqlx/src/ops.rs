@@ -1359,8 +1359,9 @@ pub async fn reap(c: &mut PgConnection, t: &Tick) -> StoreResult<Vec<ReapedRun>>
     let rows = all(
         c,
         q("UPDATE runs SET state = 'lost', error = 'lease expired', failure_kind = 'retryable', finished_at = $1, lease_expires_at = NULL
-           WHERE id IN (SELECT id FROM runs WHERE state IN ('claimed', 'running') AND lease_expires_at <= $1
-                        ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+           WHERE id IN (SELECT r.id FROM work_items w JOIN runs r ON r.id = w.current_run_id
+                        WHERE w.state = 'running' AND r.state IN ('claimed', 'running') AND r.lease_expires_at <= $1
+                        ORDER BY r.lease_expires_at LIMIT $2 FOR UPDATE OF r SKIP LOCKED)
            RETURNING id, work_item_id")
         .bind(t.now)
         .bind(t.limit.max(1) as i64),
@@ -1692,8 +1693,8 @@ async fn complete_one(
     Ok(Ok(res))
 }
 
-/// The leased run states, bound as a parameter: with the literal list the planner may read the runs by
-/// the leased-runs index (every leased run, filtered) instead of by primary key.
+/// The leased run states, bound as a parameter: with a literal list the planner may prefer an index
+/// whose predicate names them over the primary key.
 const LEASED: &[&str] = &["claimed", "running"];
 
 static COMPLETE_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {

@@ -2,7 +2,8 @@
 //! of the configured schema; every statement runs with `search_path` set to that schema.
 
 /// Migrations in order; migration `i` brings the schema to version `i + 1`.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE projects (
     id uuid PRIMARY KEY,
     name text NOT NULL,
@@ -163,7 +164,14 @@ CREATE TABLE info_requests (
 CREATE INDEX info_requests_run ON info_requests (run_id, id);
 CREATE INDEX info_requests_project ON info_requests (project_id);
 CREATE INDEX info_requests_deadline ON info_requests (deadline) WHERE state = 'pending' AND deadline IS NOT NULL;
-"#];
+"#,
+    r#"
+-- Leased runs are found through their running work items: with no index on the columns a run's
+-- completion, lease renewal or start changes, those updates are HOT (no index entries written).
+CREATE INDEX work_items_running ON work_items (current_run_id) WHERE state = 'running';
+DROP INDEX runs_leased;
+"#,
+];
 
 /// The schema version this build writes.
 pub fn latest_version() -> i32 {
