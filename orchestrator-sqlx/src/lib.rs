@@ -10,7 +10,9 @@
 //!   `FOR UPDATE SKIP LOCKED LIMIT n` from a partial index that holds exactly the ready rows, marks them
 //!   running and inserts their runs. Successful completions of many runs are one statement too.
 //! - Wake-ups: operations that make work claimable `pg_notify` the schema's channel once per
-//!   transaction; a background task LISTENs on a dedicated connection and bumps the store's
+//!   transaction, at most once per [`PgOptions::notify_interval`] per store (PostgreSQL serializes the
+//!   commits of notifying transactions): within the interval, one notification follows at its end,
+//!   after the commits it covers. A background task LISTENs on a dedicated connection and bumps the store's
 //!   [`Notifier`]. When that connection drops it reconnects with backoff, bumping the notifier
 //!   meanwhile so waiting claimers fall back to polling.
 //! - Embedded, versioned migrations in a configurable schema (default `orchestrator`), applied under an
@@ -24,6 +26,7 @@ mod error;
 mod ops;
 mod rows;
 mod schema;
+mod throttle;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -62,6 +65,11 @@ pub struct PgOptions {
     pub listen: bool,
     /// How many times a unit of work is run again after a serialization failure or deadlock.
     pub max_retries: u32,
+    /// At most one wake-up `NOTIFY` per this interval from this store: a transaction that makes work
+    /// claimable notifies itself only when none was sent in the last interval, otherwise one
+    /// notification follows at the interval's end (PostgreSQL serializes the commits of notifying
+    /// transactions). Zero: every such transaction notifies.
+    pub notify_interval: Duration,
 }
 
 impl Default for PgOptions {
@@ -74,6 +82,7 @@ impl Default for PgOptions {
             migrate: true,
             listen: true,
             max_retries: 5,
+            notify_interval: Duration::from_millis(2),
         }
     }
 }
@@ -110,6 +119,7 @@ pub struct PgStore {
     /// The pool came from the host: set `search_path` in every transaction instead of per connection.
     per_tx_path: bool,
     max_retries: u32,
+    throttle: std::sync::Arc<throttle::NotifyThrottle>,
     listener: Option<tokio::task::JoinHandle<()>>,
     // Dropped with the store (after the LISTEN task stops), e.g. a test's schema cleanup.
     _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
@@ -179,12 +189,16 @@ macro_rules! write_tx {
                 };
                 match out {
                     Ok((v, notify)) => {
-                        if notify {
+                        let in_tx = notify && s.throttle.leading();
+                        if in_tx {
                             s.send_notify(&mut *tx).await?;
                         }
                         tx.commit().await.q()?;
                         if notify {
                             s.notifier.notify();
+                            if !in_tx {
+                                s.throttle.after_commit(&s.pool, &s.channel);
+                            }
                         }
                         Ok(v)
                     }
@@ -279,6 +293,7 @@ impl PgStore {
             notifier: Notifier::new(),
             per_tx_path,
             max_retries: options.max_retries,
+            throttle: std::sync::Arc::new(throttle::NotifyThrottle::new(options.notify_interval)),
             listener: None,
             _guard: None,
         };
@@ -600,12 +615,18 @@ impl Store for PgStore {
             if rows.is_empty() {
                 return Ok(Vec::new());
             }
+            let wake = rows.iter().any(|w| w.state == orchestrator_core::state::WorkItemState::Queued);
             let mut attempt = 0u32;
             loop {
-                match read_conn!(self, |c| ops::insert_plain(c, &rows, &self.channel).await) {
-                    Ok((out, notify)) => {
-                        if notify {
+                let in_stmt = wake && self.throttle.leading();
+                let channel = in_stmt.then_some(self.channel.as_str());
+                match read_conn!(self, |c| ops::insert_plain(c, &rows, channel).await) {
+                    Ok(out) => {
+                        if wake {
                             self.notifier.notify();
+                            if !in_stmt {
+                                self.throttle.after_commit(&self.pool, &self.channel);
+                            }
                         }
                         return Ok(out);
                     }

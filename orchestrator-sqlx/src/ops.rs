@@ -688,19 +688,19 @@ pub fn plain_creates(items: &[NewWorkItem], now: DateTime<Utc>) -> Option<Vec<Wo
 /// [`plain_creates`] rows written by one self-contained statement (atomic without an explicit
 /// transaction, so one round trip): each project is locked against deletion (`FOR KEY SHARE`, which
 /// `project_delete`'s `FOR UPDATE` waits for and which sees a deletion that committed first), the rows
-/// are inserted only when every project exists, and `channel` is notified when any row is queued.
+/// are inserted only when every project exists, and `notify` (a channel) is notified at the commit.
 pub async fn insert_plain(
     c: &mut PgConnection,
     rows: &[WorkItem],
-    channel: &str,
-) -> StoreResult<(Vec<WorkItemCreated>, bool)> {
+    notify: Option<&str>,
+) -> StoreResult<Vec<WorkItemCreated>> {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         let insert = INSERT_WORK_ITEMS.as_str();
         format!(
             "WITH p AS (SELECT id FROM projects WHERE id = ANY($18::uuid[]) FOR KEY SHARE),
-             ins AS ({insert} WHERE (SELECT count(*) FROM p) = cardinality($18::uuid[]) RETURNING state)
+             ins AS ({insert} WHERE (SELECT count(*) FROM p) = cardinality($18::uuid[]) RETURNING 1)
              SELECT (SELECT array_agg(id) FROM p),
-                    (SELECT count(*) FROM (SELECT pg_notify($19, '') WHERE EXISTS (SELECT 1 FROM ins WHERE state = 'queued')) n)"
+                    (SELECT count(*) FROM (SELECT pg_notify($19, '') WHERE $19 IS NOT NULL AND EXISTS (SELECT 1 FROM ins)) n)"
         )
     });
     let mut projects: Vec<Uuid> = rows.iter().map(|w| w.project_id.0).collect();
@@ -708,7 +708,7 @@ pub async fn insert_plain(
     projects.dedup();
     let row = bind_work_items(SQL.as_str(), rows)?
         .bind(&projects)
-        .bind(channel)
+        .bind(notify)
         .fetch_one(&mut *c)
         .await
         .map_err(insert_error)?;
@@ -717,9 +717,7 @@ pub async fn insert_plain(
     if let Some(missing) = projects.iter().find(|p| !found.contains(p)) {
         return Err(StoreError::not_found(EntityKind::Project, ProjectId(*missing)));
     }
-    let notified: i64 = row.try_get(1).map_err(map_err)?;
-    let out = rows.iter().map(|w| WorkItemCreated { work_item: w.clone(), created: true, approval: None }).collect();
-    Ok((out, notified > 0))
+    Ok(rows.iter().map(|w| WorkItemCreated { work_item: w.clone(), created: true, approval: None }).collect())
 }
 
 /// Writes every mutable column of a work item back.

@@ -7,7 +7,7 @@ use orchestrator_core::ids::{ProjectId, WorkItemId};
 use orchestrator_core::state::WorkItemState;
 use orchestrator_core::store::{Claim, EnqueueOptions, NewProject, NewWorkItem};
 use orchestrator_core::{Store, StoreError};
-use orchestrator_sqlx::PgStore;
+use orchestrator_sqlx::{PgOptions, PgStore};
 use std::time::Duration;
 
 fn new_item(project: ProjectId, title: &str) -> NewWorkItem {
@@ -201,4 +201,31 @@ async fn plain_create_waits_for_a_project_deletion_in_progress() {
             sqlx::query_scalar(AssertSqlSafe(items_of_p.clone())).bind(p.0).fetch_one(&mut watcher).await.unwrap();
         assert_eq!(n, 1, "one item from the round whose deletion rolled back, none from the other");
     }
+}
+
+/// Wake-up notifications are throttled per store: within `notify_interval` of one, further enqueues do
+/// not notify in their own transactions; one notification follows after the interval, after their
+/// commits, so a claimer elsewhere is woken and finds all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_notifications_wake_after_the_last_commit() {
+    let interval = Duration::from_secs(2);
+    let schema = common::unique_schema("throttle");
+    let url = common::url();
+    let a = PgStore::connect_with(&url, PgOptions { notify_interval: interval, ..common::options(&schema) })
+        .await
+        .unwrap()
+        .with_guard(common::SchemaGuard { url: url.clone(), schema: schema.clone() });
+    let b = PgStore::connect_with(&url, common::options(&schema)).await.unwrap();
+    let p = project(&a).await;
+    let g0 = b.notifier().generation();
+    let t0 = std::time::Instant::now();
+    a.work_items_create(vec![new_item(p, "first")], Utc::now()).await.unwrap();
+    assert!(b.notifier().wait_changed(g0, Duration::from_secs(10)).await, "the first enqueue notifies at once");
+    let g1 = b.notifier().generation();
+    for i in 0..5 {
+        a.work_items_create(vec![new_item(p, &format!("more {i}"))], Utc::now()).await.unwrap();
+    }
+    assert!(b.notifier().wait_changed(g1, Duration::from_secs(20)).await, "no notification followed the burst");
+    assert!(t0.elapsed() >= interval, "the follow-up came {:?} after the first, inside the interval", t0.elapsed());
+    assert_eq!(b.runs_claim(claim(10)).await.unwrap().len(), 6);
 }
