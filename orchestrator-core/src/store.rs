@@ -426,6 +426,35 @@ pub struct CompletedAndClaimed {
     pub claimed: StoreResult<Vec<ClaimedRun>>,
 }
 
+/// [`Store::runs_complete_and_claim`] as two steps: [`Store::runs_complete_many`], then
+/// [`Store::runs_claim`]. The trait's default.
+pub async fn complete_then_claim<S: Store + ?Sized>(
+    store: &S,
+    p: CompleteMany,
+    c: Claim,
+) -> StoreResult<CompletedAndClaimed> {
+    let completed = store.runs_complete_many(p).await?;
+    let claimed = store.runs_claim(c).await;
+    Ok(CompletedAndClaimed { completed, claimed })
+}
+
+/// Settles a backend's one-transaction [`Store::runs_complete_and_claim`] (`both`: the completions'
+/// results and the claimed runs). When it failed, nothing was written: an unreachable backend is
+/// reported as is; otherwise the completions must not depend on the claim, so the two steps run apart
+/// ([`complete_then_claim`]) and the caller learns which part failed.
+pub async fn settle_complete_and_claim<S: Store + ?Sized>(
+    store: &S,
+    both: StoreResult<(Vec<StoreResult<CompletionResult>>, Vec<ClaimedRun>)>,
+    p: CompleteMany,
+    c: Claim,
+) -> StoreResult<CompletedAndClaimed> {
+    match both {
+        Ok((completed, claimed)) => Ok(CompletedAndClaimed { completed, claimed: Ok(claimed) }),
+        Err(e @ crate::error::StoreError::Unavailable { .. }) => Err(e),
+        Err(_) => complete_then_claim(store, p, c).await,
+    }
+}
+
 /// Filter for [`Store::run_list`].
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
@@ -681,9 +710,7 @@ pub trait Store: Send + Sync + 'static {
     /// [`CompletedAndClaimed::claimed`]. Backends that can do both in one transaction (one commit)
     /// override this; the default runs [`Store::runs_complete_many`], then [`Store::runs_claim`].
     async fn runs_complete_and_claim(&self, p: CompleteMany, c: Claim) -> StoreResult<CompletedAndClaimed> {
-        let completed = self.runs_complete_many(p).await?;
-        let claimed = self.runs_claim(c).await;
-        Ok(CompletedAndClaimed { completed, claimed })
+        complete_then_claim(self, p, c).await
     }
     /// Reads a run.
     async fn run_get(&self, id: RunId) -> StoreResult<Run>;

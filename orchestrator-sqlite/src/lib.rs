@@ -990,16 +990,7 @@ impl Store for SqliteStore {
                 Ok(((completed, claimed), notify))
             })
             .await;
-        match both {
-            Ok((completed, claimed)) => Ok(CompletedAndClaimed { completed, claimed: Ok(claimed) }),
-            Err(e @ StoreError::Unavailable { .. }) => Err(e),
-            // Nothing was written: the completions must not depend on the claim.
-            Err(_) => {
-                let completed = self.runs_complete_many(p).await?;
-                let claimed = self.runs_claim(cl).await;
-                Ok(CompletedAndClaimed { completed, claimed })
-            }
-        }
+        settle_complete_and_claim(self, both, p, cl).await
     }
     async fn run_get(&self, id: RunId) -> StoreResult<Run> {
         self.read(move |c| ops::run_get(c, id)).await

@@ -727,18 +727,7 @@ impl Store for PgStore {
                 Err(e) => Err(e),
             }
         });
-        match both {
-            Ok((completed, claimed)) => Ok(CompletedAndClaimed { completed, claimed: Ok(claimed) }),
-            // The server is away: the separate steps would fail the same way.
-            Err(e @ StoreError::Unavailable { .. }) => Err(e),
-            // Nothing was written. The completions must not depend on the claim: apply them alone, then
-            // claim on its own so the caller learns which part failed.
-            Err(_) => {
-                let completed = self.runs_complete_many(p).await?;
-                let claimed = self.runs_claim(cl).await;
-                Ok(CompletedAndClaimed { completed, claimed })
-            }
-        }
+        settle_complete_and_claim(self, both, p, cl).await
     }
     async fn run_get(&self, id: RunId) -> StoreResult<Run> {
         read_conn!(self, |c| ops::run_get(c, id).await)

@@ -3,28 +3,14 @@
 mod common;
 
 use chrono::Utc;
-use orchestrator_core::ids::{ProjectId, WorkItemId};
+use orchestrator_core::ids::ProjectId;
 use orchestrator_core::state::WorkItemState;
-use orchestrator_core::store::{Claim, EnqueueOptions, NewProject, NewWorkItem};
+use orchestrator_core::store::{Claim, NewProject};
 use orchestrator_core::{Store, StoreError};
 use orchestrator_sqlx::{PgOptions, PgStore};
 use std::time::Duration;
 
-fn new_item(project: ProjectId, title: &str) -> NewWorkItem {
-    NewWorkItem {
-        id: WorkItemId::new(),
-        project_id: project,
-        title: title.into(),
-        description: String::new(),
-        recipe_id: None,
-        labels: vec![],
-        priority: 0,
-        retry: Default::default(),
-        idempotency_key: None,
-        state: WorkItemState::Ready,
-        enqueue: Some(EnqueueOptions::default()),
-    }
-}
+use common::new_item;
 
 async fn project(store: &PgStore) -> ProjectId {
     let id = ProjectId::new();

@@ -4,28 +4,14 @@
 mod common;
 
 use chrono::{Duration, Utc};
-use orchestrator_core::ids::{ProjectId, WorkItemId};
+use orchestrator_core::ids::ProjectId;
 use orchestrator_core::retry::RetryPolicy;
 use orchestrator_core::state::{RunState, WorkItemState};
-use orchestrator_core::store::{Claim, EnqueueOptions, NewProject, NewWorkItem, Tick};
+use orchestrator_core::store::{Claim, NewProject, NewWorkItem, Tick};
 use orchestrator_core::{Store, StoreError};
 use orchestrator_sqlx::{PgOptions, PgStore};
 
-fn item(project: ProjectId, title: &str) -> NewWorkItem {
-    NewWorkItem {
-        id: WorkItemId::new(),
-        project_id: project,
-        title: title.into(),
-        description: String::new(),
-        recipe_id: None,
-        labels: vec![],
-        priority: 0,
-        retry: Default::default(),
-        idempotency_key: None,
-        state: WorkItemState::Ready,
-        enqueue: Some(EnqueueOptions::default()),
-    }
-}
+use common::new_item;
 
 async fn indexes(store: &PgStore) -> Vec<String> {
     sqlx::query_scalar("SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 ORDER BY 1")
@@ -53,7 +39,7 @@ async fn leases_taken_under_version_1_are_reaped_after_the_upgrade() {
     let now = Utc::now();
     let p = ProjectId::new();
     store.project_create(NewProject { id: p, name: "p".into(), description: String::new(), now }).await.unwrap();
-    let items: Vec<NewWorkItem> = (0..3).map(|i| item(p, &format!("w{i}"))).collect();
+    let items: Vec<NewWorkItem> = (0..3).map(|i| new_item(p, &format!("w{i}"))).collect();
     store.work_items_create(items, now).await.unwrap();
     let claim = |ttl: i64| Claim {
         agent_id: "a".into(),

@@ -57,3 +57,20 @@ pub async fn fresh_store(prefix: &str) -> PgStore {
         .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {url}: {e}"))
         .with_guard(SchemaGuard { url, schema })
 }
+
+/// A ready work item in `project`, enqueued on creation.
+pub fn new_item(project: orchestrator_core::ids::ProjectId, title: &str) -> orchestrator_core::store::NewWorkItem {
+    orchestrator_core::store::NewWorkItem {
+        id: orchestrator_core::ids::WorkItemId::new(),
+        project_id: project,
+        title: title.into(),
+        description: String::new(),
+        recipe_id: None,
+        labels: vec![],
+        priority: 0,
+        retry: Default::default(),
+        idempotency_key: None,
+        state: orchestrator_core::state::WorkItemState::Ready,
+        enqueue: Some(orchestrator_core::store::EnqueueOptions::default()),
+    }
+}
