@@ -92,6 +92,61 @@ impl PgOptions {
     pub fn with_schema(schema: impl Into<String>) -> Self {
         PgOptions { schema: schema.into(), ..Default::default() }
     }
+
+    /// Options read through `lookup` (e.g. `|k| std::env::var(k).ok()`): `ORCH_PG_SCHEMA`,
+    /// `ORCH_PG_MAX_CONNECTIONS`, `ORCH_PG_MIN_CONNECTIONS`, `ORCH_PG_ACQUIRE_TIMEOUT_SECONDS`,
+    /// `ORCH_PG_MIGRATE` (`true`/`false`) and `ORCH_PG_NOTIFY_INTERVAL_MS`. Missing or blank values keep
+    /// their defaults; invalid ones are `Invalid` errors naming the variable.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, StoreError> {
+        fn num<T: FromStr>(name: &str, v: &str, ok: impl Fn(&T) -> bool, what: &str) -> Result<T, StoreError> {
+            v.trim()
+                .parse::<T>()
+                .ok()
+                .filter(|n| ok(n))
+                .ok_or_else(|| StoreError::invalid(name, format!("expected {what}, got `{v}`")))
+        }
+        let get = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
+        let mut o = PgOptions::default();
+        if let Some(v) = get("ORCH_PG_SCHEMA") {
+            let v = v.trim().to_string();
+            check_schema_name(&v).map_err(|e| StoreError::invalid("ORCH_PG_SCHEMA", e.to_string()))?;
+            o.schema = v;
+        }
+        if let Some(v) = get("ORCH_PG_MAX_CONNECTIONS") {
+            o.max_connections = num("ORCH_PG_MAX_CONNECTIONS", &v, |n| (1..=1000).contains(n), "1 to 1000")?;
+        }
+        if let Some(v) = get("ORCH_PG_MIN_CONNECTIONS") {
+            o.min_connections = num("ORCH_PG_MIN_CONNECTIONS", &v, |n| *n <= 1000, "0 to 1000")?;
+        }
+        if o.min_connections > o.max_connections {
+            return Err(StoreError::invalid(
+                "ORCH_PG_MIN_CONNECTIONS",
+                format!("{} is more than the {} of ORCH_PG_MAX_CONNECTIONS", o.min_connections, o.max_connections),
+            ));
+        }
+        if let Some(v) = get("ORCH_PG_ACQUIRE_TIMEOUT_SECONDS") {
+            let s: u64 =
+                num("ORCH_PG_ACQUIRE_TIMEOUT_SECONDS", &v, |n| (1..=600).contains(n), "whole seconds from 1 to 600")?;
+            o.acquire_timeout = Duration::from_secs(s);
+        }
+        if let Some(v) = get("ORCH_PG_MIGRATE") {
+            o.migrate = match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => return Err(StoreError::invalid("ORCH_PG_MIGRATE", format!("expected true or false, got `{v}`"))),
+            };
+        }
+        if let Some(v) = get("ORCH_PG_NOTIFY_INTERVAL_MS") {
+            let ms: u64 = num("ORCH_PG_NOTIFY_INTERVAL_MS", &v, |n| *n <= 10_000, "milliseconds from 0 to 10000")?;
+            o.notify_interval = Duration::from_millis(ms);
+        }
+        Ok(o)
+    }
+
+    /// [`PgOptions::from_lookup`] over the process environment.
+    pub fn from_env() -> Result<Self, StoreError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
 }
 
 fn check_schema_name(s: &str) -> StoreResult<()> {
@@ -781,5 +836,57 @@ impl Store for PgStore {
 
     async fn stats(&self) -> StoreResult<QueueStats> {
         read_conn!(self, |c| ops::stats(c).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn read(vars: &[(&str, &str)]) -> Result<PgOptions, StoreError> {
+        let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        PgOptions::from_lookup(|k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn options_from_the_environment() {
+        let d = read(&[]).unwrap();
+        assert_eq!((d.schema.as_str(), d.max_connections, d.migrate), ("orchestrator", 16, true));
+        assert_eq!(d.notify_interval, Duration::from_millis(2));
+        let o = read(&[
+            ("ORCH_PG_SCHEMA", " jobs_1 "),
+            ("ORCH_PG_MAX_CONNECTIONS", "40"),
+            ("ORCH_PG_MIN_CONNECTIONS", "4"),
+            ("ORCH_PG_ACQUIRE_TIMEOUT_SECONDS", "9"),
+            ("ORCH_PG_MIGRATE", "off"),
+            ("ORCH_PG_NOTIFY_INTERVAL_MS", "0"),
+        ])
+        .unwrap();
+        assert_eq!(o.schema, "jobs_1");
+        assert_eq!((o.max_connections, o.min_connections), (40, 4));
+        assert_eq!(o.acquire_timeout, Duration::from_secs(9));
+        assert!(!o.migrate);
+        assert!(o.notify_interval.is_zero());
+        assert_eq!(read(&[("ORCH_PG_SCHEMA", "  ")]).unwrap().schema, "orchestrator");
+    }
+
+    #[test]
+    fn bad_options_name_their_variable() {
+        for (k, v) in [
+            ("ORCH_PG_SCHEMA", "Jobs"),
+            ("ORCH_PG_SCHEMA", "pg_jobs"),
+            ("ORCH_PG_MAX_CONNECTIONS", "0"),
+            ("ORCH_PG_MAX_CONNECTIONS", "many"),
+            ("ORCH_PG_ACQUIRE_TIMEOUT_SECONDS", "0"),
+            ("ORCH_PG_MIGRATE", "maybe"),
+            ("ORCH_PG_NOTIFY_INTERVAL_MS", "-1"),
+            ("ORCH_PG_NOTIFY_INTERVAL_MS", "20000"),
+        ] {
+            let e = read(&[(k, v)]).unwrap_err();
+            assert!(matches!(e, StoreError::Invalid { .. }) && e.to_string().contains(k), "{k}={v}: {e}");
+        }
+        let e = read(&[("ORCH_PG_MIN_CONNECTIONS", "20")]).unwrap_err();
+        assert!(e.to_string().contains("ORCH_PG_MIN_CONNECTIONS"), "{e}");
     }
 }

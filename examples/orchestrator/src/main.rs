@@ -45,6 +45,9 @@ measure enqueue and claim+complete throughput and claim latency; one JSON line p
 
 const SERVE_HELP: &str = "Settings (environment or a .env file):
   ORCH_DATABASE_URL        sqlite://PATH or postgres://... (default: SQLite file orchestrator.db here)
+  ORCH_PG_*                with PostgreSQL: ORCH_PG_SCHEMA (default orchestrator), ORCH_PG_MAX_CONNECTIONS,
+                           ORCH_PG_MIN_CONNECTIONS, ORCH_PG_ACQUIRE_TIMEOUT_SECONDS, ORCH_PG_MIGRATE,
+                           ORCH_PG_NOTIFY_INTERVAL_MS
   ORCH_SECRET_KEY          key encrypting info-request answers; unset: orchestrator.key beside the
                            database (created with mode 0600 on first start)
   ORCH_API_TOKENS          name:role:token,... (roles admin, operator, agent, viewer); without tokens

@@ -119,7 +119,8 @@ async fn open_store(url: &StoreUrl) -> Result<Arc<dyn Store>, ServeError> {
             Ok(Arc::new(store))
         }
         StoreUrl::Postgres(u) => {
-            let store = orchestrator_sqlx::PgStore::connect(u)
+            let options = orchestrator_sqlx::PgOptions::from_env().map_err(|e| e.to_string())?;
+            let store = orchestrator_sqlx::PgStore::connect_with(u, options)
                 .await
                 .map_err(|e| format!("cannot open {}: {e}", url.display()))?;
             Ok(Arc::new(store))

@@ -606,7 +606,12 @@ async fn serve_with_seed_shows_the_sample_work_done_with_its_logs() {
 #[tokio::test]
 async fn serve_with_seed_on_postgresql_shows_the_sample_work_done() {
     let db = common::PgDb::create();
-    let mut server = Server::start(&["--agents", "1", "--seed"], &[("ORCH_DATABASE_URL", &db.url)]).await;
+    let env = [
+        ("ORCH_DATABASE_URL", db.url.as_str()),
+        ("ORCH_PG_SCHEMA", "sample_jobs"),
+        ("ORCH_PG_NOTIFY_INTERVAL_MS", "0"),
+    ];
+    let mut server = Server::start(&["--agents", "1", "--seed"], &env).await;
     let out = eventually(Duration::from_secs(90), "the three sample items to be reported", || {
         let out = server.stdout();
         async move { (out.matches("): succeeded").count() == 3).then_some(out) }
@@ -615,4 +620,21 @@ async fn serve_with_seed_on_postgresql_shows_the_sample_work_done() {
     assert!(out.contains("[stdout] hello from the sample recipe"), "{out}");
     assert!(out.contains("[stdout] the greeting is done"), "{out}");
     assert!(server.terminate(Duration::from_secs(30)).success(), "{}", server.logs());
+    // The store lives in the schema ORCH_PG_SCHEMA named.
+    let done = db.query("SELECT count(*) FROM sample_jobs.work_items WHERE state = 'succeeded'");
+    assert_eq!(done.trim(), "3");
+}
+
+#[tokio::test]
+async fn serve_refuses_bad_postgresql_options_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::command(dir.path())
+        .args(["serve"])
+        .env("ORCH_DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .env("ORCH_PG_MAX_CONNECTIONS", "zero")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ORCH_PG_MAX_CONNECTIONS") && err.contains("zero"), "{err}");
 }

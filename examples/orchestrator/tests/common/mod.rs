@@ -343,6 +343,18 @@ impl PgDb {
     }
 }
 
+impl PgDb {
+    /// Runs `sql` in this database and returns psql's unaligned output.
+    pub fn query(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", &self.name, "-v", "ON_ERROR_STOP=1", "-Atc", sql])
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
 impl Drop for PgDb {
     fn drop(&mut self) {
         let _ = psql(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
