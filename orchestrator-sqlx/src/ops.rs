@@ -1290,14 +1290,24 @@ pub async fn queue_list(c: &mut PgConnection, f: &QueueFilter) -> StoreResult<Ve
         Some((p, r, id)) => (Some(p), Some(r), Some(id)),
         None => (None, None, None),
     };
-    // Rows with pending dependencies are counted in the same statement.
+    // The ready rows (from the ready index: their `run_at` is set, so its order is the queue order) merged
+    // with the waiting ones (from the waiting index). Rows with pending dependencies are counted in the
+    // same statement.
     let rows = all(
         c,
         q(sql!(
             "SELECT {WI_COLS}, (SELECT COUNT(*) FROM work_item_deps d JOIN work_items x ON x.id = d.depends_on
                                 WHERE d.work_item_id = work_items.id AND x.state <> 'succeeded')
-             FROM work_items WHERE state IN ('queued', 'retrying', 'blocked') AND ($1::uuid IS NULL OR project_id = $1)
-               AND ($2::int4 IS NULL OR (priority < $2) OR (priority = $2 AND (COALESCE(run_at, created_at), id) > ($3, $4)))
+             FROM ((SELECT * FROM work_items
+                    WHERE state IN ('queued', 'retrying') AND pending_deps = 0 AND ($1::uuid IS NULL OR project_id = $1)
+                      AND ($2::int4 IS NULL OR (priority < $2) OR (priority = $2 AND (run_at, id) > ($3, $4)))
+                    ORDER BY priority DESC, run_at, id LIMIT $5)
+                   UNION ALL
+                   (SELECT * FROM work_items
+                    WHERE (state = 'blocked' OR (state IN ('queued', 'retrying') AND pending_deps > 0))
+                      AND ($1::uuid IS NULL OR project_id = $1)
+                      AND ($2::int4 IS NULL OR (priority < $2) OR (priority = $2 AND (COALESCE(run_at, created_at), id) > ($3, $4)))
+                    ORDER BY priority DESC, COALESCE(run_at, created_at), id LIMIT $5)) work_items
              ORDER BY priority DESC, COALESCE(run_at, created_at), id LIMIT $5"
         ))
         .bind(f.project_id.map(|p| p.0))

@@ -170,6 +170,12 @@ CREATE INDEX info_requests_deadline ON info_requests (deadline) WHERE state = 'p
 -- completion, lease renewal or start changes, those updates are HOT (no index entries written).
 CREATE INDEX work_items_running ON work_items (current_run_id) WHERE state = 'running';
 DROP INDEX runs_leased;
+-- The queue listing merges the ready rows (in the ready index, whose order is the queue order for
+-- them) with the rows that wait (blocked, or with dependencies pending): an enqueued row is written to
+-- one of the two, not also to an index of the whole queue.
+CREATE INDEX work_items_waiting ON work_items (priority DESC, (COALESCE(run_at, created_at)), id)
+    WHERE state = 'blocked' OR (state IN ('queued', 'retrying') AND pending_deps > 0);
+DROP INDEX work_items_queue;
 "#,
 ];
 

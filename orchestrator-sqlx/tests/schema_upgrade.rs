@@ -56,6 +56,7 @@ async fn leases_taken_under_version_1_are_reaped_after_the_upgrade() {
     let ix = indexes(&store).await;
     assert!(!ix.contains(&"runs_leased".to_string()), "{ix:?}");
     assert!(ix.contains(&"work_items_running".to_string()), "{ix:?}");
+    assert!(ix.contains(&"work_items_waiting".to_string()) && !ix.contains(&"work_items_queue".to_string()), "{ix:?}");
 
     // Past the short lease only: exactly that run is lost and its item retries.
     let tick = |at| Tick { retry_defaults: RetryPolicy::default(), limit: 100, now: at };

@@ -1242,6 +1242,38 @@ pub async fn queue_list_in_claim_order(store: Arc<dyn Store>) {
     assert_eq!(page.iter().map(|t| t.work_item_id).collect::<Vec<_>>(), vec![high.id, low1.id]);
 }
 
+/// Paging through `queue_list` gives the full listing in the same order, for any page size, across
+/// claimable items and items waiting for a dependency, interleaved by priority and time.
+pub async fn queue_list_pages_across_ready_and_waiting(store: Arc<dyn Store>) {
+    let h = Harness::new(store);
+    let p = h.project().await;
+    let dep = h.queued(p.id, "dependency", 9, &[]).await;
+    assert_eq!(h.claim_one("agent").await.claimed.work_item.id, dep.id);
+    let mut want = Vec::new();
+    for i in 0..6 {
+        h.clock.advance(secs(1));
+        let deps = if i % 2 == 1 { vec![dep.id] } else { vec![] };
+        want.push(h.queued(p.id, &format!("item {i}"), 0, &deps).await.id);
+    }
+    h.clock.advance(secs(1));
+    want.insert(0, h.queued(p.id, "urgent, waiting", 3, &[dep.id]).await.id);
+    want.insert(1, h.queued(p.id, "urgent, claimable", 2, &[]).await.id);
+    let all = h.store.queue_list(QueueFilter { project_id: Some(p.id), page: Page::default() }).await.unwrap();
+    assert_eq!(all.iter().map(|t| t.work_item_id).collect::<Vec<_>>(), want);
+    for limit in [1, 2, 3] {
+        let (mut got, mut after) = (Vec::new(), None);
+        for _ in 0..=want.len() {
+            let page =
+                h.store.queue_list(QueueFilter { project_id: Some(p.id), page: Page { limit, after } }).await.unwrap();
+            assert!(page.len() <= limit as usize);
+            let Some(last) = page.last() else { break };
+            after = Some(last.work_item_id.0);
+            got.extend(page.iter().map(|t| t.work_item_id));
+        }
+        assert_eq!(got, want, "pages of {limit}");
+    }
+}
+
 /// `scheduled_task_get` reports the item's dependencies and how many have not succeeded yet.
 pub async fn scheduled_task_reports_pending_dependencies(store: Arc<dyn Store>) {
     let h = Harness::new(store);
@@ -1593,6 +1625,7 @@ macro_rules! __sched_cases {
             cancel_queued_and_running_items,
             cancel_finished_item_is_invalid_transition,
             queue_list_in_claim_order,
+            queue_list_pages_across_ready_and_waiting,
             scheduled_task_reports_pending_dependencies,
             complete_many_results_are_independent,
             stats_count_per_state,
