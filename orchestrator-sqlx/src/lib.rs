@@ -130,11 +130,10 @@ impl PgOptions {
             o.acquire_timeout = Duration::from_secs(s);
         }
         if let Some(v) = get("ORCH_PG_MIGRATE") {
-            o.migrate = match v.trim().to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => true,
-                "false" | "0" | "no" | "off" => false,
-                _ => return Err(StoreError::invalid("ORCH_PG_MIGRATE", format!("expected true or false, got `{v}`"))),
-            };
+            o.migrate = orchestrator_core::config::parse_bool("ORCH_PG_MIGRATE", &v).map_err(|e| match e {
+                orchestrator_core::Error::Invalid { field, message } => StoreError::invalid(field, message),
+                other => StoreError::invalid("ORCH_PG_MIGRATE", other.to_string()),
+            })?;
         }
         if let Some(v) = get("ORCH_PG_NOTIFY_INTERVAL_MS") {
             let ms: u64 = num("ORCH_PG_NOTIFY_INTERVAL_MS", &v, |n| *n <= 10_000, "milliseconds from 0 to 10000")?;
@@ -514,7 +513,7 @@ impl PgStore {
     }
 
     async fn send_notify(&self, c: &mut PgConnection) -> StoreResult<()> {
-        sqlx::query("SELECT pg_notify($1, '')").bind(&self.channel).execute(c).await.q()?;
+        sqlx::query(throttle::NOTIFY_SQL).bind(&self.channel).execute(c).await.q()?;
         Ok(())
     }
 
@@ -676,14 +675,17 @@ impl Store for PgStore {
                 let in_stmt = wake && self.throttle.leading();
                 let channel = in_stmt.then_some(self.channel.as_str());
                 match read_conn!(self, |c| ops::insert_plain(c, &rows, channel).await) {
-                    Ok(out) => {
+                    Ok(()) => {
                         if wake {
                             self.notifier.notify();
                             if !in_stmt {
                                 self.throttle.after_commit(&self.pool, &self.channel);
                             }
                         }
-                        return Ok(out);
+                        return Ok(rows
+                            .into_iter()
+                            .map(|work_item| WorkItemCreated { work_item, created: true, approval: None })
+                            .collect());
                     }
                     Err(e) if is_transient(&e) && attempt < self.max_retries => {
                         attempt += 1;

@@ -689,11 +689,7 @@ pub fn plain_creates(items: &[NewWorkItem], now: DateTime<Utc>) -> Option<Vec<Wo
 /// transaction, so one round trip): each project is locked against deletion (`FOR KEY SHARE`, which
 /// `project_delete`'s `FOR UPDATE` waits for and which sees a deletion that committed first), the rows
 /// are inserted only when every project exists, and `notify` (a channel) is notified at the commit.
-pub async fn insert_plain(
-    c: &mut PgConnection,
-    rows: &[WorkItem],
-    notify: Option<&str>,
-) -> StoreResult<Vec<WorkItemCreated>> {
+pub async fn insert_plain(c: &mut PgConnection, rows: &[WorkItem], notify: Option<&str>) -> StoreResult<()> {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         let insert = INSERT_WORK_ITEMS.as_str();
         format!(
@@ -717,7 +713,7 @@ pub async fn insert_plain(
     if let Some(missing) = projects.iter().find(|p| !found.contains(p)) {
         return Err(StoreError::not_found(EntityKind::Project, ProjectId(*missing)));
     }
-    Ok(rows.iter().map(|w| WorkItemCreated { work_item: w.clone(), created: true, approval: None }).collect())
+    Ok(())
 }
 
 /// Writes every mutable column of a work item back.

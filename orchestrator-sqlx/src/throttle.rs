@@ -11,6 +11,9 @@ use sqlx::PgPool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The wake-up notification on the channel bound as `$1`.
+pub const NOTIFY_SQL: &str = "SELECT pg_notify($1, '')";
+
 #[derive(Debug)]
 pub struct NotifyThrottle {
     interval: Duration,
@@ -69,7 +72,7 @@ impl NotifyThrottle {
                 s.trailing = false;
                 s.last = Some(Instant::now());
             }
-            if let Err(e) = sqlx::query("SELECT pg_notify($1, '')").bind(&channel).execute(&pool).await {
+            if let Err(e) = sqlx::query(NOTIFY_SQL).bind(&channel).execute(&pool).await {
                 // Claimers elsewhere fall back to polling.
                 tracing::warn!(error = %e, channel = %channel, "could not send a wake-up notification");
             }
