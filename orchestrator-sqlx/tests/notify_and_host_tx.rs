@@ -215,3 +215,55 @@ async fn throttled_notifications_wake_after_the_last_commit() {
     assert!(t0.elapsed() >= interval, "the follow-up came {:?} after the first, inside the interval", t0.elapsed());
     assert_eq!(b.runs_claim(claim(10)).await.unwrap().len(), 6);
 }
+
+/// The LISTEN connection is a plain backend that the server (or an operator, or a proxy) may end. Each
+/// store reconnects it, and wake-ups across stores flow again through the new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_listener_reconnects_and_wakes_again() {
+    let a = common::fresh_store("relisten").await;
+    let b = PgStore::connect_with(&common::url(), common::options(a.schema())).await.unwrap();
+    let p = project(&a).await;
+    let admin = a.pool().clone();
+    let channel = a.channel().to_string();
+    let listeners = || {
+        let (admin, channel) = (admin.clone(), channel.clone());
+        async move {
+            sqlx::query_scalar::<_, i32>(
+                "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN %' AND position($1 in query) > 0 ORDER BY pid",
+            )
+            .bind(channel)
+            .fetch_all(&admin)
+            .await
+            .unwrap()
+        }
+    };
+    let old = listeners().await;
+    assert_eq!(old.len(), 2, "one LISTEN backend per store: {old:?}");
+    for pid in &old {
+        let ended: bool =
+            sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(pid).fetch_one(&admin).await.unwrap();
+        assert!(ended, "backend {pid} was not terminated");
+    }
+
+    // Both stores listen again, on new backends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = listeners().await;
+        if now.len() == 2 && now.iter().all(|pid| !old.contains(pid)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "listeners not re-established: before {old:?}, now {now:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Let the reconnection's own wake-up pass, then an enqueue on one store wakes the other.
+    let mut seen = b.notifier().generation();
+    while b.notifier().wait_changed(seen, Duration::from_millis(300)).await {
+        seen = b.notifier().generation();
+    }
+    let n = b.notifier().clone();
+    let waiter = tokio::spawn(async move { n.wait_changed(seen, Duration::from_secs(10)).await });
+    a.work_items_create(vec![new_item(p, "after reconnect")], Utc::now()).await.unwrap();
+    assert!(waiter.await.unwrap(), "store b was not woken through its new LISTEN connection");
+    assert_eq!(b.runs_claim(claim(10)).await.unwrap().len(), 1);
+}
