@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+mod combine;
 mod error;
 mod ops;
 mod rows;
@@ -39,10 +40,13 @@ use orchestrator_core::Notifier;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
 use std::str::FromStr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{is_transient, map_err, Q};
 
+pub use crate::combine::CombiningStats;
 pub use crate::error::map_err as map_sqlx_error;
 pub use schema::latest_version as schema_version;
 
@@ -70,6 +74,14 @@ pub struct PgOptions {
     /// notification follows at the interval's end (PostgreSQL serializes the commits of notifying
     /// transactions). Zero: every such transaction notifies.
     pub notify_interval: Duration,
+    /// Concurrent claims (with equal capabilities and lease durations) are combined into one statement
+    /// of at most this many runs, and concurrent completions into one transaction of at most this many:
+    /// a transaction's fixed cost is paid once for many calls. A call that finds nothing running of its
+    /// kind runs at once. 0 or 1: every call runs on its own.
+    pub combine_max_runs: u32,
+    /// With combining, at most this many combined claim statements (and as many completion
+    /// transactions) run at once; calls that arrive meanwhile wait and are combined.
+    pub combine_in_flight: u32,
 }
 
 impl Default for PgOptions {
@@ -83,6 +95,8 @@ impl Default for PgOptions {
             listen: true,
             max_retries: 5,
             notify_interval: Duration::from_millis(2),
+            combine_max_runs: 512,
+            combine_in_flight: 2,
         }
     }
 }
@@ -95,7 +109,8 @@ impl PgOptions {
 
     /// Options read through `lookup` (e.g. `|k| std::env::var(k).ok()`): `ORCH_PG_SCHEMA`,
     /// `ORCH_PG_MAX_CONNECTIONS`, `ORCH_PG_MIN_CONNECTIONS`, `ORCH_PG_ACQUIRE_TIMEOUT_SECONDS`,
-    /// `ORCH_PG_MIGRATE` (`true`/`false`) and `ORCH_PG_NOTIFY_INTERVAL_MS`. Missing or blank values keep
+    /// `ORCH_PG_MIGRATE` (`true`/`false`), `ORCH_PG_NOTIFY_INTERVAL_MS`, `ORCH_PG_COMBINE_MAX_RUNS` and
+    /// `ORCH_PG_COMBINE_IN_FLIGHT`. Missing or blank values keep
     /// their defaults; invalid ones are `Invalid` errors naming the variable.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, StoreError> {
         fn num<T: FromStr>(name: &str, v: &str, ok: impl Fn(&T) -> bool, what: &str) -> Result<T, StoreError> {
@@ -139,6 +154,12 @@ impl PgOptions {
             let ms: u64 = num("ORCH_PG_NOTIFY_INTERVAL_MS", &v, |n| *n <= 10_000, "milliseconds from 0 to 10000")?;
             o.notify_interval = Duration::from_millis(ms);
         }
+        if let Some(v) = get("ORCH_PG_COMBINE_MAX_RUNS") {
+            o.combine_max_runs = num("ORCH_PG_COMBINE_MAX_RUNS", &v, |n| *n <= 1000, "0 to 1000")?;
+        }
+        if let Some(v) = get("ORCH_PG_COMBINE_IN_FLIGHT") {
+            o.combine_in_flight = num("ORCH_PG_COMBINE_IN_FLIGHT", &v, |n| (1..=64).contains(n), "1 to 64")?;
+        }
         Ok(o)
     }
 
@@ -166,6 +187,17 @@ fn check_schema_name(s: &str) -> StoreResult<()> {
 
 /// The PostgreSQL store. Dropping it stops its LISTEN task; the pool closes when its last handle goes.
 pub struct PgStore {
+    shared: Arc<Shared>,
+    /// Combine concurrent claims and completions (absent when [`PgOptions::combine_max_runs`] is 0).
+    claims: Option<combine::Sender<combine::ClaimJob>>,
+    completions: Option<combine::Sender<combine::CompleteJob>>,
+    listener: Option<tokio::task::JoinHandle<()>>,
+    // Dropped with the store (after the LISTEN task stops), e.g. a test's schema cleanup.
+    _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+/// What the store's operations need, shared with the tasks that run combined claims and completions.
+pub(crate) struct Shared {
     pool: PgPool,
     schema: String,
     channel: String,
@@ -173,15 +205,25 @@ pub struct PgStore {
     /// The pool came from the host: set `search_path` in every transaction instead of per connection.
     per_tx_path: bool,
     max_retries: u32,
-    throttle: std::sync::Arc<throttle::NotifyThrottle>,
-    listener: Option<tokio::task::JoinHandle<()>>,
-    // Dropped with the store (after the LISTEN task stops), e.g. a test's schema cleanup.
-    _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+    throttle: Arc<throttle::NotifyThrottle>,
+    combined: combine::Counters,
+}
+
+impl PgStore {
+    pub(crate) fn sh(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Shared {
+    pub(crate) fn sh(&self) -> &Shared {
+        self
+    }
 }
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgStore").field("schema", &self.schema).finish_non_exhaustive()
+        f.debug_struct("PgStore").field("schema", &self.shared.schema).finish_non_exhaustive()
     }
 }
 
@@ -232,7 +274,7 @@ impl Conn {
 /// transaction, and the local notifier after commit).
 macro_rules! write_tx {
     ($s:expr, |$c:ident| $body:expr) => {{
-        let s = $s;
+        let s: &Shared = $s.sh();
         let mut attempt: u32 = 0;
         loop {
             let res = async {
@@ -283,7 +325,7 @@ macro_rules! write_tx {
 /// Runs a read (or a single self-contained statement) on one connection.
 macro_rules! read_conn {
     ($s:expr, |$c:ident| $body:expr) => {{
-        let s = $s;
+        let s: &Shared = $s.sh();
         let mut conn = s.conn().await?;
         let out = {
             let $c: &mut PgConnection = &mut *conn;
@@ -340,14 +382,29 @@ impl PgStore {
 
     async fn build(pool: PgPool, options: PgOptions, per_tx_path: bool) -> Result<PgStore, StoreError> {
         let channel = format!("orchestrator_{}", options.schema).chars().take(63).collect::<String>();
-        let mut store = PgStore {
+        let shared = Arc::new(Shared {
             pool,
             schema: options.schema.clone(),
             channel,
             notifier: Notifier::new(),
             per_tx_path,
             max_retries: options.max_retries,
-            throttle: std::sync::Arc::new(throttle::NotifyThrottle::new(options.notify_interval)),
+            throttle: Arc::new(throttle::NotifyThrottle::new(options.notify_interval)),
+            combined: combine::Counters::default(),
+        });
+        let combining = options.combine_max_runs > 1;
+        let mut store = PgStore {
+            claims: combining.then(|| {
+                combine::spawn::<combine::ClaimJob>(shared.clone(), options.combine_max_runs, options.combine_in_flight)
+            }),
+            completions: combining.then(|| {
+                combine::spawn::<combine::CompleteJob>(
+                    shared.clone(),
+                    options.combine_max_runs,
+                    options.combine_in_flight,
+                )
+            }),
+            shared,
             listener: None,
             _guard: None,
         };
@@ -356,12 +413,12 @@ impl PgStore {
         }
         if options.listen {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let connect = (*store.pool.connect_options()).clone();
+            let connect = (*store.shared.pool.connect_options()).clone();
             store.listener = Some(tokio::spawn(listen_loop(
                 connect,
                 options.acquire_timeout,
-                store.channel.clone(),
-                store.notifier.clone(),
+                store.shared.channel.clone(),
+                store.shared.notifier.clone(),
                 tx,
             )));
             // Wait (bounded) until notifications flow, so work enqueued right after connecting wakes.
@@ -379,17 +436,24 @@ impl PgStore {
 
     /// The pool (for hosts that want to run their own queries beside the store's).
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        &self.shared.pool
     }
 
     /// The schema that holds the store's tables.
     pub fn schema(&self) -> &str {
-        &self.schema
+        &self.shared.schema
+    }
+
+    /// How many claim and completion calls this store took, and in how many statements (claims) and
+    /// transactions (completions) it ran them: with [`PgOptions::combine_max_runs`], concurrent calls
+    /// share them.
+    pub fn combining(&self) -> CombiningStats {
+        self.shared.combined.stats()
     }
 
     /// The channel this store's operations notify and its LISTEN task listens on.
     pub fn channel(&self) -> &str {
-        &self.channel
+        &self.shared.channel
     }
 
     /// Applies pending migrations (idempotent; safe when several processes start at once: an advisory
@@ -407,14 +471,14 @@ impl PgStore {
                 format!("schema versions of this build are 1 to {}", schema::latest_version()),
             ));
         }
-        let mut conn = self.pool.acquire().await.q()?;
+        let mut conn = self.shared.pool.acquire().await.q()?;
         let mut tx = conn.begin().await.q()?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('orchestrator-migrations:' || $1))")
-            .bind(&self.schema)
+            .bind(&self.shared.schema)
             .execute(&mut *tx)
             .await
             .q()?;
-        let s = &self.schema;
+        let s = &self.shared.schema;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "CREATE SCHEMA IF NOT EXISTS {s}; SET LOCAL search_path TO {s};
              CREATE TABLE IF NOT EXISTS orchestrator_migrations (version int4 PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());"
@@ -458,9 +522,9 @@ impl PgStore {
 
     /// Drops the store's schema and everything in it (tests, benchmarks). The store is unusable after.
     pub async fn drop_schema(&self) -> StoreResult<()> {
-        let s = &self.schema;
+        let s = &self.shared.schema;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {s} CASCADE")))
-            .execute(&self.pool)
+            .execute(&self.shared.pool)
             .await
             .q()?;
         Ok(())
@@ -477,12 +541,16 @@ impl PgStore {
     ) -> StoreResult<Vec<WorkItemCreated>> {
         let c: &mut PgConnection = tx;
         let old: String = sqlx::query_scalar("SELECT current_setting('search_path')").fetch_one(&mut *c).await.q()?;
-        sqlx::query("SELECT set_config('search_path', $1, true)").bind(&self.schema).execute(&mut *c).await.q()?;
+        sqlx::query("SELECT set_config('search_path', $1, true)")
+            .bind(&self.shared.schema)
+            .execute(&mut *c)
+            .await
+            .q()?;
         let res = ops::work_items_create(c, &items, now).await;
         let res = match res {
             Ok((out, notify)) => {
                 if notify {
-                    self.send_notify(c).await.map(|_| out)
+                    self.shared.send_notify(c).await.map(|_| out)
                 } else {
                     Ok(out)
                 }
@@ -495,7 +563,9 @@ impl PgStore {
         }
         res
     }
+}
 
+impl Shared {
     async fn begin(&self) -> StoreResult<Transaction<'static, Postgres>> {
         let mut tx = self.pool.begin().await.q()?;
         if self.per_tx_path {
@@ -520,6 +590,31 @@ impl PgStore {
     async fn backoff(&self, attempt: u32) {
         let ms = (5u64 << attempt.min(6)) + fastrand_ms();
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    /// Claims for one or more callers in one self-contained statement (atomic without an explicit
+    /// transaction), retrying transient failures: the runs of each claim, in order.
+    pub(crate) async fn claim(&self, claims: &[&Claim]) -> StoreResult<Vec<Vec<ClaimedRun>>> {
+        self.combined.claim_statements.fetch_add(1, Ordering::Relaxed);
+        let mut attempt = 0u32;
+        loop {
+            match read_conn!(self, |c| ops::runs_claim_many(c, claims).await) {
+                Err(e) if is_transient(&e) && attempt < self.max_retries => {
+                    attempt += 1;
+                    self.backoff(attempt).await;
+                }
+                Err(e) if is_transient(&e) => {
+                    return Err(StoreError::Unavailable { retryable: true, message: e.to_string() })
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Completes runs in one transaction (see [`ops::runs_complete_many`]).
+    pub(crate) async fn complete_many(&self, p: &CompleteMany) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
+        self.combined.completion_transactions.fetch_add(1, Ordering::Relaxed);
+        write_tx!(self, |c| ops::runs_complete_many(c, p).await)
     }
 }
 
@@ -592,7 +687,7 @@ async fn listen_loop(
 #[async_trait]
 impl Store for PgStore {
     fn notifier(&self) -> &Notifier {
-        &self.notifier
+        &self.shared.notifier
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -672,14 +767,14 @@ impl Store for PgStore {
             let wake = rows.iter().any(|w| w.state == orchestrator_core::state::WorkItemState::Queued);
             let mut attempt = 0u32;
             loop {
-                let in_stmt = wake && self.throttle.leading();
-                let channel = in_stmt.then_some(self.channel.as_str());
+                let in_stmt = wake && self.shared.throttle.leading();
+                let channel = in_stmt.then_some(self.shared.channel.as_str());
                 match read_conn!(self, |c| ops::insert_plain(c, &rows, channel).await) {
                     Ok(()) => {
                         if wake {
-                            self.notifier.notify();
+                            self.shared.notifier.notify();
                             if !in_stmt {
-                                self.throttle.after_commit(&self.pool, &self.channel);
+                                self.shared.throttle.after_commit(&self.shared.pool, &self.shared.channel);
                             }
                         }
                         return Ok(rows
@@ -687,9 +782,9 @@ impl Store for PgStore {
                             .map(|work_item| WorkItemCreated { work_item, created: true, approval: None })
                             .collect());
                     }
-                    Err(e) if is_transient(&e) && attempt < self.max_retries => {
+                    Err(e) if is_transient(&e) && attempt < self.shared.max_retries => {
                         attempt += 1;
-                        self.backoff(attempt).await;
+                        self.shared.backoff(attempt).await;
                     }
                     Err(e) if is_transient(&e) => {
                         return Err(StoreError::Unavailable { retryable: true, message: e.to_string() })
@@ -752,19 +847,10 @@ impl Store for PgStore {
     }
 
     async fn runs_claim(&self, cl: Claim) -> StoreResult<Vec<ClaimedRun>> {
-        // One self-contained statement: atomic without an explicit transaction.
-        let mut attempt = 0u32;
-        loop {
-            match read_conn!(self, |c| ops::runs_claim(c, &cl).await) {
-                Err(e) if is_transient(&e) && attempt < self.max_retries => {
-                    attempt += 1;
-                    self.backoff(attempt).await;
-                }
-                Err(e) if is_transient(&e) => {
-                    return Err(StoreError::Unavailable { retryable: true, message: e.to_string() })
-                }
-                other => return other,
-            }
+        self.shared.combined.claim_calls.fetch_add(1, Ordering::Relaxed);
+        match &self.claims {
+            Some(tx) if cl.limit > 0 => combine::ClaimJob::submit(tx, cl).await,
+            _ => Ok(self.shared.claim(&[&cl]).await?.pop().unwrap_or_default()),
         }
     }
     async fn lease_renew(&self, p: LeaseRenew) -> StoreResult<Lease> {
@@ -774,7 +860,11 @@ impl Store for PgStore {
         write_tx!(self, |c| ops::run_start(c, &p).await.map(|r| (r, false)))
     }
     async fn runs_complete_many(&self, p: CompleteMany) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
-        write_tx!(self, |c| ops::runs_complete_many(c, &p).await)
+        self.shared.combined.completion_calls.fetch_add(1, Ordering::Relaxed);
+        match &self.completions {
+            Some(tx) if !p.completions.is_empty() => combine::CompleteJob::submit(tx, p).await,
+            _ => self.shared.complete_many(&p).await,
+        }
     }
     async fn runs_complete_and_claim(&self, p: CompleteMany, cl: Claim) -> StoreResult<CompletedAndClaimed> {
         // One transaction, one commit: the completions, then the claim (which sees them).
@@ -856,6 +946,7 @@ mod tests {
         let d = read(&[]).unwrap();
         assert_eq!((d.schema.as_str(), d.max_connections, d.migrate), ("orchestrator", 16, true));
         assert_eq!(d.notify_interval, Duration::from_millis(2));
+        assert_eq!((d.combine_max_runs, d.combine_in_flight), (512, 2));
         let o = read(&[
             ("ORCH_PG_SCHEMA", " jobs_1 "),
             ("ORCH_PG_MAX_CONNECTIONS", "40"),
@@ -863,8 +954,11 @@ mod tests {
             ("ORCH_PG_ACQUIRE_TIMEOUT_SECONDS", "9"),
             ("ORCH_PG_MIGRATE", "off"),
             ("ORCH_PG_NOTIFY_INTERVAL_MS", "0"),
+            ("ORCH_PG_COMBINE_MAX_RUNS", "0"),
+            ("ORCH_PG_COMBINE_IN_FLIGHT", "4"),
         ])
         .unwrap();
+        assert_eq!((o.combine_max_runs, o.combine_in_flight), (0, 4));
         assert_eq!(o.schema, "jobs_1");
         assert_eq!((o.max_connections, o.min_connections), (40, 4));
         assert_eq!(o.acquire_timeout, Duration::from_secs(9));
@@ -884,6 +978,8 @@ mod tests {
             ("ORCH_PG_MIGRATE", "maybe"),
             ("ORCH_PG_NOTIFY_INTERVAL_MS", "-1"),
             ("ORCH_PG_NOTIFY_INTERVAL_MS", "20000"),
+            ("ORCH_PG_COMBINE_MAX_RUNS", "1001"),
+            ("ORCH_PG_COMBINE_IN_FLIGHT", "0"),
         ] {
             let e = read(&[(k, v)]).unwrap_err();
             assert!(matches!(e, StoreError::Invalid { .. }) && e.to_string().contains(k), "{k}={v}: {e}");

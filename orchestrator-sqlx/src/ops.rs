@@ -1449,7 +1449,10 @@ async fn expire_info_requests(c: &mut PgConnection, t: &Tick) -> StoreResult<Vec
 // ---------------------------------------------------------------- runs
 
 /// One statement: pick ready rows in claim order with `FOR UPDATE SKIP LOCKED`, mark them running,
-/// insert fresh runs (or resume runs that waited for input), and return everything.
+/// insert fresh runs (or resume runs that waited for input), and return everything. The rows are
+/// numbered in claim order; row `n` goes to the claim that owns slot `n` of the per-slot arrays (run id
+/// $4, agent $5, lease expiry $6, time $7). $1 is the earliest claim's time: a row is picked only when
+/// it is due for every claim in the statement.
 static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let wi_w = wi_cols_of("w");
     let wi_u = wi_cols_of("u");
@@ -1469,68 +1472,98 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
                    CASE WHEN p.current_run_id IS NULL THEN false
                         ELSE EXISTS (SELECT 1 FROM runs x WHERE x.id = p.current_run_id AND x.state = 'waiting_input')
                    END AS resume,
-                   row_number() OVER (ORDER BY p.priority DESC, p.run_at, p.id) AS rn
+                   row_number() OVER (ORDER BY p.priority DESC, p.run_at, p.id)::int4 AS rn
             FROM picked p
          ),
          fresh AS (
-            SELECT n.*, ($4::uuid[])[n.rn::int4] AS run_id FROM numbered n
+            SELECT n.*, ($4::uuid[])[n.rn] AS run_id, ($7::timestamptz[])[n.rn] AS at FROM numbered n
          ),
          upd AS (
-            UPDATE work_items w SET state = 'running', updated_at = $1,
+            UPDATE work_items w SET state = 'running', updated_at = f.at,
                    attempts = w.attempts + CASE WHEN f.resume THEN 0 ELSE 1 END,
                    current_run_id = CASE WHEN f.resume THEN w.current_run_id ELSE f.run_id END
             FROM fresh f WHERE w.id = f.id
-            RETURNING {wi_w}, f.resume
+            RETURNING {wi_w}, f.resume, f.rn, f.at
          ),
          ins AS (
             INSERT INTO runs (id, work_item_id, project_id, attempt, agent_id, state, lease_token, lease_expires_at, heartbeat_at, claimed_at)
-            SELECT u.current_run_id, u.id, u.project_id, u.attempts, $5, 'claimed', 1, $6, $1, $1 FROM upd u WHERE NOT u.resume
+            SELECT u.current_run_id, u.id, u.project_id, u.attempts, ($5::text[])[u.rn], 'claimed', 1,
+                   ($6::timestamptz[])[u.rn], u.at, u.at
+            FROM upd u WHERE NOT u.resume
          ),
          res AS (
-            UPDATE runs SET state = 'claimed', agent_id = $5, lease_token = runs.lease_token + 1, lease_expires_at = $6, heartbeat_at = $1
+            UPDATE runs SET state = 'claimed', agent_id = ($5::text[])[u.rn], lease_token = runs.lease_token + 1,
+                   lease_expires_at = ($6::timestamptz[])[u.rn], heartbeat_at = u.at
             FROM upd u WHERE u.resume AND runs.id = u.current_run_id AND runs.state = 'waiting_input'
             RETURNING {run_runs}
          )
-         SELECT {wi_u}, u.resume, {run_r}
+         SELECT {wi_u}, u.resume, u.rn, {run_r}
          FROM upd u LEFT JOIN res r ON r.work_item_id = u.id"
     )
 });
 
+/// Claims for one caller (inside a transaction of the caller's, or alone).
 pub async fn runs_claim(c: &mut PgConnection, cl: &Claim) -> StoreResult<Vec<ClaimedRun>> {
-    let limit = cl.limit.min(Page::MAX_LIMIT) as usize;
-    if limit == 0 {
-        return Ok(Vec::new());
+    Ok(runs_claim_many(c, &[cl]).await?.pop().unwrap_or_default())
+}
+
+/// Claims for several callers in one statement: the runs of each, in order. Each claim has its own
+/// slots (as many as its limit) in claim order, so the first claim gets the first rows.
+pub async fn runs_claim_many(c: &mut PgConnection, claims: &[&Claim]) -> StoreResult<Vec<Vec<ClaimedRun>>> {
+    let mut out: Vec<Vec<ClaimedRun>> = claims.iter().map(|_| Vec::new()).collect();
+    // Slot `k` belongs to claim `owner[k]`.
+    let mut owner: Vec<usize> = Vec::new();
+    let mut agents: Vec<&str> = Vec::new();
+    let mut expiries: Vec<DateTime<Utc>> = Vec::new();
+    let mut times: Vec<DateTime<Utc>> = Vec::new();
+    for (i, cl) in claims.iter().enumerate() {
+        let limit = cl.limit.min(Page::MAX_LIMIT) as usize;
+        let expires = rules::lease_for(RunId::new(), 1, cl.now, cl.lease_ttl).expires_at;
+        owner.extend(std::iter::repeat_n(i, limit));
+        agents.extend(std::iter::repeat_n(cl.agent_id.as_str(), limit));
+        expiries.extend(std::iter::repeat_n(expires, limit));
+        times.extend(std::iter::repeat_n(cl.now, limit));
     }
-    let expires = rules::lease_for(RunId::new(), 1, cl.now, cl.lease_ttl).expires_at;
-    let run_ids: Vec<Uuid> = (0..limit).map(|_| RunId::new().0).collect();
+    let Some(due) = claims.iter().map(|cl| cl.now).min() else { return Ok(out) };
+    if owner.is_empty() {
+        return Ok(out);
+    }
+    let capabilities = &claims[0].capabilities;
+    let run_ids: Vec<Uuid> = (0..owner.len()).map(|_| RunId::new().0).collect();
     let rows = all(
         c,
         sqlx::query(CLAIM_SQL.as_str())
-            .bind(cl.now)
-            .bind(&cl.capabilities)
-            .bind(limit as i64)
+            .bind(due)
+            .bind(capabilities)
+            .bind(owner.len() as i64)
             .bind(run_ids)
-            .bind(&cl.agent_id)
-            .bind(expires),
+            .bind(agents)
+            .bind(&expiries)
+            .bind(&times),
         |r| {
             let w = work_item(r)?;
             let resumed: bool = r.try_get(WI_N)?;
-            let run = if resumed && r.try_get::<Option<Uuid>, _>(WI_N + 1)?.is_some() {
-                Some(run_at(r, WI_N + 1)?)
+            let rn: i32 = r.try_get(WI_N + 1)?;
+            let run = if resumed && r.try_get::<Option<Uuid>, _>(WI_N + 2)?.is_some() {
+                Some(run_at(r, WI_N + 2)?)
             } else {
                 None
             };
-            Ok((w, resumed, run))
+            Ok((w, resumed, rn, run))
         },
     )
     .await?;
-    let mut out: Vec<ClaimedRun> = Vec::with_capacity(rows.len());
-    for (work_item, resumed, run) in rows {
+    for (work_item, resumed, rn, run) in rows {
+        let Some(slot) = usize::try_from(rn - 1).ok().filter(|k| *k < owner.len()) else {
+            tracing::error!(work_item = %work_item.id, rn, "claimed row numbered outside its slots");
+            continue;
+        };
+        let cl = claims[owner[slot]];
         // A fresh run is exactly what the statement inserted: built here rather than sent back.
         let run = match (resumed, run, work_item.current_run_id) {
             (true, Some(run), _) => run,
             (false, _, Some(run_id)) => {
-                let lease = Lease { run_id, token: 1, expires_at: expires };
+                let lease = Lease { run_id, token: 1, expires_at: expiries[slot] };
                 rules::new_run(&work_item, &cl.agent_id, work_item.attempts, &lease, cl.now)
             }
             _ => {
@@ -1541,11 +1574,16 @@ pub async fn runs_claim(c: &mut PgConnection, cl: &Claim) -> StoreResult<Vec<Cla
                 continue;
             }
         };
-        let lease =
-            Lease { run_id: run.id, token: run.lease_token, expires_at: run.lease_expires_at.unwrap_or(expires) };
-        out.push(ClaimedRun { run, lease, work_item, resumed });
+        let lease = Lease {
+            run_id: run.id,
+            token: run.lease_token,
+            expires_at: run.lease_expires_at.unwrap_or(expiries[slot]),
+        };
+        out[owner[slot]].push(ClaimedRun { run, lease, work_item, resumed });
     }
-    out.sort_by_key(|c| (std::cmp::Reverse(c.work_item.priority), c.work_item.run_at, c.work_item.id));
+    for runs in &mut out {
+        runs.sort_by_key(|c| (std::cmp::Reverse(c.work_item.priority), c.work_item.run_at, c.work_item.id));
+    }
     Ok(out)
 }
 

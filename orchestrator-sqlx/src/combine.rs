@@ -1,0 +1,278 @@
+//! Combining of concurrent claims and completions.
+//!
+//! Every claim and every completion is a transaction, and on PostgreSQL a transaction's fixed cost
+//! (round trips, snapshot, plan execution, commit) is paid per statement, not per row: sixteen claims of
+//! 32 runs cost far more than one claim of 512. So calls that arrive while earlier ones of their kind
+//! run are queued, and each queue is drained by a task that runs the compatible calls waiting in it as
+//! one statement ([`PgOptions::combine_max_runs`](crate::PgOptions::combine_max_runs) runs at most),
+//! with at most [`PgOptions::combine_in_flight`](crate::PgOptions::combine_in_flight) such statements of
+//! each kind at once. A call that finds the queue empty and a slot free runs at once: combining adds no
+//! wait of its own.
+//!
+//! - Claims combine when their capabilities and lease durations are equal. Each keeps its agent, its
+//!   limit, its lease and its `now` (the rows are selected as due at the earliest of them); the first
+//!   queued call gets the first rows in claim order.
+//! - Completions combine when their retry defaults are equal. The combined transaction uses the latest
+//!   of their `now`s.
+//! - A combined statement that fails for another reason than the server being unavailable is run again
+//!   call by call, so one bad call cannot fail the others.
+//! - The statement runs in a task of its own: a caller that goes away does not cancel the others' work.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use orchestrator_core::error::{StoreError, StoreResult};
+use orchestrator_core::store::{Claim, ClaimedRun, CompleteMany, CompletionResult};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::Shared;
+
+/// Counts of calls and of the statements that ran them.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) claim_calls: AtomicU64,
+    pub(crate) claim_statements: AtomicU64,
+    pub(crate) completion_calls: AtomicU64,
+    pub(crate) completion_transactions: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn stats(&self) -> CombiningStats {
+        CombiningStats {
+            claim_calls: self.claim_calls.load(Ordering::Relaxed),
+            claim_statements: self.claim_statements.load(Ordering::Relaxed),
+            completion_calls: self.completion_calls.load(Ordering::Relaxed),
+            completion_transactions: self.completion_transactions.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How many claim and completion calls a store took and how many statements ran them (see
+/// [`PgStore::combining`](crate::PgStore::combining)). A call run again after a failure counts again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CombiningStats {
+    /// `runs_claim` calls.
+    pub claim_calls: u64,
+    /// Claim statements run for them.
+    pub claim_statements: u64,
+    /// `runs_complete_many` calls.
+    pub completion_calls: u64,
+    /// Completion transactions run for them.
+    pub completion_transactions: u64,
+}
+
+/// The queue of one kind of call.
+pub(crate) type Sender<J> = mpsc::UnboundedSender<J>;
+
+/// A call that can be combined with others of its kind.
+pub(crate) trait Job: Send + Sized + 'static {
+    /// Its size toward the combined statement's limit.
+    fn size(&self) -> usize;
+    /// Whether it may run in one statement with `first`.
+    fn joins(&self, first: &Self) -> bool;
+    /// Whether its caller has gone away.
+    fn abandoned(&self) -> bool;
+    /// Runs the calls as one statement and answers each.
+    fn run(shared: Arc<Shared>, group: Vec<Self>) -> impl Future<Output = ()> + Send;
+}
+
+/// Starts the task that drains a queue of `J`s into combined statements of at most `max` runs, at most
+/// `in_flight` at once. It ends when the sender (the store) is dropped.
+pub(crate) fn spawn<J: Job>(shared: Arc<Shared>, max: u32, in_flight: u32) -> Sender<J> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(drain(shared, rx, max.max(1) as usize, in_flight.max(1) as usize));
+    tx
+}
+
+async fn drain<J: Job>(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<J>, max: usize, in_flight: usize) {
+    let slots = Arc::new(Semaphore::new(in_flight));
+    let mut queued: VecDeque<J> = VecDeque::new();
+    loop {
+        if queued.is_empty() {
+            match rx.recv().await {
+                Some(j) => queued.push_back(j),
+                None => return,
+            }
+        }
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        // Everything that arrived while the slots were busy joins now.
+        while let Ok(j) = rx.try_recv() {
+            queued.push_back(j);
+        }
+        queued.retain(|j| !j.abandoned());
+        let Some(group) = take_group(&mut queued, max) else { continue };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            J::run(shared, group).await;
+            drop(slot);
+        });
+    }
+}
+
+/// The first queued call and, in arrival order, every later one that joins it within `max`.
+fn take_group<J: Job>(queued: &mut VecDeque<J>, max: usize) -> Option<Vec<J>> {
+    let first = queued.pop_front()?;
+    let mut total = first.size();
+    let mut group = vec![first];
+    let mut rest = VecDeque::with_capacity(queued.len());
+    for j in queued.drain(..) {
+        if total + j.size() <= max && j.joins(&group[0]) {
+            total += j.size();
+            group.push(j);
+        } else {
+            rest.push_back(j);
+        }
+    }
+    *queued = rest;
+    Some(group)
+}
+
+/// The same unavailability for every call of a failed group (other errors are not copied: those calls
+/// run again one by one).
+fn unavailable(e: &StoreError) -> Option<StoreError> {
+    match e {
+        StoreError::Unavailable { retryable, message } => {
+            Some(StoreError::Unavailable { retryable: *retryable, message: message.clone() })
+        }
+        _ => None,
+    }
+}
+
+async fn queue<J, R>(tx: &Sender<J>, job: impl FnOnce(oneshot::Sender<StoreResult<R>>) -> J) -> StoreResult<R> {
+    let (reply, answer) = oneshot::channel();
+    tx.send(job(reply)).map_err(|_| stopped())?;
+    answer.await.map_err(|_| stopped())?
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable { retryable: true, message: "the store's combining task stopped".into() }
+}
+
+/// A claim waiting to be combined.
+pub(crate) struct ClaimJob {
+    claim: Claim,
+    reply: oneshot::Sender<StoreResult<Vec<ClaimedRun>>>,
+}
+
+impl ClaimJob {
+    pub(crate) async fn submit(tx: &Sender<ClaimJob>, claim: Claim) -> StoreResult<Vec<ClaimedRun>> {
+        queue(tx, |reply| ClaimJob { claim, reply }).await
+    }
+}
+
+impl Job for ClaimJob {
+    fn size(&self) -> usize {
+        self.claim.limit as usize
+    }
+    fn joins(&self, first: &Self) -> bool {
+        self.claim.capabilities == first.claim.capabilities && self.claim.lease_ttl == first.claim.lease_ttl
+    }
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+    async fn run(shared: Arc<Shared>, group: Vec<Self>) {
+        let claims: Vec<&Claim> = group.iter().map(|j| &j.claim).collect();
+        let res = shared.claim(&claims).await;
+        match res {
+            Ok(runs) => {
+                for (j, r) in group.into_iter().zip(runs) {
+                    answer_claim(j, Ok(r));
+                }
+            }
+            Err(e) if group.len() == 1 => {
+                if let Some(j) = group.into_iter().next() {
+                    answer_claim(j, Err(e));
+                }
+            }
+            Err(e) => match unavailable(&e) {
+                Some(_) => {
+                    for j in group {
+                        answer_claim(j, Err(unavailable(&e).unwrap_or_else(stopped)));
+                    }
+                }
+                None => {
+                    for j in group {
+                        let r = shared.claim(&[&j.claim]).await.map(|mut v| v.pop().unwrap_or_default());
+                        answer_claim(j, r);
+                    }
+                }
+            },
+        }
+    }
+}
+
+fn answer_claim(j: ClaimJob, r: StoreResult<Vec<ClaimedRun>>) {
+    if let Err(Ok(runs)) = j.reply.send(r) {
+        if !runs.is_empty() {
+            // Its caller went away after the statement ran: the leases expire and the reaper hands the
+            // items out again.
+            tracing::warn!(agent = %j.claim.agent_id, runs = runs.len(), "claimed runs not delivered: the caller went away");
+        }
+    }
+}
+
+/// A completion call waiting to be combined.
+pub(crate) struct CompleteJob {
+    p: CompleteMany,
+    reply: oneshot::Sender<StoreResult<Vec<StoreResult<CompletionResult>>>>,
+}
+
+impl CompleteJob {
+    pub(crate) async fn submit(
+        tx: &Sender<CompleteJob>,
+        p: CompleteMany,
+    ) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
+        queue(tx, |reply| CompleteJob { p, reply }).await
+    }
+}
+
+impl Job for CompleteJob {
+    fn size(&self) -> usize {
+        self.p.completions.len()
+    }
+    fn joins(&self, first: &Self) -> bool {
+        self.p.retry_defaults == first.p.retry_defaults
+    }
+    fn abandoned(&self) -> bool {
+        // A completion is applied even when its caller has gone away: the work was done.
+        false
+    }
+    async fn run(shared: Arc<Shared>, group: Vec<Self>) {
+        if group.len() == 1 {
+            for j in group {
+                let r = shared.complete_many(&j.p).await;
+                let _ = j.reply.send(r);
+            }
+            return;
+        }
+        let merged = CompleteMany {
+            completions: group.iter().flat_map(|j| j.p.completions.iter().cloned()).collect(),
+            retry_defaults: group[0].p.retry_defaults.clone(),
+            now: group.iter().map(|j| j.p.now).max().unwrap_or(group[0].p.now),
+        };
+        match shared.complete_many(&merged).await {
+            Ok(results) => {
+                let mut results = results.into_iter();
+                for j in group {
+                    let mine: Vec<_> = results.by_ref().take(j.p.completions.len()).collect();
+                    let _ = j.reply.send(Ok(mine));
+                }
+            }
+            Err(e) => match unavailable(&e) {
+                Some(_) => {
+                    for j in group {
+                        let _ = j.reply.send(Err(unavailable(&e).unwrap_or_else(stopped)));
+                    }
+                }
+                None => {
+                    for j in group {
+                        let r = shared.complete_many(&j.p).await;
+                        let _ = j.reply.send(r);
+                    }
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Concurrent claims and completions combined into shared statements: each call keeps its own agent,
+//! limit, lease, time and results, and one refused completion does not affect the others.
+//!
+//! Each test holds the store's only pooled connection while its calls queue, so they are combined
+//! deterministically once it is released.
+
+mod common;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use orchestrator_core::domain::RunOutcome;
+use orchestrator_core::ids::{ProjectId, WorkItemId};
+use orchestrator_core::state::WorkItemState;
+use orchestrator_core::store::{Claim, ClaimedRun, CompleteMany, NewProject, RunCompletion};
+use orchestrator_core::{Store, StoreError};
+use orchestrator_sqlx::{PgOptions, PgStore};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::new_item;
+
+async fn store(prefix: &str) -> Arc<PgStore> {
+    let schema = common::unique_schema(prefix);
+    let url = common::url();
+    let options =
+        PgOptions { max_connections: 1, combine_max_runs: 512, combine_in_flight: 1, ..common::options(&schema) };
+    Arc::new(
+        PgStore::connect_with(&url, options)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {url}: {e}"))
+            .with_guard(common::SchemaGuard { url, schema }),
+    )
+}
+
+async fn project_with_items(store: &PgStore, n: usize, label: Option<&str>) -> (ProjectId, Vec<WorkItemId>) {
+    let p = ProjectId::new();
+    store
+        .project_create(NewProject { id: p, name: "p".into(), description: String::new(), now: Utc::now() })
+        .await
+        .unwrap();
+    let items: Vec<_> = (0..n)
+        .map(|i| {
+            let mut it = new_item(p, &format!("item {i}"));
+            it.labels = label.map(|l| vec![l.to_string()]).unwrap_or_default();
+            it
+        })
+        .collect();
+    let ids = items.iter().map(|i| i.id).collect();
+    store.work_items_create(items, Utc::now()).await.unwrap();
+    (p, ids)
+}
+
+/// Polls `done` until it holds (the calls have reached the store's queue), with a deadline.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn claim(agent: &str, limit: u32, capabilities: &[&str], now: DateTime<Utc>) -> Claim {
+    Claim {
+        agent_id: agent.into(),
+        capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+        limit,
+        lease_ttl: chrono::Duration::seconds(30),
+        now,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_claims_keep_each_callers_agent_limit_lease_and_time() {
+    let store = store("comb_claim").await;
+    let (_, items) = project_with_items(&store, 40, None).await;
+    let base = Utc::now().trunc_subsecs(6) + chrono::Duration::seconds(1);
+    let before = store.combining();
+
+    let held = store.pool().acquire().await.unwrap();
+    let mut calls = Vec::new();
+    for i in 0..8u32 {
+        let (store, c) = (
+            store.clone(),
+            claim(&format!("agent-{i}"), i + 1, &[], base + chrono::Duration::milliseconds(i64::from(i))),
+        );
+        calls.push(tokio::spawn(async move { store.runs_claim(c.clone()).await.map(|runs| (c, runs)) }));
+    }
+    until("8 queued claims", || store.combining().claim_calls - before.claim_calls == 8).await;
+    drop(held);
+
+    let mut results: Vec<(Claim, Vec<ClaimedRun>)> = Vec::new();
+    for c in calls {
+        results.push(c.await.unwrap().unwrap());
+    }
+    let statements = store.combining().claim_statements - before.claim_statements;
+    assert!(statements <= 2, "8 queued claims ran in {statements} statements");
+
+    let mut runs = HashSet::new();
+    let mut claimed_items = HashSet::new();
+    for (c, got) in &results {
+        // 36 runs asked for, 40 ready: every claim gets its whole limit.
+        assert_eq!(got.len() as u32, c.limit, "{} asked for {}", c.agent_id, c.limit);
+        for r in got {
+            assert!(runs.insert(r.run.id), "run {} handed out twice", r.run.id);
+            assert!(claimed_items.insert(r.work_item.id), "item {} claimed twice", r.work_item.id);
+            assert_eq!(r.run.agent_id, c.agent_id);
+            assert_eq!(r.lease.expires_at, c.now + c.lease_ttl);
+            assert_eq!(r.run.claimed_at, c.now);
+            // What the store wrote is what the caller was told.
+            let stored = store.run_get(r.run.id).await.unwrap();
+            assert_eq!(stored.agent_id, c.agent_id);
+            assert_eq!(stored.lease_expires_at, Some(c.now + c.lease_ttl));
+            assert_eq!(stored.claimed_at, c.now);
+            assert_eq!(stored.heartbeat_at, Some(c.now));
+            let item = store.work_item_get(r.work_item.id).await.unwrap();
+            assert_eq!(item.state, WorkItemState::Running);
+            assert_eq!(item.current_run_id, Some(r.run.id));
+            assert_eq!(item.updated_at, c.now);
+        }
+    }
+    assert_eq!(claimed_items.len(), 36);
+    assert!(claimed_items.iter().all(|i| items.contains(i)));
+    // The 4 left are still claimable.
+    let rest = store.runs_claim(claim("late", 10, &[], base + chrono::Duration::seconds(1))).await.unwrap();
+    assert_eq!(rest.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_with_other_capabilities_are_not_combined() {
+    let store = store("comb_caps").await;
+    let (p, _) = project_with_items(&store, 5, Some("gpu")).await;
+    let plain: Vec<_> = (0..5).map(|i| new_item(p, &format!("plain {i}"))).collect();
+    store.work_items_create(plain, Utc::now()).await.unwrap();
+    let now = Utc::now().trunc_subsecs(6) + chrono::Duration::seconds(1);
+    let before = store.combining();
+
+    let held = store.pool().acquire().await.unwrap();
+    let (s1, s2) = (store.clone(), store.clone());
+    let gpu = tokio::spawn(async move { s1.runs_claim(claim("gpu-agent", 10, &["gpu"], now)).await });
+    let cpu = tokio::spawn(async move { s2.runs_claim(claim("cpu-agent", 10, &[], now)).await });
+    until("2 queued claims", || store.combining().claim_calls - before.claim_calls == 2).await;
+    drop(held);
+    let (gpu, cpu) = (gpu.await.unwrap().unwrap(), cpu.await.unwrap().unwrap());
+
+    assert_eq!(store.combining().claim_statements - before.claim_statements, 2);
+    assert!(cpu.iter().all(|r| r.work_item.labels.is_empty()), "an agent without the capability got a gpu item");
+    assert_eq!(gpu.len() + cpu.len(), 10);
+    assert!(gpu.iter().all(|r| r.run.agent_id == "gpu-agent"));
+    assert!(cpu.iter().all(|r| r.run.agent_id == "cpu-agent"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_completions_answer_each_call_and_refuse_only_the_bad_one() {
+    let store = store("comb_done").await;
+    project_with_items(&store, 24, None).await;
+    let now = Utc::now().trunc_subsecs(6) + chrono::Duration::seconds(1);
+    let claimed = store.runs_claim(claim("agent", 24, &[], now)).await.unwrap();
+    assert_eq!(claimed.len(), 24);
+    let before = store.combining();
+
+    let held = store.pool().acquire().await.unwrap();
+    let mut calls = Vec::new();
+    for (k, chunk) in claimed.chunks(4).enumerate() {
+        let completions: Vec<RunCompletion> = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, r)| RunCompletion {
+                run_id: r.run.id,
+                // The second completion of the fourth call carries a stale token.
+                token: if k == 3 && j == 1 { r.lease.token + 1 } else { r.lease.token },
+                outcome: RunOutcome::Succeeded { exit_code: Some(k as i32) },
+                usage: None,
+            })
+            .collect();
+        let p =
+            CompleteMany { completions, retry_defaults: Default::default(), now: now + chrono::Duration::seconds(1) };
+        let s = store.clone();
+        calls.push(tokio::spawn(async move { s.runs_complete_many(p).await }));
+    }
+    until("6 queued completions", || store.combining().completion_calls - before.completion_calls == 6).await;
+    drop(held);
+
+    let mut results = Vec::new();
+    for c in calls {
+        results.push(c.await.unwrap().unwrap());
+    }
+    let transactions = store.combining().completion_transactions - before.completion_transactions;
+    assert!(transactions <= 2, "6 queued completion calls ran in {transactions} transactions");
+
+    let bad = claimed[3 * 4 + 1].run.id;
+    for (k, (chunk, got)) in claimed.chunks(4).zip(&results).enumerate() {
+        assert_eq!(got.len(), 4, "call {k} got {} answers", got.len());
+        for (r, res) in chunk.iter().zip(got) {
+            if r.run.id == bad {
+                assert!(matches!(res, Err(StoreError::LeaseLost { .. })), "stale token accepted: {res:?}");
+                continue;
+            }
+            let done = res.as_ref().unwrap_or_else(|e| panic!("run {} refused: {e}", r.run.id));
+            assert_eq!(done.run.id, r.run.id, "call {k} got another call's answer");
+            assert_eq!(done.run.exit_code, Some(k as i32));
+            assert_eq!(done.work_item_state, WorkItemState::Succeeded);
+        }
+    }
+    // The refused run is untouched and can still be completed with its token.
+    let b = &claimed[3 * 4 + 1];
+    assert_eq!(store.work_item_get(b.work_item.id).await.unwrap().state, WorkItemState::Running);
+    let again = store
+        .runs_complete_many(CompleteMany {
+            completions: vec![RunCompletion {
+                run_id: b.run.id,
+                token: b.lease.token,
+                outcome: RunOutcome::Succeeded { exit_code: None },
+                usage: None,
+            }],
+            retry_defaults: Default::default(),
+            now: now + chrono::Duration::seconds(2),
+        })
+        .await
+        .unwrap();
+    assert!(again[0].is_ok());
+}
