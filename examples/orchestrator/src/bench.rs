@@ -31,6 +31,8 @@ pub struct Opts {
     latency_claimers: usize,
     combined: bool,
     single: bool,
+    pg_combine_max_runs: Option<u32>,
+    pg_combine_in_flight: Option<u32>,
 }
 
 /// The PostgreSQL server the `postgres` backend uses unless `--database-url` says otherwise.
@@ -60,6 +62,8 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         latency_claimers: 1,
         combined: false,
         single: true,
+        pg_combine_max_runs: None,
+        pg_combine_in_flight: None,
     };
     let mut claimers_set = false;
     let mut it = args.iter();
@@ -75,6 +79,8 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--latency-items" => o.latency_items = num("--latency-items", it.next())?,
             "--latency-rate" => o.latency_rate = num("--latency-rate", it.next())?,
             "--latency-claimers" => o.latency_claimers = num("--latency-claimers", it.next())?,
+            "--pg-combine-max-runs" => o.pg_combine_max_runs = Some(num("--pg-combine-max-runs", it.next())?),
+            "--pg-combine-in-flight" => o.pg_combine_in_flight = Some(num("--pg-combine-in-flight", it.next())?),
             "--combined" => o.combined = true,
             "--no-single" => o.single = false,
             "--batch" => o.batch = num("--batch", it.next())?,
@@ -124,11 +130,14 @@ async fn open(o: &Opts) -> Result<Backend, String> {
                 .map(|d| d.subsec_nanos())
                 .unwrap_or(0);
             let schema = format!("orchestrator_bench_{}_{nanos}", std::process::id());
+            let d = PgOptions::default();
             let opts = PgOptions {
                 schema,
                 max_connections: (o.claimers as u32 + 4).max(8),
                 min_connections: (o.claimers as u32).min(32),
-                ..PgOptions::default()
+                combine_max_runs: o.pg_combine_max_runs.unwrap_or(d.combine_max_runs),
+                combine_in_flight: o.pg_combine_in_flight.unwrap_or(d.combine_in_flight),
+                ..d
             };
             let s = Arc::new(PgStore::connect_with(&o.database_url, opts).await.map_err(|e| e.to_string())?);
             Ok(Backend { store: s.clone(), _dir: None, path: None, pg: Some(s) })
@@ -435,9 +444,22 @@ async fn measure(o: &Opts, b: &Backend) -> Result<(), String> {
         ));
     }
 
+    // The PostgreSQL store's statements per call over a claim phase (see `PgStore::combining`).
+    let combining = |before: Option<orchestrator_sqlx::CombiningStats>| {
+        let (Some(pg), Some(a)) = (&b.pg, before) else { return json!({}) };
+        let z = pg.combining();
+        json!({
+            "pg_claim_statements_per_call": (z.claim_statements - a.claim_statements) as f64 / (z.claim_calls - a.claim_calls).max(1) as f64,
+            "pg_completion_transactions_per_call": (z.completion_transactions - a.completion_transactions) as f64 / (z.completion_calls - a.completion_calls).max(1) as f64,
+        })
+    };
+    let stats = || b.pg.as_ref().map(|pg| pg.combining());
+
     // 2. Claim + complete what was just enqueued.
+    let before = stats();
     let st = claim_complete(&orch, o.items, o.claimers, o.batch, o.combined).await?;
-    report_claims(&with, "claim_complete", &o, &st);
+    let c = combining(before);
+    report_claims(&|x| with(merge(x, &c)), "claim_complete", &o, &st);
 
     // 3. Batched enqueue.
     let s = enqueue_batched(&orch, project.id, o.items, o.enqueue_batch).await?;
@@ -446,8 +468,10 @@ async fn measure(o: &Opts, b: &Backend) -> Result<(), String> {
     ));
 
     // 4. Claim + complete again (now with 2 * items finished runs in the store).
+    let before = stats();
     let st = claim_complete(&orch, o.items, o.claimers, o.batch, o.combined).await?;
-    report_claims(&with, "claim_complete_after_batched_enqueue", &o, &st);
+    let c = combining(before);
+    report_claims(&|x| with(merge(x, &c)), "claim_complete_after_batched_enqueue", &o, &st);
 
     // 5. Optionally: claims with M finished runs beside `items` ready ones.
     if o.finished > 0 {

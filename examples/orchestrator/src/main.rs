@@ -41,13 +41,16 @@ measure enqueue and claim+complete throughput and claim latency; one JSON line p
   --latency-items N         items of the enqueue-to-claim latency measurement (default 200)
   --latency-rate R          enqueues per second of the latency measurement (default 50)
   --latency-claimers K      claimers waiting for work during the latency measurement (default 1)
+  --pg-combine-max-runs N   postgres: runs per combined claim statement or completion transaction
+                            (default 512; 0 runs every call on its own)
+  --pg-combine-in-flight K  postgres: combined statements of each kind running at once (default 2)
 ";
 
 const SERVE_HELP: &str = "Settings (environment or a .env file):
   ORCH_DATABASE_URL        sqlite://PATH or postgres://... (default: SQLite file orchestrator.db here)
   ORCH_PG_*                with PostgreSQL: ORCH_PG_SCHEMA (default orchestrator), ORCH_PG_MAX_CONNECTIONS,
                            ORCH_PG_MIN_CONNECTIONS, ORCH_PG_ACQUIRE_TIMEOUT_SECONDS, ORCH_PG_MIGRATE,
-                           ORCH_PG_NOTIFY_INTERVAL_MS
+                           ORCH_PG_NOTIFY_INTERVAL_MS, ORCH_PG_COMBINE_MAX_RUNS, ORCH_PG_COMBINE_IN_FLIGHT
   ORCH_SECRET_KEY          key encrypting info-request answers; unset: orchestrator.key beside the
                            database (created with mode 0600 on first start)
   ORCH_API_TOKENS          name:role:token,... (roles admin, operator, agent, viewer); without tokens
