@@ -6,8 +6,10 @@
 //! run are queued, and each queue is drained by a task that runs the compatible calls waiting in it as
 //! one statement ([`PgOptions::combine_max_runs`](crate::PgOptions::combine_max_runs) runs at most),
 //! with at most [`PgOptions::combine_in_flight`](crate::PgOptions::combine_in_flight) such statements of
-//! each kind at once. A call that finds the queue empty and a slot free runs at once: combining adds no
-//! wait of its own.
+//! each kind at once. A call that finds nothing of its kind running runs at once: combining adds no wait
+//! at low load. While statements run, another starts only when it carries at least a quarter of the
+//! maximum; smaller groups wait for a running one to finish (two small statements side by side cost
+//! more than one larger one a moment later).
 //!
 //! - Claims combine when their capabilities and lease durations are equal. Each keeps its agent, its
 //!   limit, its lease and its `now` (the rows are selected as due at the earliest of them); the first
@@ -25,7 +27,7 @@ use std::sync::Arc;
 
 use orchestrator_core::error::{StoreError, StoreResult};
 use orchestrator_core::store::{Claim, ClaimedRun, CompleteMany, CompletionResult};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use crate::Shared;
 
@@ -88,6 +90,10 @@ pub(crate) fn spawn<J: Job>(shared: Arc<Shared>, max: u32, in_flight: u32) -> Se
 
 async fn drain<J: Job>(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<J>, max: usize, in_flight: usize) {
     let slots = Arc::new(Semaphore::new(in_flight));
+    let finished = Arc::new(Notify::new());
+    // While a statement runs, another starts only with this many runs: small statements side by side
+    // cost more than one larger one a moment later.
+    let fill = (max / 4).max(1);
     let mut queued: VecDeque<J> = VecDeque::new();
     loop {
         if queued.is_empty() {
@@ -96,17 +102,33 @@ async fn drain<J: Job>(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<J>, 
                 None => return,
             }
         }
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        // Everything that arrived while the slots were busy joins now.
         while let Ok(j) = rx.try_recv() {
             queued.push_back(j);
         }
         queued.retain(|j| !j.abandoned());
+        if queued.is_empty() {
+            continue;
+        }
+        let running = in_flight - slots.available_permits();
+        let size: usize = queued.iter().map(Job::size).sum();
+        if running >= in_flight || (running > 0 && size < fill) {
+            // Wait for a running statement to finish, or for more calls.
+            tokio::select! {
+                j = rx.recv() => match j {
+                    Some(j) => queued.push_back(j),
+                    None => return,
+                },
+                _ = finished.notified() => {}
+            }
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
         let Some(group) = take_group(&mut queued, max) else { continue };
-        let shared = shared.clone();
+        let (shared, finished) = (shared.clone(), finished.clone());
         tokio::spawn(async move {
             J::run(shared, group).await;
             drop(slot);
+            finished.notify_one();
         });
     }
 }

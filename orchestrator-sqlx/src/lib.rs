@@ -80,8 +80,8 @@ pub struct PgOptions {
     /// kind runs at once. 0 or 1: every call runs on its own.
     pub combine_max_runs: u32,
     /// With combining, at most this many combined claim statements (and as many completion
-    /// transactions) run at once; calls that arrive meanwhile wait and are combined. One measured best
-    /// on a 2-core host (larger statements); a server with more cores may take more.
+    /// transactions) run at once; calls that arrive meanwhile wait and are combined. While one runs,
+    /// another starts only when it carries at least a quarter of `combine_max_runs`.
     pub combine_in_flight: u32,
 }
 
@@ -97,7 +97,7 @@ impl Default for PgOptions {
             max_retries: 5,
             notify_interval: Duration::from_millis(2),
             combine_max_runs: 512,
-            combine_in_flight: 1,
+            combine_in_flight: 2,
         }
     }
 }
@@ -947,7 +947,7 @@ mod tests {
         let d = read(&[]).unwrap();
         assert_eq!((d.schema.as_str(), d.max_connections, d.migrate), ("orchestrator", 16, true));
         assert_eq!(d.notify_interval, Duration::from_millis(2));
-        assert_eq!((d.combine_max_runs, d.combine_in_flight), (512, 1));
+        assert_eq!((d.combine_max_runs, d.combine_in_flight), (512, 2));
         let o = read(&[
             ("ORCH_PG_SCHEMA", " jobs_1 "),
             ("ORCH_PG_MAX_CONNECTIONS", "40"),

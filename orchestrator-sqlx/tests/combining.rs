@@ -219,3 +219,47 @@ async fn combined_completions_answer_each_call_and_refuse_only_the_bad_one() {
         .unwrap();
     assert!(again[0].is_ok());
 }
+
+/// While a claim statement runs, a second one starts only when it carries a quarter of the maximum:
+/// small calls wait and are combined instead of running side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_statement_waits_until_it_is_worth_running() {
+    let schema = common::unique_schema("comb_fill");
+    let url = common::url();
+    let options =
+        PgOptions { max_connections: 1, combine_max_runs: 40, combine_in_flight: 2, ..common::options(&schema) };
+    let store =
+        Arc::new(PgStore::connect_with(&url, options).await.unwrap().with_guard(common::SchemaGuard { url, schema }));
+    project_with_items(&store, 20, None).await;
+    let now = Utc::now().trunc_subsecs(6) + chrono::Duration::seconds(1);
+    let before = store.combining();
+    let queued = |n: u64| {
+        let store = store.clone();
+        move || store.combining().claim_calls - before.claim_calls == n
+    };
+
+    let held = store.pool().acquire().await.unwrap();
+    let mut calls = Vec::new();
+    // The first runs at once (and waits for the held connection); the next two, one run each, stay
+    // queued; the fourth brings the queue to 11 runs, past the quarter (10), and starts the second.
+    for (i, limit) in [1u32, 1, 1, 9].into_iter().enumerate() {
+        let s = store.clone();
+        calls.push(tokio::spawn(async move { s.runs_claim(claim(&format!("a{i}"), limit, &[], now)).await }));
+        until("the call to reach the store", queued(i as u64 + 1)).await;
+        if i == 0 {
+            let s = store.clone();
+            until("the first statement to start", move || {
+                s.combining().claim_statements - before.claim_statements == 1
+            })
+            .await;
+        }
+    }
+    drop(held);
+    let mut got = 0;
+    for c in calls {
+        got += c.await.unwrap().unwrap().len();
+    }
+    assert_eq!(got, 12);
+    let statements = store.combining().claim_statements - before.claim_statements;
+    assert_eq!(statements, 2, "4 calls ran in {statements} statements");
+}

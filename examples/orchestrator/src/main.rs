@@ -43,7 +43,7 @@ measure enqueue and claim+complete throughput and claim latency; one JSON line p
   --latency-claimers K      claimers waiting for work during the latency measurement (default 1)
   --pg-combine-max-runs N   postgres: runs per combined claim statement or completion transaction
                             (default 512; 0 runs every call on its own)
-  --pg-combine-in-flight K  postgres: combined statements of each kind running at once (default 1)
+  --pg-combine-in-flight K  postgres: combined statements of each kind running at once (default 2)
 ";
 
 const SERVE_HELP: &str = "Settings (environment or a .env file):
