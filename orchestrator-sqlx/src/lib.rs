@@ -9,6 +9,9 @@
 //! - Claims are one statement: a CTE picks ready rows (`priority DESC, run_at, id`) with
 //!   `FOR UPDATE SKIP LOCKED LIMIT n` from a partial index that holds exactly the ready rows, marks them
 //!   running and inserts their runs. Successful completions of many runs are one statement too.
+//! - Concurrent claims (same capabilities and lease duration) are combined into one statement and
+//!   concurrent completions into one transaction ([`PgOptions::combine_max_runs`]), each call keeping its
+//!   own agent, lease and answers; [`PgStore::combining`] counts calls and statements.
 //! - Wake-ups: operations that make work claimable `pg_notify` the schema's channel once per
 //!   transaction, at most once per [`PgOptions::notify_interval`] per store (PostgreSQL serializes the
 //!   commits of notifying transactions): within the interval, one notification follows at its end,
