@@ -95,8 +95,14 @@ async fn drain<J: Job>(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<J>, 
     // cost more than one larger one a moment later.
     let fill = (max / 4).max(1);
     let mut queued: VecDeque<J> = VecDeque::new();
+    // Cleared when the store is dropped: what is queued still runs (a completion whose caller went
+    // away is still applied), then the task ends.
+    let mut open = true;
     loop {
         if queued.is_empty() {
+            if !open {
+                return;
+            }
             match rx.recv().await {
                 Some(j) => queued.push_back(j),
                 None => return,
@@ -114,9 +120,9 @@ async fn drain<J: Job>(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<J>, 
         if running >= in_flight || (running > 0 && size < fill) {
             // Wait for a running statement to finish, or for more calls.
             tokio::select! {
-                j = rx.recv() => match j {
+                j = rx.recv(), if open => match j {
                     Some(j) => queued.push_back(j),
-                    None => return,
+                    None => open = false,
                 },
                 _ = finished.notified() => {}
             }

@@ -263,3 +263,62 @@ async fn a_second_statement_waits_until_it_is_worth_running() {
     let statements = store.combining().claim_statements - before.claim_statements;
     assert_eq!(statements, 2, "4 calls ran in {statements} statements");
 }
+
+/// A completion whose caller went away is still applied, also when it was still queued as the store
+/// was dropped: the store's task drains its queue before it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_completions_are_applied_after_their_callers_and_the_store_are_gone() {
+    let owner = store("comb_drop").await;
+    project_with_items(&owner, 2, None).await;
+    let now = Utc::now().trunc_subsecs(6) + chrono::Duration::seconds(1);
+    let claimed = owner.runs_claim(claim("agent", 2, &[], now)).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let options = PgOptions {
+        max_connections: 1,
+        combine_max_runs: 512,
+        combine_in_flight: 1,
+        migrate: false,
+        ..common::options(owner.schema())
+    };
+    let store = Arc::new(PgStore::connect_with(&common::url(), options).await.unwrap());
+    let complete = |r: &ClaimedRun| CompleteMany {
+        completions: vec![RunCompletion {
+            run_id: r.run.id,
+            token: r.lease.token,
+            outcome: RunOutcome::Succeeded { exit_code: Some(0) },
+            usage: None,
+        }],
+        retry_defaults: Default::default(),
+        now: now + chrono::Duration::seconds(1),
+    };
+
+    let held = store.pool().acquire().await.unwrap();
+    let (s, p) = (store.clone(), complete(&claimed[0]));
+    let first = tokio::spawn(async move { s.runs_complete_many(p).await });
+    let s = store.clone();
+    until("the first completion to start", move || s.combining().completion_transactions == 1).await;
+    let (s, p) = (store.clone(), complete(&claimed[1]));
+    let second = tokio::spawn(async move { s.runs_complete_many(p).await });
+    let s = store.clone();
+    until("the second completion to queue", move || s.combining().completion_calls == 2).await;
+
+    // Both callers go away, then the store.
+    first.abort();
+    second.abort();
+    let _ = first.await;
+    let _ = second.await;
+    drop(store);
+    drop(held);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for r in &claimed {
+        loop {
+            let state = owner.work_item_get(r.work_item.id).await.unwrap().state;
+            if state == WorkItemState::Succeeded {
+                break;
+            }
+            assert!(Instant::now() < deadline, "run {} was not completed: item {state:?}", r.run.id);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
