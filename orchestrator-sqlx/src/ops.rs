@@ -156,10 +156,13 @@ pub async fn project_delete(c: &mut PgConnection, id: ProjectId) -> StoreResult<
     opt(c, q("SELECT id FROM projects WHERE id = $1 FOR UPDATE").bind(id.0), uuid_of)
         .await?
         .ok_or_else(|| StoreError::not_found(EntityKind::Project, id))?;
+    // The project's items are found through `work_item_projects` (no index on work_items.project_id:
+    // it would cost every claim and completion).
     let busy = opt(
         c,
-        q("SELECT id, state FROM work_items WHERE project_id = $1 AND state IN ('queued', 'running', 'waiting_input', 'retrying') LIMIT 1")
-            .bind(id.0),
+        q("SELECT w.id, w.state FROM work_item_projects p JOIN work_items w ON w.id = p.work_item_id
+           WHERE p.project_id = $1 AND w.state IN ('queued', 'running', 'waiting_input', 'retrying') LIMIT 1")
+        .bind(id.0),
         |r| Ok((r.try_get::<Uuid, _>(0)?, r.try_get::<String, _>(1)?)),
     )
     .await?;
@@ -169,29 +172,39 @@ pub async fn project_delete(c: &mut PgConnection, id: ProjectId) -> StoreResult<
     // Runs are found through their work items (no index on runs.project_id: it would cost every claim).
     exec(
         c,
-        q("DELETE FROM logs WHERE run_id IN (SELECT r.id FROM runs r JOIN work_items w ON w.id = r.work_item_id WHERE w.project_id = $1)")
+        q("DELETE FROM logs WHERE run_id IN (SELECT r.id FROM work_item_projects p JOIN runs r ON r.work_item_id = p.work_item_id WHERE p.project_id = $1)")
             .bind(id.0),
     )
     .await?;
     exec(
         c,
-        q("DELETE FROM step_events WHERE run_id IN (SELECT r.id FROM runs r JOIN work_items w ON w.id = r.work_item_id WHERE w.project_id = $1)")
+        q("DELETE FROM step_events WHERE run_id IN (SELECT r.id FROM work_item_projects p JOIN runs r ON r.work_item_id = p.work_item_id WHERE p.project_id = $1)")
             .bind(id.0),
     )
     .await?;
     exec(
         c,
-        q("DELETE FROM work_item_deps WHERE work_item_id IN (SELECT id FROM work_items WHERE project_id = $1)
-           OR depends_on IN (SELECT id FROM work_items WHERE project_id = $1)")
+        q("DELETE FROM work_item_deps WHERE work_item_id IN (SELECT work_item_id FROM work_item_projects WHERE project_id = $1)
+           OR depends_on IN (SELECT work_item_id FROM work_item_projects WHERE project_id = $1)")
         .bind(id.0),
     )
     .await?;
-    exec(c, q("DELETE FROM runs WHERE work_item_id IN (SELECT id FROM work_items WHERE project_id = $1)").bind(id.0))
-        .await?;
+    exec(
+        c,
+        q("DELETE FROM runs WHERE work_item_id IN (SELECT work_item_id FROM work_item_projects WHERE project_id = $1)")
+            .bind(id.0),
+    )
+    .await?;
     exec(c, q("DELETE FROM info_requests WHERE project_id = $1").bind(id.0)).await?;
     exec(c, q("DELETE FROM approvals WHERE project_id = $1").bind(id.0)).await?;
     exec(c, q("DELETE FROM drafts WHERE project_id = $1").bind(id.0)).await?;
-    exec(c, q("DELETE FROM work_items WHERE project_id = $1").bind(id.0)).await?;
+    exec(
+        c,
+        q("DELETE FROM work_items WHERE id IN (SELECT work_item_id FROM work_item_projects WHERE project_id = $1)")
+            .bind(id.0),
+    )
+    .await?;
+    exec(c, q("DELETE FROM work_item_projects WHERE project_id = $1").bind(id.0)).await?;
     exec(c, q("DELETE FROM visions WHERE project_id = $1").bind(id.0)).await?;
     exec(c, q("DELETE FROM recipes WHERE project_id = $1").bind(id.0)).await?;
     exec(c, q("DELETE FROM projects WHERE id = $1").bind(id.0)).await?;
@@ -566,12 +579,13 @@ fn duplicate_key(e: &sqlx::Error) -> Option<String> {
     Some(detail[start..end].to_string())
 }
 
-/// The insert of work item rows from arrays bound as `$1`..`$17` (see [`bind_work_items`]).
+/// The insert of work item rows from arrays bound as `$1`..`$17` (see [`bind_work_items`]). The rows are
+/// marked `projects_mapped`: the statement that runs it also writes their `work_item_projects` rows.
 static INSERT_WORK_ITEMS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "INSERT INTO work_items ({WI_COLS})
+        "INSERT INTO work_items ({WI_COLS}, projects_mapped)
          SELECT id, project_id, title, description, recipe_id, labels::text[], state, priority, deps::uuid[], retry::jsonb, key,
-                hash, approval_id, draft_id, NULL, 0, NULL, run_at, NULL, created, created, enqueued_at, 0, false
+                hash, approval_id, draft_id, NULL, 0, NULL, run_at, NULL, created, created, enqueued_at, 0, false, true
          FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::text[], $8::int4[],
                      $9::text[], $10::text[], $11::text[], $12::text[], $13::uuid[], $14::uuid[], $15::timestamptz[],
                      $16::timestamptz[], $17::timestamptz[])
@@ -658,7 +672,14 @@ async fn insert_work_items(c: &mut PgConnection, items: &[WorkItem]) -> StoreRes
     if items.is_empty() {
         return Ok(());
     }
-    bind_work_items(INSERT_WORK_ITEMS.as_str(), items)?.execute(&mut *c).await.map_err(insert_error)?;
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let insert = INSERT_WORK_ITEMS.as_str();
+        format!(
+            "WITH ins AS ({insert} RETURNING id, project_id)
+             INSERT INTO work_item_projects (project_id, work_item_id) SELECT project_id, id FROM ins"
+        )
+    });
+    bind_work_items(SQL.as_str(), items)?.execute(&mut *c).await.map_err(insert_error)?;
     Ok(())
 }
 
@@ -694,7 +715,8 @@ pub async fn insert_plain(c: &mut PgConnection, rows: &[WorkItem], notify: Optio
         let insert = INSERT_WORK_ITEMS.as_str();
         format!(
             "WITH p AS (SELECT id FROM projects WHERE id = ANY($18::uuid[]) FOR KEY SHARE),
-             ins AS ({insert} WHERE (SELECT count(*) FROM p) = cardinality($18::uuid[]) RETURNING 1)
+             ins AS ({insert} WHERE (SELECT count(*) FROM p) = cardinality($18::uuid[]) RETURNING id, project_id),
+             mapped AS (INSERT INTO work_item_projects (project_id, work_item_id) SELECT project_id, id FROM ins)
              SELECT (SELECT array_agg(id) FROM p),
                     (SELECT count(*) FROM (SELECT pg_notify($19, '') WHERE $19 IS NOT NULL AND EXISTS (SELECT 1 FROM ins)) n)"
         )

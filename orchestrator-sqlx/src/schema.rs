@@ -177,6 +177,30 @@ CREATE INDEX work_items_waiting ON work_items (priority DESC, (COALESCE(run_at, 
     WHERE state = 'blocked' OR (state IN ('queued', 'retrying') AND pending_deps > 0);
 DROP INDEX work_items_queue;
 "#,
+    r#"
+-- Which project each work item belongs to, written once when the item is inserted and never updated:
+-- deleting a project finds its items here. An index on work_items (project_id) would get a new entry
+-- on every update of an item that is not HOT (a claim, a completion), for a lookup only a project's
+-- deletion needs. This build's inserts write the mapping themselves and mark their rows
+-- `projects_mapped`; the trigger maps any other insert (an older build during a rolling upgrade), and
+-- its WHEN clause costs a marked row no function call.
+CREATE TABLE work_item_projects (
+    project_id uuid NOT NULL,
+    work_item_id uuid NOT NULL,
+    PRIMARY KEY (project_id, work_item_id)
+);
+ALTER TABLE work_items ADD COLUMN projects_mapped boolean NOT NULL DEFAULT false;
+INSERT INTO work_item_projects (project_id, work_item_id) SELECT project_id, id FROM work_items;
+CREATE FUNCTION work_item_projects_add() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO work_item_projects (project_id, work_item_id) VALUES (NEW.project_id, NEW.id);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER work_items_projects AFTER INSERT ON work_items
+    FOR EACH ROW WHEN (NOT NEW.projects_mapped) EXECUTE FUNCTION work_item_projects_add();
+DROP INDEX work_items_project;
+"#,
 ];
 
 /// The schema version this build writes.

@@ -1,10 +1,11 @@
 //! Upgrading a schema that holds live work: runs leased under version 1 are still reaped (through their
-//! running work items) after version 2 replaced the leased-runs index.
+//! running work items) after version 2 replaced the leased-runs index, and projects whose items were
+//! written before version 3 are deleted whole (their items found through `work_item_projects`).
 
 mod common;
 
 use chrono::{Duration, Utc};
-use orchestrator_core::ids::ProjectId;
+use orchestrator_core::ids::{ProjectId, WorkItemId};
 use orchestrator_core::retry::RetryPolicy;
 use orchestrator_core::state::{RunState, WorkItemState};
 use orchestrator_core::store::{Claim, NewProject, NewWorkItem, Tick};
@@ -12,6 +13,27 @@ use orchestrator_core::{Store, StoreError};
 use orchestrator_sqlx::{PgOptions, PgStore};
 
 use common::new_item;
+
+/// A work item row as an older build writes it (none of the columns later versions added), so it can be
+/// written before the upgrade.
+async fn legacy_insert(store: &PgStore, project: ProjectId, title: &str, state: &str) -> WorkItemId {
+    let id = WorkItemId::new();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {}.work_items (id, project_id, title, description, labels, state, priority, dependencies, retry,
+             content_hash, attempts, run_at, created_at, updated_at, enqueued_at)
+         VALUES ($1, $2, $3, '', '{{}}', $4, 0, '{{}}', '{{}}', 'h', 0,
+             CASE WHEN $4 = 'queued' THEN now() - interval '1 minute' END, now(), now(), now())",
+        store.schema()
+    )))
+    .bind(id.0)
+    .bind(project.0)
+    .bind(title)
+    .bind(state)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    id
+}
 
 async fn indexes(store: &PgStore) -> Vec<String> {
     sqlx::query_scalar("SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 ORDER BY 1")
@@ -39,8 +61,9 @@ async fn leases_taken_under_version_1_are_reaped_after_the_upgrade() {
     let now = Utc::now();
     let p = ProjectId::new();
     store.project_create(NewProject { id: p, name: "p".into(), description: String::new(), now }).await.unwrap();
-    let items: Vec<NewWorkItem> = (0..3).map(|i| new_item(p, &format!("w{i}"))).collect();
-    store.work_items_create(items, now).await.unwrap();
+    for i in 0..3 {
+        legacy_insert(&store, p, &format!("w{i}"), "queued").await;
+    }
     let claim = |ttl: i64| Claim {
         agent_id: "a".into(),
         capabilities: vec![],
@@ -50,6 +73,10 @@ async fn leases_taken_under_version_1_are_reaped_after_the_upgrade() {
     };
     let short = store.runs_claim(claim(10)).await.unwrap().remove(0);
     let long = store.runs_claim(claim(600)).await.unwrap().remove(0);
+    // A second project with drafts only (nothing active), to be deleted after the upgrade.
+    let q = ProjectId::new();
+    store.project_create(NewProject { id: q, name: "q".into(), description: String::new(), now }).await.unwrap();
+    let mut gone = vec![legacy_insert(&store, q, "d0", "draft").await, legacy_insert(&store, q, "d1", "draft").await];
 
     store.migrate().await.unwrap();
     assert_eq!(store.stored_version().await.unwrap(), orchestrator_sqlx::schema_version());
@@ -57,6 +84,28 @@ async fn leases_taken_under_version_1_are_reaped_after_the_upgrade() {
     assert!(!ix.contains(&"runs_leased".to_string()), "{ix:?}");
     assert!(ix.contains(&"work_items_running".to_string()), "{ix:?}");
     assert!(ix.contains(&"work_items_waiting".to_string()) && !ix.contains(&"work_items_queue".to_string()), "{ix:?}");
+    assert!(!ix.contains(&"work_items_project".to_string()), "{ix:?}");
+    let mapped: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM work_item_projects").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(mapped, 5, "every item written before the upgrade is in work_item_projects");
+
+    // Items from before and after the upgrade go with their project; the other project keeps its own.
+    // This build's insert maps its own rows; an older build's insert is mapped by the trigger.
+    let new_draft = NewWorkItem { state: WorkItemState::Draft, enqueue: None, ..new_item(q, "after the upgrade") };
+    store.work_items_create(vec![new_draft.clone()], now).await.unwrap();
+    gone.push(new_draft.id);
+    gone.push(legacy_insert(&store, q, "legacy", "draft").await);
+    let mapped: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM work_item_projects").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(mapped, 7);
+    store.project_delete(q).await.unwrap();
+    for id in &gone {
+        assert!(matches!(store.work_item_get(*id).await, Err(StoreError::NotFound { .. })), "{id} left behind");
+    }
+    let mapped: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM work_item_projects").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(mapped, 3);
+    assert!(matches!(store.project_delete(p).await, Err(StoreError::Conflict { .. })), "p has active items");
 
     // Past the short lease only: exactly that run is lost and its item retries.
     let tick = |at| Tick { retry_defaults: RetryPolicy::default(), limit: 100, now: at };
