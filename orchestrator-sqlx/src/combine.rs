@@ -14,11 +14,14 @@
 //! - Claims combine when their capabilities and lease durations are equal. Each keeps its agent, its
 //!   limit, its lease and its `now` (the rows are selected as due at the earliest of them); the first
 //!   queued call gets the first rows in claim order.
-//! - Completions combine when their retry defaults are equal. The combined transaction uses the latest
-//!   of their `now`s.
-//! - A combined statement that fails for another reason than the server being unavailable is run again
+//! - Completions combine when their retry defaults are equal; each is judged (lease expiry) and stamped
+//!   at its own caller's `now`. A combined transaction waits at most 100 ms for a row lock (a host's
+//!   open transaction may hold an item): when it fails, for that or any reason, each of its calls runs
+//!   again on its own, outside the slots, so a waiting completion holds up nobody else.
+//! - A combined claim that fails for another reason than the server being unavailable is run again
 //!   call by call, so one bad call cannot fail the others.
-//! - The statement runs in a task of its own: a caller that goes away does not cancel the others' work.
+//! - The statement runs in a task of its own: a caller that goes away does not cancel the others' work,
+//!   and a completion whose caller went away is still applied.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -130,12 +133,24 @@ async fn drain<J: Job>(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<J>, 
         }
         let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
         let Some(group) = take_group(&mut queued, max) else { continue };
-        let (shared, finished) = (shared.clone(), finished.clone());
+        let done = Done { _slot: slot, finished: finished.clone() };
+        let shared = shared.clone();
         tokio::spawn(async move {
             J::run(shared, group).await;
-            drop(slot);
-            finished.notify_one();
+            drop(done);
         });
+    }
+}
+
+/// Frees a statement's slot and wakes the draining task when the statement ends, also by a panic.
+struct Done {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    finished: Arc<Notify>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.finished.notify_one();
     }
 }
 
@@ -241,6 +256,9 @@ fn answer_claim(j: ClaimJob, r: StoreResult<Vec<ClaimedRun>>) {
     }
 }
 
+/// How long a combined completion waits for a row lock before its calls run on their own.
+const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A completion call waiting to be combined.
 pub(crate) struct CompleteJob {
     p: CompleteMany,
@@ -268,19 +286,14 @@ impl Job for CompleteJob {
         false
     }
     async fn run(shared: Arc<Shared>, group: Vec<Self>) {
-        if group.len() == 1 {
-            for j in group {
-                let r = shared.complete_many(&j.p).await;
-                let _ = j.reply.send(r);
-            }
-            return;
+        let mut completions = Vec::with_capacity(group.iter().map(|j| j.p.completions.len()).sum());
+        let mut nows = Vec::with_capacity(completions.capacity());
+        for j in &group {
+            completions.extend(j.p.completions.iter().cloned());
+            nows.extend(std::iter::repeat_n(j.p.now, j.p.completions.len()));
         }
-        let merged = CompleteMany {
-            completions: group.iter().flat_map(|j| j.p.completions.iter().cloned()).collect(),
-            retry_defaults: group[0].p.retry_defaults.clone(),
-            now: group.iter().map(|j| j.p.now).max().unwrap_or(group[0].p.now),
-        };
-        match shared.complete_many(&merged).await {
+        let res = shared.complete_combined(&completions, &nows, &group[0].p.retry_defaults, LOCK_TIMEOUT).await;
+        match res {
             Ok(results) => {
                 let mut results = results.into_iter();
                 for j in group {
@@ -288,19 +301,17 @@ impl Job for CompleteJob {
                     let _ = j.reply.send(Ok(mine));
                 }
             }
-            Err(e) => match unavailable(&e) {
-                Some(_) => {
-                    for j in group {
-                        let _ = j.reply.send(Err(unavailable(&e).unwrap_or_else(stopped)));
-                    }
-                }
-                None => {
-                    for j in group {
+            // A row lock not granted in time (a host transaction holding an item, say), or any other
+            // failure: each call runs on its own, outside the slots, so it waits (or fails) alone.
+            Err(_) => {
+                for j in group {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
                         let r = shared.complete_many(&j.p).await;
                         let _ = j.reply.send(r);
-                    }
+                    });
                 }
-            },
+            }
         }
     }
 }

@@ -66,7 +66,9 @@ pub struct PgOptions {
     /// How long an operation waits for a pooled connection (and a new connection for its handshake)
     /// before failing with `Unavailable { retryable: true }`.
     pub acquire_timeout: Duration,
-    /// Apply pending migrations when connecting.
+    /// Apply pending migrations when connecting. Without it the host applies them
+    /// ([`PgStore::migrate`]) before this build writes: it needs the latest schema version (builds of
+    /// earlier versions keep working on it).
     pub migrate: bool,
     /// Start the LISTEN task that turns notifications from every replica into wake-ups.
     pub listen: bool,
@@ -619,6 +621,26 @@ impl Shared {
     pub(crate) async fn complete_many(&self, p: &CompleteMany) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
         self.combined.completion_transactions.fetch_add(1, Ordering::Relaxed);
         write_tx!(self, |c| ops::runs_complete_many(c, p).await)
+    }
+
+    /// Completes the runs of combined calls in one transaction, each at its caller's time, giving up
+    /// with an error when a row lock is not granted within `lock_timeout`: the calls then run on their
+    /// own, so one waiting completion does not hold the others.
+    pub(crate) async fn complete_combined(
+        &self,
+        completions: &[RunCompletion],
+        nows: &[DateTime<Utc>],
+        retry_defaults: &orchestrator_core::retry::RetryPolicy,
+        lock_timeout: Duration,
+    ) -> StoreResult<Vec<StoreResult<CompletionResult>>> {
+        self.combined.completion_transactions.fetch_add(1, Ordering::Relaxed);
+        let timeout = format!("{}ms", lock_timeout.as_millis().max(1));
+        write_tx!(self, |c| {
+            match sqlx::query("SELECT set_config('lock_timeout', $1, true)").bind(&timeout).execute(&mut *c).await.q() {
+                Ok(_) => ops::runs_complete_many_at(c, completions, nows, retry_defaults).await,
+                Err(e) => Err(e),
+            }
+        })
     }
 }
 

@@ -1764,20 +1764,21 @@ const LEASED: &[&str] = &["claimed", "running"];
 static COMPLETE_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let run_runs = run_cols_of("runs");
     let run_r = run_cols_of("r");
-    // Each run's token and exit code are found by its position in $1 (no join: a nested loop over
+    // Each run's token, exit code and time are found by its position in $1 (no join: a nested loop over
     // the batch in the generic plan grows with its square). The runs whose work item was finished come
     // back with it, beside the count of all finished runs, which tells whether any item was not running.
     format!(
         "WITH r AS (
-            UPDATE runs SET state = 'succeeded', finished_at = $4, lease_expires_at = NULL,
+            UPDATE runs SET state = 'succeeded', finished_at = ($4::timestamptz[])[array_position($1::uuid[], runs.id)],
+                   lease_expires_at = NULL,
                    exit_code = ($3::int4[])[array_position($1::uuid[], runs.id)], error = NULL, failure_kind = NULL
             WHERE runs.id = ANY($1::uuid[]) AND runs.lease_token = ($2::int8[])[array_position($1::uuid[], runs.id)]
                    AND runs.state = ANY($5::text[])
-                   AND runs.lease_expires_at > $4
+                   AND runs.lease_expires_at > ($4::timestamptz[])[array_position($1::uuid[], runs.id)]
             RETURNING {run_runs}
          ),
          w AS (
-            UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = $4
+            UPDATE work_items SET state = 'succeeded', last_error = NULL, run_at = NULL, updated_at = r.finished_at
             FROM r WHERE work_items.id = r.work_item_id AND work_items.state = 'running'
             RETURNING {run_r}, work_items.has_dependents
          )
@@ -1790,30 +1791,45 @@ pub async fn runs_complete_many(
     c: &mut PgConnection,
     p: &CompleteMany,
 ) -> StoreResult<(Vec<StoreResult<CompletionResult>>, bool)> {
-    let mut out: Vec<Option<StoreResult<CompletionResult>>> = Vec::with_capacity(p.completions.len());
-    out.resize_with(p.completions.len(), || None);
+    runs_complete_many_at(c, &p.completions, &vec![p.now; p.completions.len()], &p.retry_defaults).await
+}
+
+/// Completes runs, each judged and stamped at its own time in `nows` (the completions of several
+/// calls combined into one transaction keep their callers' times).
+pub async fn runs_complete_many_at(
+    c: &mut PgConnection,
+    completions: &[RunCompletion],
+    nows: &[DateTime<Utc>],
+    retry_defaults: &RetryPolicy,
+) -> StoreResult<(Vec<StoreResult<CompletionResult>>, bool)> {
+    if nows.len() != completions.len() {
+        return Err(StoreError::invalid("now", "one time per completion"));
+    }
+    let mut out: Vec<Option<StoreResult<CompletionResult>>> = Vec::with_capacity(completions.len());
+    out.resize_with(completions.len(), || None);
     let mut notify = false;
     // Successes without usage, on distinct runs, go through one statement; everything else one by one,
     // in order, after them.
-    let mut distinct = HashSet::with_capacity(p.completions.len());
+    let mut distinct = HashSet::with_capacity(completions.len());
     let batchable = |x: &RunCompletion| matches!(x.outcome, RunOutcome::Succeeded { .. }) && x.usage.is_none();
-    let all_distinct = p.completions.iter().all(|x| distinct.insert(x.run_id));
-    if all_distinct && p.completions.iter().filter(|x| batchable(x)).count() > 1 {
-        let mut idx: Vec<usize> = (0..p.completions.len()).filter(|&i| batchable(&p.completions[i])).collect();
+    let all_distinct = completions.iter().all(|x| distinct.insert(x.run_id));
+    if all_distinct && completions.iter().filter(|x| batchable(x)).count() > 1 {
+        let mut idx: Vec<usize> = (0..completions.len()).filter(|&i| batchable(&completions[i])).collect();
         // A stable lock order across concurrent batches.
-        idx.sort_by_key(|&i| p.completions[i].run_id);
-        let ids: Vec<Uuid> = idx.iter().map(|&i| p.completions[i].run_id.0).collect();
-        let tokens: Vec<i64> = idx.iter().map(|&k| i(p.completions[k].token)).collect();
+        idx.sort_by_key(|&i| completions[i].run_id);
+        let ids: Vec<Uuid> = idx.iter().map(|&i| completions[i].run_id.0).collect();
+        let tokens: Vec<i64> = idx.iter().map(|&k| i(completions[k].token)).collect();
+        let times: Vec<DateTime<Utc>> = idx.iter().map(|&k| nows[k]).collect();
         let codes: Vec<Option<i32>> = idx
             .iter()
-            .map(|&i| match p.completions[i].outcome {
+            .map(|&i| match completions[i].outcome {
                 RunOutcome::Succeeded { exit_code } => exit_code,
                 RunOutcome::Failed { exit_code, .. } => exit_code,
             })
             .collect();
         let rows = all(
             c,
-            sqlx::query(COMPLETE_MANY_SQL.as_str()).bind(&ids).bind(tokens).bind(codes).bind(p.now).bind(LEASED),
+            sqlx::query(COMPLETE_MANY_SQL.as_str()).bind(&ids).bind(tokens).bind(codes).bind(&times).bind(LEASED),
             |r| {
                 let n: i64 = r.try_get(0)?;
                 let done = match r.try_get::<Option<Uuid>, _>(1)? {
@@ -1831,12 +1847,12 @@ pub async fn runs_complete_many(
         if finished != by_run.len() as i64 {
             // A run was finished but its work item was not running: an invariant is broken. Name the item
             // (the transaction rolls back).
-            for id in &ids {
+            for (id, at) in ids.iter().zip(&times) {
                 if by_run.contains_key(&RunId(*id)) {
                     continue;
                 }
                 let r = run_get(c, RunId(*id)).await?;
-                if r.state == RunState::Succeeded && r.finished_at == Some(p.now) {
+                if r.state == RunState::Succeeded && r.finished_at == Some(*at) {
                     let s = item_state(c, r.work_item_id).await?;
                     return Err(transition_err(s, WorkItemState::Succeeded));
                 }
@@ -1844,7 +1860,7 @@ pub async fn runs_complete_many(
             return Err(StoreError::conflict("a completed run's work item was not running"));
         }
         for &i in &idx {
-            let x = &p.completions[i];
+            let x = &completions[i];
             match by_run.get(&x.run_id) {
                 Some((run, has_dependents)) => {
                     let released =
@@ -1858,19 +1874,19 @@ pub async fn runs_complete_many(
                         blocked: Vec::new(),
                     }));
                 }
-                None => out[i] = Some(Err(refusal(c, x.run_id, x.token, RunState::Succeeded, p.now).await?)),
+                None => out[i] = Some(Err(refusal(c, x.run_id, x.token, RunState::Succeeded, nows[i]).await?)),
             }
         }
     }
     let mut results = Vec::with_capacity(out.len());
-    for (x, slot) in p.completions.iter().zip(out) {
+    for ((x, slot), &now) in completions.iter().zip(out).zip(nows) {
         let r = match slot {
             Some(r) => r,
             // Each completion is guarded on its own: a refused one writes nothing.
-            None => complete_one(c, x, &p.retry_defaults, p.now).await?,
+            None => complete_one(c, x, retry_defaults, now).await?,
         };
         if let Ok(cr) = &r {
-            notify |= !cr.released.is_empty() || cr.retry_at.is_some_and(|t| t <= p.now);
+            notify |= !cr.released.is_empty() || cr.retry_at.is_some_and(|t| t <= now);
         }
         results.push(r);
     }

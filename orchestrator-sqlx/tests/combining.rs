@@ -13,6 +13,7 @@ use orchestrator_core::state::WorkItemState;
 use orchestrator_core::store::{Claim, ClaimedRun, CompleteMany, NewProject, RunCompletion};
 use orchestrator_core::{Store, StoreError};
 use orchestrator_sqlx::{PgOptions, PgStore};
+use sqlx::Connection as _;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -321,4 +322,105 @@ async fn queued_completions_are_applied_after_their_callers_and_the_store_are_go
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+fn completion(r: &ClaimedRun, now: DateTime<Utc>) -> CompleteMany {
+    CompleteMany {
+        completions: vec![RunCompletion {
+            run_id: r.run.id,
+            token: r.lease.token,
+            outcome: RunOutcome::Succeeded { exit_code: Some(0) },
+            usage: None,
+        }],
+        retry_defaults: Default::default(),
+        now,
+    }
+}
+
+/// Completions combined into one transaction are judged at their own callers' times: one whose lease
+/// is still valid at its time succeeds beside one whose lease has expired at its (later) time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_completions_keep_their_callers_times() {
+    let store = store("comb_times").await;
+    project_with_items(&store, 3, None).await;
+    let now = Utc::now().trunc_subsecs(6) + chrono::Duration::seconds(1);
+    let claimed = store.runs_claim(claim("agent", 3, &[], now)).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    let before = store.combining();
+
+    let held = store.pool().acquire().await.unwrap();
+    // The first call takes the only slot; the next two queue behind it and are combined.
+    let s = store.clone();
+    let first = completion(&claimed[0], now + chrono::Duration::seconds(1));
+    let first = tokio::spawn(async move { s.runs_complete_many(first).await });
+    let s = store.clone();
+    until("the first completion to start", move || {
+        s.combining().completion_transactions - before.completion_transactions == 1
+    })
+    .await;
+    let (in_time, late) = (now + chrono::Duration::seconds(10), now + chrono::Duration::seconds(60));
+    let (s1, s2) = (store.clone(), store.clone());
+    let (a, b) = (completion(&claimed[1], in_time), completion(&claimed[2], late));
+    let a = tokio::spawn(async move { s1.runs_complete_many(a).await });
+    let b = tokio::spawn(async move { s2.runs_complete_many(b).await });
+    until("3 queued completions", || store.combining().completion_calls - before.completion_calls == 3).await;
+    drop(held);
+
+    assert!(first.await.unwrap().unwrap()[0].is_ok());
+    let a = a.await.unwrap().unwrap().remove(0).expect("the completion inside its lease was refused");
+    assert_eq!(a.run.finished_at, Some(in_time));
+    let b = b.await.unwrap().unwrap().remove(0);
+    assert!(matches!(b, Err(StoreError::LeaseLost { .. })), "a completion after its lease expired: {b:?}");
+    assert_eq!(store.combining().completion_transactions - before.completion_transactions, 2, "not combined");
+    let item = store.work_item_get(claimed[1].work_item.id).await.unwrap();
+    assert_eq!(item.updated_at, in_time);
+}
+
+/// A completion that waits for a row lock (here an open transaction holding its work item) does not
+/// hold up the completions of other calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_waiting_for_a_lock_holds_up_nobody() {
+    let schema = common::unique_schema("comb_lock");
+    let url = common::url();
+    let options =
+        PgOptions { max_connections: 4, combine_max_runs: 512, combine_in_flight: 1, ..common::options(&schema) };
+    let store = Arc::new(
+        PgStore::connect_with(&url, options)
+            .await
+            .unwrap()
+            .with_guard(common::SchemaGuard { url: url.clone(), schema: schema.clone() }),
+    );
+    project_with_items(&store, 3, None).await;
+    let now = Utc::now().trunc_subsecs(6) + chrono::Duration::seconds(1);
+    let claimed = store.runs_claim(claim("agent", 3, &[], now)).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+
+    // Another session holds the first item's row.
+    let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut tx = sqlx::Connection::begin(&mut other).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT 1 FROM {schema}.work_items WHERE id = $1 FOR UPDATE")))
+        .bind(claimed[0].work_item.id.0)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+
+    let s = store.clone();
+    let p = completion(&claimed[0], now + chrono::Duration::seconds(1));
+    let blocked = tokio::spawn(async move { s.runs_complete_many(p).await });
+    let s = store.clone();
+    until("the blocked completion to start", move || s.combining().completion_transactions >= 1).await;
+    for r in &claimed[1..] {
+        let done = tokio::time::timeout(
+            Duration::from_secs(10),
+            store.runs_complete_many(completion(r, now + chrono::Duration::seconds(1))),
+        )
+        .await
+        .expect("a completion waited behind another call's lock")
+        .unwrap();
+        assert!(done[0].is_ok(), "{:?}", done[0]);
+    }
+    assert!(!blocked.is_finished(), "the first completion did not wait for the lock");
+    tx.rollback().await.unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(10), blocked).await.unwrap().unwrap().unwrap();
+    assert!(done[0].is_ok(), "{:?}", done[0]);
 }
