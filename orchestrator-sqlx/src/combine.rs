@@ -172,17 +172,6 @@ fn take_group<J: Job>(queued: &mut VecDeque<J>, max: usize) -> Option<Vec<J>> {
     Some(group)
 }
 
-/// The same unavailability for every call of a failed group (other errors are not copied: those calls
-/// run again one by one).
-fn unavailable(e: &StoreError) -> Option<StoreError> {
-    match e {
-        StoreError::Unavailable { retryable, message } => {
-            Some(StoreError::Unavailable { retryable: *retryable, message: message.clone() })
-        }
-        _ => None,
-    }
-}
-
 async fn queue<J, R>(tx: &Sender<J>, job: impl FnOnce(oneshot::Sender<StoreResult<R>>) -> J) -> StoreResult<R> {
     let (reply, answer) = oneshot::channel();
     tx.send(job(reply)).map_err(|_| stopped())?;
@@ -229,19 +218,19 @@ impl Job for ClaimJob {
                     answer_claim(j, Err(e));
                 }
             }
-            Err(e) => match unavailable(&e) {
-                Some(_) => {
-                    for j in group {
-                        answer_claim(j, Err(unavailable(&e).unwrap_or_else(stopped)));
-                    }
+            // The server is unavailable: every call gets that answer.
+            Err(StoreError::Unavailable { retryable, message }) => {
+                for j in group {
+                    answer_claim(j, Err(StoreError::Unavailable { retryable, message: message.clone() }));
                 }
-                None => {
-                    for j in group {
-                        let r = shared.claim(&[&j.claim]).await.map(|mut v| v.pop().unwrap_or_default());
-                        answer_claim(j, r);
-                    }
+            }
+            // Anything else: each call runs again on its own, so one bad call cannot fail the others.
+            Err(_) => {
+                for j in group {
+                    let r = shared.claim(&[&j.claim]).await.map(|mut v| v.pop().unwrap_or_default());
+                    answer_claim(j, r);
                 }
-            },
+            }
         }
     }
 }

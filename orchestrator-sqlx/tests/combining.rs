@@ -205,19 +205,7 @@ async fn combined_completions_answer_each_call_and_refuse_only_the_bad_one() {
     // The refused run is untouched and can still be completed with its token.
     let b = &claimed[3 * 4 + 1];
     assert_eq!(store.work_item_get(b.work_item.id).await.unwrap().state, WorkItemState::Running);
-    let again = store
-        .runs_complete_many(CompleteMany {
-            completions: vec![RunCompletion {
-                run_id: b.run.id,
-                token: b.lease.token,
-                outcome: RunOutcome::Succeeded { exit_code: None },
-                usage: None,
-            }],
-            retry_defaults: Default::default(),
-            now: now + chrono::Duration::seconds(2),
-        })
-        .await
-        .unwrap();
+    let again = store.runs_complete_many(completion(b, now + chrono::Duration::seconds(2))).await.unwrap();
     assert!(again[0].is_ok());
 }
 
@@ -282,16 +270,7 @@ async fn queued_completions_are_applied_after_their_callers_and_the_store_are_go
         ..common::options(owner.schema())
     };
     let store = Arc::new(PgStore::connect_with(&common::url(), options).await.unwrap());
-    let complete = |r: &ClaimedRun| CompleteMany {
-        completions: vec![RunCompletion {
-            run_id: r.run.id,
-            token: r.lease.token,
-            outcome: RunOutcome::Succeeded { exit_code: Some(0) },
-            usage: None,
-        }],
-        retry_defaults: Default::default(),
-        now: now + chrono::Duration::seconds(1),
-    };
+    let complete = |r: &ClaimedRun| completion(r, now + chrono::Duration::seconds(1));
 
     let held = store.pool().acquire().await.unwrap();
     let (s, p) = (store.clone(), complete(&claimed[0]));
