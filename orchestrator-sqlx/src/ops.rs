@@ -1764,17 +1764,18 @@ const LEASED: &[&str] = &["claimed", "running"];
 static COMPLETE_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let run_runs = run_cols_of("runs");
     let run_r = run_cols_of("r");
-    // Each run's token, exit code and time are found by its position in $1 (no join: a nested loop over
-    // the batch in the generic plan grows with its square). The runs whose work item was finished come
-    // back with it, beside the count of all finished runs, which tells whether any item was not running.
+    // Each run's token, exit code and time come with it from the unnested arrays, joined on the run id
+    // alone: the runs are reached through their primary key from each element (or, on a small table, by
+    // hashing the batch), never by scanning the batch once per run. The runs whose work item was
+    // finished come back with it, beside the count of all finished runs, which tells whether any item
+    // was not running.
     format!(
         "WITH r AS (
-            UPDATE runs SET state = 'succeeded', finished_at = ($4::timestamptz[])[array_position($1::uuid[], runs.id)],
-                   lease_expires_at = NULL,
-                   exit_code = ($3::int4[])[array_position($1::uuid[], runs.id)], error = NULL, failure_kind = NULL
-            WHERE runs.id = ANY($1::uuid[]) AND runs.lease_token = ($2::int8[])[array_position($1::uuid[], runs.id)]
-                   AND runs.state = ANY($5::text[])
-                   AND runs.lease_expires_at > ($4::timestamptz[])[array_position($1::uuid[], runs.id)]
+            UPDATE runs SET state = 'succeeded', finished_at = t.at, lease_expires_at = NULL,
+                   exit_code = t.code, error = NULL, failure_kind = NULL
+            FROM unnest($1::uuid[], $2::int8[], $3::int4[], $4::timestamptz[]) AS t(id, token, code, at)
+            WHERE runs.id = t.id AND runs.lease_token = t.token AND runs.state = ANY($5::text[])
+                   AND runs.lease_expires_at > t.at
             RETURNING {run_runs}
          ),
          w AS (
