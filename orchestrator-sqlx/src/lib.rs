@@ -463,7 +463,8 @@ impl PgStore {
     }
 
     /// Applies pending migrations (idempotent; safe when several processes start at once: an advisory
-    /// lock serializes them). Refuses a schema written by a newer build.
+    /// lock serializes them). Refuses a schema written by a newer build, unless that build recorded that
+    /// builds of this one still run on it (so older replicas keep restarting during a rolling upgrade).
     pub async fn migrate(&self) -> StoreResult<()> {
         self.migrate_to(schema::latest_version()).await
     }
@@ -487,7 +488,8 @@ impl PgStore {
         let s = &self.shared.schema;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "CREATE SCHEMA IF NOT EXISTS {s}; SET LOCAL search_path TO {s};
-             CREATE TABLE IF NOT EXISTS orchestrator_migrations (version int4 PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());"
+             CREATE TABLE IF NOT EXISTS orchestrator_migrations (version int4 PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+             ALTER TABLE orchestrator_migrations ADD COLUMN IF NOT EXISTS compatible_from int4;"
         )))
         .execute(&mut *tx)
         .await
@@ -498,17 +500,31 @@ impl PgStore {
             .q()?;
         let supported = schema::latest_version();
         if found > supported {
-            return Err(StoreError::Unavailable {
-                retryable: false,
-                message: format!(
-                    "schema `{s}` has version {found}, newer than this build supports ({supported}); upgrade the orchestrator"
-                ),
-            });
+            // Written by a newer build: run on it only when every version this build does not know says
+            // builds of this one still work (a version recorded without the column never said so).
+            let needs: Option<i32> = sqlx::query_scalar(
+                "SELECT MAX(COALESCE(compatible_from, version)) FROM orchestrator_migrations WHERE version > $1",
+            )
+            .bind(supported)
+            .fetch_one(&mut *tx)
+            .await
+            .q()?;
+            if needs.is_some_and(|n| n > supported) {
+                return Err(StoreError::Unavailable {
+                    retryable: false,
+                    message: format!(
+                        "schema `{s}` has version {found}, which builds of schema version {supported} cannot run on; upgrade the orchestrator"
+                    ),
+                });
+            }
+            tracing::info!(schema = %s, found, supported, "schema is newer than this build and compatible with it");
+            return tx.commit().await.q();
         }
         for (i, m) in schema::MIGRATIONS.iter().enumerate().take(version as usize).skip(found.max(0) as usize) {
             sqlx::raw_sql(*m).execute(&mut *tx).await.q()?;
-            sqlx::query("INSERT INTO orchestrator_migrations (version) VALUES ($1)")
+            sqlx::query("INSERT INTO orchestrator_migrations (version, compatible_from) VALUES ($1, $2)")
                 .bind(i as i32 + 1)
+                .bind(schema::COMPATIBLE_FROM.get(i).copied())
                 .execute(&mut *tx)
                 .await
                 .q()?;

@@ -211,7 +211,32 @@ ALTER TABLE runs SET (fillfactor = 50);
 "#,
 ];
 
+/// For each migration, the oldest schema version whose builds still run correctly on a schema that
+/// includes it (older builds keep running beside newer ones during a rolling upgrade, and restart on
+/// the newer schema). A build refuses a newer schema only when one of the versions it does not know
+/// says it cannot. Version 3 maps the inserts of version 2 builds through a trigger; version 4 changes
+/// a storage parameter.
+pub const COMPATIBLE_FROM: &[i32] = &[1, 2, 2, 2];
+
 /// The schema version this build writes.
 pub fn latest_version() -> i32 {
     MIGRATIONS.len() as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_migration_says_which_builds_run_on_it() {
+        assert_eq!(COMPATIBLE_FROM.len(), MIGRATIONS.len());
+        for (i, from) in COMPATIBLE_FROM.iter().enumerate() {
+            let version = i as i32 + 1;
+            assert!((1..=version).contains(from), "version {version}: compatible from {from}");
+            // A build that cannot run on version n cannot run on later versions either.
+            if i > 0 {
+                assert!(*from >= COMPATIBLE_FROM[i - 1], "version {version}");
+            }
+        }
+    }
 }

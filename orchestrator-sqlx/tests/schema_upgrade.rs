@@ -184,3 +184,58 @@ async fn completed_runs_stay_on_their_pages() {
     // At the old fill factor (80) about a quarter stay; the runs at the end of a full page may not fit.
     assert!(stayed >= 180, "only {stayed} of 200 completed runs stayed on their pages");
 }
+
+/// A schema that a newer build migrated is refused unless that build recorded that builds of this
+/// version still run on it; the versions this build applies record it themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_is_run_on_only_when_it_says_this_build_can() {
+    let store = common::fresh_store("newer").await;
+    let latest = orchestrator_sqlx::schema_version();
+    let recorded: Vec<(i32, Option<i32>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT version, compatible_from FROM {}.orchestrator_migrations ORDER BY version",
+        store.schema()
+    )))
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(recorded.len() as i32, latest);
+    assert!(recorded.iter().all(|(v, c)| c.is_some_and(|c| (1..=*v).contains(&c))), "{recorded:?}");
+
+    let record = |version: i32, from: Option<i32>| {
+        let store = &store;
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {}.orchestrator_migrations (version, compatible_from) VALUES ($1, $2)",
+                store.schema()
+            )))
+            .bind(version)
+            .bind(from)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        }
+    };
+    // A newer version that builds of this one run on: migrating succeeds and changes nothing.
+    record(latest + 1, Some(latest)).await;
+    store.migrate().await.unwrap();
+    assert_eq!(store.stored_version().await.unwrap(), latest + 1);
+    // One more that needs a newer build: refused, for good.
+    record(latest + 2, Some(latest + 1)).await;
+    match store.migrate().await {
+        Err(StoreError::Unavailable { retryable: false, message }) => {
+            assert!(message.contains(&format!("version {}", latest + 2)), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // A newer version recorded without saying (as builds before the column wrote them): refused.
+    let other = common::fresh_store("newer").await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {}.orchestrator_migrations (version) VALUES ($1)",
+        other.schema()
+    )))
+    .bind(latest + 1)
+    .execute(other.pool())
+    .await
+    .unwrap();
+    assert!(matches!(other.migrate().await, Err(StoreError::Unavailable { retryable: false, .. })));
+}
