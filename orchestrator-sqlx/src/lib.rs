@@ -513,7 +513,7 @@ impl PgStore {
                 return Err(StoreError::Unavailable {
                     retryable: false,
                     message: format!(
-                        "schema `{s}` has version {found}, which builds of schema version {supported} cannot run on; upgrade the orchestrator"
+                        "schema `{s}` has version {found}, newer than this build's {supported} and not compatible with it; upgrade the orchestrator"
                     ),
                 });
             }
