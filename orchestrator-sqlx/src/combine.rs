@@ -133,7 +133,7 @@ async fn drain<J: Job>(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<J>, 
         }
         let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
         let Some(group) = take_group(&mut queued, max) else { continue };
-        let done = Done { _slot: slot, finished: finished.clone() };
+        let done = Done { slot: Some(slot), finished: finished.clone() };
         let shared = shared.clone();
         tokio::spawn(async move {
             J::run(shared, group).await;
@@ -144,12 +144,15 @@ async fn drain<J: Job>(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<J>, 
 
 /// Frees a statement's slot and wakes the draining task when the statement ends, also by a panic.
 struct Done {
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
     finished: Arc<Notify>,
 }
 
 impl Drop for Done {
     fn drop(&mut self) {
+        // The slot first: the woken task counts the free slots at once, and a wake-up that finds this
+        // slot still taken would be its last (it waits for the next one, which may never come).
+        drop(self.slot.take());
         self.finished.notify_one();
     }
 }

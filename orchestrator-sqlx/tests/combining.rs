@@ -1,8 +1,8 @@
 //! Concurrent claims and completions combined into shared statements: each call keeps its own agent,
 //! limit, lease, time and results, and one refused completion does not affect the others.
 //!
-//! Each test holds the store's only pooled connection while its calls queue, so they are combined
-//! deterministically once it is released.
+//! Most tests hold the store's only pooled connection while their calls queue, so they are combined
+//! deterministically once it is released; the last one checks that a lone caller is never left waiting.
 
 mod common;
 
@@ -402,4 +402,46 @@ async fn a_completion_waiting_for_a_lock_holds_up_nobody() {
     tx.rollback().await.unwrap();
     let done = tokio::time::timeout(Duration::from_secs(10), blocked).await.unwrap().unwrap().unwrap();
     assert!(done[0].is_ok(), "{:?}", done[0]);
+}
+
+/// The answer to a call that did not return in time.
+fn late<T>(what: String) -> impl FnOnce(tokio::time::error::Elapsed) -> T {
+    move |_| panic!("{what} waited 10 s: a combining task missed a wake-up")
+}
+
+/// One caller alone, call after call: each call arrives while the statement that answered the previous
+/// one still holds its slot, so the combining task waits for that slot, and the slot's release must wake
+/// it. A lost wake-up leaves the call waiting forever (seen once in CI, after a PostgreSQL restart left
+/// a single caller); each call here must return within the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lone_callers_calls_are_never_left_waiting() {
+    let schema = common::unique_schema("lone");
+    let url = common::url();
+    let options =
+        PgOptions { max_connections: 4, combine_max_runs: 512, combine_in_flight: 2, ..common::options(&schema) };
+    let store = PgStore::connect_with(&url, options)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {url}: {e}"))
+        .with_guard(common::SchemaGuard { url, schema });
+    let n = 1500;
+    project_with_items(&store, n, None).await;
+    for i in 0..n {
+        let got = tokio::time::timeout(Duration::from_secs(10), store.runs_claim(claim("lone", 1, &[], Utc::now())))
+            .await
+            .unwrap_or_else(late(format!("claim {i}")))
+            .unwrap();
+        assert_eq!(got.len(), 1, "claim {i}");
+        let completion = RunCompletion {
+            run_id: got[0].run.id,
+            token: got[0].lease.token,
+            outcome: RunOutcome::Succeeded { exit_code: Some(0) },
+            usage: None,
+        };
+        let p = CompleteMany { completions: vec![completion], retry_defaults: Default::default(), now: Utc::now() };
+        let r = tokio::time::timeout(Duration::from_secs(10), store.runs_complete_many(p))
+            .await
+            .unwrap_or_else(late(format!("completion {i}")))
+            .unwrap();
+        r.into_iter().next().unwrap().unwrap();
+    }
 }
