@@ -61,6 +61,14 @@ async fn process(orch: &Orchestrator, max: u32, acked: &mut HashSet<WorkItemId>)
     Ok(got.len())
 }
 
+/// `f`, which must finish within 30 s: an operation that hangs fails the test instead of stalling it.
+async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(30), f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not return within 30 s"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_mid_run_is_unavailable_then_recovers_without_losing_acknowledged_work() {
     let schema = common::unique_schema("restart");
@@ -86,7 +94,7 @@ async fn restart_mid_run_is_unavailable_then_recovers_without_losing_acknowledge
         orch.create_work_items(items).await.unwrap().into_iter().map(|c| c.work_item.id).collect();
     let mut acked = HashSet::new();
     while acked.len() < 100 {
-        process(&orch, 10, &mut acked).await.unwrap();
+        bounded("a claim and completion", process(&orch, 10, &mut acked)).await.unwrap();
     }
 
     // Restart the server while operations keep coming.
@@ -95,14 +103,14 @@ async fn restart_mid_run_is_unavailable_then_recovers_without_losing_acknowledge
     let deadline = Instant::now() + Duration::from_secs(120);
     while !restart.is_finished() {
         assert!(Instant::now() < deadline, "the restart did not finish in time");
-        match process(&orch, 5, &mut acked).await {
+        match bounded("a claim and completion", process(&orch, 5, &mut acked)).await {
             Ok(_) => {}
             Err(e) => {
                 check_unavailable(&e);
                 failures += 1;
             }
         }
-        if let Err(e) = store.ping().await {
+        if let Err(e) = bounded("a ping", store.ping()).await {
             check_unavailable(&Error::Store(e));
             failures += 1;
         }
@@ -114,7 +122,7 @@ async fn restart_mid_run_is_unavailable_then_recovers_without_losing_acknowledge
     // pool has replaced them, then everything works again.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match store.ping().await {
+        match bounded("a ping", store.ping()).await {
             Ok(()) => break,
             Err(e) => {
                 check_unavailable(&Error::Store(e));
@@ -128,7 +136,7 @@ async fn restart_mid_run_is_unavailable_then_recovers_without_losing_acknowledge
     let mut consecutive_ok = 0;
     while consecutive_ok < 20 {
         assert!(Instant::now() < deadline, "operations did not recover");
-        match orch.store().stats().await {
+        match bounded("stats", orch.store().stats()).await {
             Ok(_) => consecutive_ok += 1,
             Err(e) => {
                 check_unavailable(&Error::Store(e));
@@ -149,7 +157,7 @@ async fn restart_mid_run_is_unavailable_then_recovers_without_losing_acknowledge
     clock.advance(chrono::Duration::hours(2));
     orch.tick().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while process(&orch, 50, &mut acked).await.unwrap() > 0 {
+    while bounded("a claim and completion", process(&orch, 50, &mut acked)).await.unwrap() > 0 {
         assert!(Instant::now() < deadline);
     }
     for id in &created {
