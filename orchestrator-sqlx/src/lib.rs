@@ -909,6 +909,11 @@ impl Store for PgStore {
         }
     }
     async fn runs_complete_and_claim(&self, p: CompleteMany, cl: Claim) -> StoreResult<CompletedAndClaimed> {
+        if self.claims.is_some() && self.completions.is_some() {
+            // With combining, the completions and then the claim join the statements of concurrent
+            // callers: two shared statements cost less than one transaction of each caller's own.
+            return complete_then_claim(self, p, cl).await;
+        }
         // One transaction, one commit: the completions, then the claim (which sees them).
         let both = write_tx!(self, |c| {
             match ops::runs_complete_many(c, &p).await {
