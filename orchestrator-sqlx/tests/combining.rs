@@ -445,3 +445,42 @@ async fn a_lone_callers_calls_are_never_left_waiting() {
         r.into_iter().next().unwrap().unwrap();
     }
 }
+
+/// With combining on, `runs_complete_and_claim` completes through the combined completions and then
+/// claims through the combined claims (its own transaction would keep it out of both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_and_claim_goes_through_the_combiners() {
+    let store = store("cc").await;
+    project_with_items(&store, 4, None).await;
+    let first = store.runs_claim(claim("a", 2, &[], Utc::now())).await.unwrap();
+    assert_eq!(first.len(), 2);
+    let before = store.combining();
+    let completions = first
+        .iter()
+        .map(|c| RunCompletion {
+            run_id: c.run.id,
+            token: c.lease.token,
+            outcome: RunOutcome::Succeeded { exit_code: Some(0) },
+            usage: None,
+        })
+        .collect();
+    let now = Utc::now();
+    let out = store
+        .runs_complete_and_claim(
+            CompleteMany { completions, retry_defaults: Default::default(), now },
+            claim("a", 2, &[], now),
+        )
+        .await
+        .unwrap();
+    for r in out.completed {
+        assert_eq!(r.unwrap().work_item_state, WorkItemState::Succeeded);
+    }
+    let next = out.claimed.unwrap();
+    assert_eq!(next.len(), 2);
+    assert!(next.iter().all(|c| first.iter().all(|f| f.work_item.id != c.work_item.id)));
+    let after = store.combining();
+    assert_eq!(after.completion_calls - before.completion_calls, 1);
+    assert_eq!(after.completion_transactions - before.completion_transactions, 1);
+    assert_eq!(after.claim_calls - before.claim_calls, 1);
+    assert_eq!(after.claim_statements - before.claim_statements, 1);
+}
