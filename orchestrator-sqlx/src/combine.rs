@@ -9,7 +9,8 @@
 //! each kind at once. A call that finds nothing of its kind running runs at once: combining adds no wait
 //! at low load. While statements run, another starts only when it carries at least a quarter of the
 //! maximum; smaller groups wait for a running one to finish (two small statements side by side cost
-//! more than one larger one a moment later).
+//! more than one larger one a moment later), beside a free slot at most a second (so a statement that
+//! hangs does not hold up the calls behind it).
 //!
 //! - Claims combine when their capabilities and lease durations are equal. Each keeps its agent, its
 //!   limit, its lease and its `now` (the rows are selected as due at the earliest of them); the first
@@ -58,7 +59,8 @@ impl Counters {
 /// [`PgStore::combining`](crate::PgStore::combining)). A call run again after a failure counts again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CombiningStats {
-    /// `runs_claim` calls.
+    /// `runs_claim` calls (a `runs_complete_and_claim` call counts as one, and as a completion call
+    /// when it completes anything).
     pub claim_calls: u64,
     /// Claim statements run for them.
     pub claim_statements: u64,
@@ -98,6 +100,8 @@ async fn drain<J: Job>(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<J>, 
     // cost more than one larger one a moment later.
     let fill = (max / 4).max(1);
     let mut queued: VecDeque<J> = VecDeque::new();
+    // Since when a group below the fill has waited beside a free slot (it starts at `FILL_WAIT`).
+    let mut short_since: Option<tokio::time::Instant> = None;
     // Cleared when the store is dropped: what is queued still runs (a completion whose caller went
     // away is still applied), then the task ends.
     let mut open = true;
@@ -120,25 +124,51 @@ async fn drain<J: Job>(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<J>, 
         }
         let running = in_flight - slots.available_permits();
         let size: usize = queued.iter().map(Job::size).sum();
-        if running >= in_flight || (running > 0 && size < fill) {
-            // Wait for a running statement to finish, or for more calls.
+        let short = running < in_flight && running > 0 && size < fill;
+        let waited_enough = short_since.is_some_and(|t| t.elapsed() >= FILL_WAIT);
+        if running >= in_flight || (short && !waited_enough) {
+            // Wait for a running statement to finish, or for more calls; a short group beside a free
+            // slot waits at most `FILL_WAIT` (a statement that hangs must not hold up the calls queued
+            // behind it).
+            let until = match (short, short_since) {
+                (true, Some(t)) => Some(t + FILL_WAIT),
+                (true, None) => {
+                    let now = tokio::time::Instant::now();
+                    short_since = Some(now);
+                    Some(now + FILL_WAIT)
+                }
+                (false, _) => None,
+            };
             tokio::select! {
                 j = rx.recv(), if open => match j {
                     Some(j) => queued.push_back(j),
                     None => open = false,
                 },
                 _ = finished.notified() => {}
+                _ = sleep_until(until), if until.is_some() => {}
             }
             continue;
         }
         let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
         let Some(group) = take_group(&mut queued, max) else { continue };
+        short_since = None;
         let done = Done { slot: Some(slot), finished: finished.clone() };
         let shared = shared.clone();
         tokio::spawn(async move {
             J::run(shared, group).await;
             drop(done);
         });
+    }
+}
+
+/// How long calls below the fill wait beside a free slot for a running statement to finish: far longer
+/// than a statement takes, so it only matters when one hangs (a lost connection, say).
+const FILL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn sleep_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -305,5 +335,40 @@ impl Job for CompleteJob {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::task::{Context, Wake, Waker};
+
+    /// Records how many slots were free when the draining task was woken.
+    struct Seen {
+        slots: Arc<Semaphore>,
+        free: Mutex<Option<usize>>,
+    }
+
+    impl Wake for Seen {
+        fn wake(self: Arc<Self>) {
+            *self.free.lock().unwrap() = Some(self.slots.available_permits());
+        }
+    }
+
+    #[test]
+    fn a_finished_statement_frees_its_slot_before_it_wakes_the_drain() {
+        let slots = Arc::new(Semaphore::new(1));
+        let finished = Arc::new(Notify::new());
+        let done = Done { slot: Some(slots.clone().try_acquire_owned().unwrap()), finished: finished.clone() };
+        let seen = Arc::new(Seen { slots: slots.clone(), free: Mutex::new(None) });
+        let waker = Waker::from(seen.clone());
+        let notified = finished.notified();
+        let mut notified = std::pin::pin!(notified);
+        assert!(notified.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+        drop(done);
+        // Woken with the slot already free: a task that counts the slots at once finds it.
+        assert_eq!(*seen.free.lock().unwrap(), Some(1));
+        assert!(notified.as_mut().poll(&mut Context::from_waker(&waker)).is_ready());
     }
 }
