@@ -518,8 +518,10 @@ impl Orchestrator {
     }
 
     /// Completes runs, then claims up to `req.max` more for the same agent, in one call (one transaction
-    /// on stores that can): what a worker does when it finishes a batch. The claim sees the completions,
-    /// so dependents they released can come back at once. Bad input and failures before the completions
+    /// on stores that can; the PostgreSQL store with combining on runs the two steps in the statements
+    /// it shares with concurrent callers): what a worker does when it finishes a batch. The claim sees
+    /// the completions, so dependents they released can come back at once (when the steps commit apart,
+    /// another claimer may take them first). Bad input and failures before the completions
     /// were applied are the outer `Err`; a claim that failed after them is [`CompletedAndAssigned::assigned`].
     pub async fn complete_and_claim(
         &self,

@@ -19,7 +19,8 @@
 //!   [`Notifier`]. When that connection drops it reconnects with backoff, bumping the notifier
 //!   meanwhile so waiting claimers fall back to polling.
 //! - Embedded, versioned migrations in a configurable schema (default `orchestrator`), applied under an
-//!   advisory lock; a schema newer than this build is refused.
+//!   advisory lock; a schema newer than this build is refused unless the newer build recorded that
+//!   builds of this one still run on it.
 //! - Hosts can create (and enqueue) work items inside their own transaction:
 //!   [`PgStore::work_items_create_in`].
 
@@ -489,7 +490,13 @@ impl PgStore {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "CREATE SCHEMA IF NOT EXISTS {s}; SET LOCAL search_path TO {s};
              CREATE TABLE IF NOT EXISTS orchestrator_migrations (version int4 PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
-             ALTER TABLE orchestrator_migrations ADD COLUMN IF NOT EXISTS compatible_from int4;"
+             DO $$ BEGIN
+                 -- Only when missing: ALTER TABLE locks the table exclusively even when it changes nothing.
+                 IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'orchestrator_migrations'::regclass
+                                AND attname = 'compatible_from' AND NOT attisdropped) THEN
+                     ALTER TABLE orchestrator_migrations ADD COLUMN compatible_from int4;
+                 END IF;
+             END $$;"
         )))
         .execute(&mut *tx)
         .await
@@ -911,7 +918,12 @@ impl Store for PgStore {
     async fn runs_complete_and_claim(&self, p: CompleteMany, cl: Claim) -> StoreResult<CompletedAndClaimed> {
         if self.claims.is_some() && self.completions.is_some() {
             // With combining, the completions and then the claim join the statements of concurrent
-            // callers: two shared statements cost less than one transaction of each caller's own.
+            // callers: two shared statements cost less than one transaction of each caller's own. The
+            // completions commit first, so under concurrency another claimer may take a dependent they
+            // released before this claim does.
+            if p.completions.is_empty() {
+                return Ok(CompletedAndClaimed { completed: Vec::new(), claimed: self.runs_claim(cl).await });
+            }
             return complete_then_claim(self, p, cl).await;
         }
         // One transaction, one commit: the completions, then the claim (which sees them).

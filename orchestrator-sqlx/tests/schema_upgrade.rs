@@ -201,6 +201,16 @@ async fn a_newer_schema_is_run_on_only_when_it_says_this_build_can() {
     assert_eq!(recorded.len() as i32, latest);
     assert!(recorded.iter().all(|(v, c)| c.is_some_and(|c| (1..=*v).contains(&c))), "{recorded:?}");
 
+    // A migrations table from before the column (as builds of schema version 3 left it) gets it again.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE {}.orchestrator_migrations DROP COLUMN compatible_from",
+        store.schema()
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+
     let record = |version: i32, from: Option<i32>| {
         let store = &store;
         async move {
