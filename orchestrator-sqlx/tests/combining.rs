@@ -304,16 +304,7 @@ async fn queued_completions_are_applied_after_their_callers_and_the_store_are_go
 }
 
 fn completion(r: &ClaimedRun, now: DateTime<Utc>) -> CompleteMany {
-    CompleteMany {
-        completions: vec![RunCompletion {
-            run_id: r.run.id,
-            token: r.lease.token,
-            outcome: RunOutcome::Succeeded { exit_code: Some(0) },
-            usage: None,
-        }],
-        retry_defaults: Default::default(),
-        now,
-    }
+    CompleteMany { completions: vec![common::success(r)], retry_defaults: Default::default(), now }
 }
 
 /// Completions combined into one transaction are judged at their own callers' times: one whose lease
@@ -431,12 +422,7 @@ async fn a_lone_callers_calls_are_never_left_waiting() {
             .unwrap_or_else(late(format!("claim {i}")))
             .unwrap();
         assert_eq!(got.len(), 1, "claim {i}");
-        let completion = RunCompletion {
-            run_id: got[0].run.id,
-            token: got[0].lease.token,
-            outcome: RunOutcome::Succeeded { exit_code: Some(0) },
-            usage: None,
-        };
+        let completion = common::success(&got[0]);
         let p = CompleteMany { completions: vec![completion], retry_defaults: Default::default(), now: Utc::now() };
         let r = tokio::time::timeout(Duration::from_secs(10), store.runs_complete_many(p))
             .await
@@ -455,15 +441,7 @@ async fn complete_and_claim_goes_through_the_combiners() {
     let first = store.runs_claim(claim("a", 2, &[], Utc::now())).await.unwrap();
     assert_eq!(first.len(), 2);
     let before = store.combining();
-    let completions = first
-        .iter()
-        .map(|c| RunCompletion {
-            run_id: c.run.id,
-            token: c.lease.token,
-            outcome: RunOutcome::Succeeded { exit_code: Some(0) },
-            usage: None,
-        })
-        .collect();
+    let completions = first.iter().map(common::success).collect();
     let now = Utc::now();
     let out = store
         .runs_complete_and_claim(

@@ -6,11 +6,10 @@
 mod common;
 
 use chrono::{Duration, Utc};
-use orchestrator_core::domain::RunOutcome;
 use orchestrator_core::ids::{ProjectId, WorkItemId};
 use orchestrator_core::retry::RetryPolicy;
 use orchestrator_core::state::{RunState, WorkItemState};
-use orchestrator_core::store::{Claim, CompleteMany, NewProject, NewWorkItem, RunCompletion, Tick};
+use orchestrator_core::store::{Claim, CompleteMany, NewProject, NewWorkItem, Tick};
 use orchestrator_core::{Store, StoreError};
 use orchestrator_sqlx::{PgOptions, PgStore};
 
@@ -163,15 +162,7 @@ async fn completed_runs_stay_on_their_pages() {
         .unwrap();
     assert_eq!(claimed.len(), 200);
     let before = run_pages(&store).await;
-    let completions = claimed
-        .iter()
-        .map(|c| RunCompletion {
-            run_id: c.run.id,
-            token: c.lease.token,
-            outcome: RunOutcome::Succeeded { exit_code: Some(0) },
-            usage: None,
-        })
-        .collect();
+    let completions = claimed.iter().map(common::success).collect();
     for r in store
         .runs_complete_many(CompleteMany { completions, retry_defaults: RetryPolicy::default(), now })
         .await

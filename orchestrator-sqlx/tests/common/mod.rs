@@ -74,3 +74,13 @@ pub fn new_item(project: orchestrator_core::ids::ProjectId, title: &str) -> orch
         enqueue: Some(orchestrator_core::store::EnqueueOptions::default()),
     }
 }
+
+/// A successful completion of a claimed run, with its lease's token.
+pub fn success(r: &orchestrator_core::store::ClaimedRun) -> orchestrator_core::store::RunCompletion {
+    orchestrator_core::store::RunCompletion {
+        run_id: r.run.id,
+        token: r.lease.token,
+        outcome: orchestrator_core::domain::RunOutcome::Succeeded { exit_code: Some(0) },
+        usage: None,
+    }
+}
