@@ -427,13 +427,13 @@ pub struct CompletedAndClaimed {
 }
 
 /// [`Store::runs_complete_and_claim`] as two steps: [`Store::runs_complete_many`], then
-/// [`Store::runs_claim`]. The trait's default.
+/// [`Store::runs_claim`] (only the claim when there is nothing to complete). The trait's default.
 pub async fn complete_then_claim<S: Store + ?Sized>(
     store: &S,
     p: CompleteMany,
     c: Claim,
 ) -> StoreResult<CompletedAndClaimed> {
-    let completed = store.runs_complete_many(p).await?;
+    let completed = if p.completions.is_empty() { Vec::new() } else { store.runs_complete_many(p).await? };
     let claimed = store.runs_claim(c).await;
     Ok(CompletedAndClaimed { completed, claimed })
 }

@@ -87,7 +87,8 @@ pub struct PgOptions {
     pub combine_max_runs: u32,
     /// With combining, at most this many combined claim statements (and as many completion
     /// transactions) run at once; calls that arrive meanwhile wait and are combined. While one runs,
-    /// another starts only when it carries at least a quarter of `combine_max_runs`.
+    /// another starts only when it carries at least a quarter of `combine_max_runs` (or has waited a
+    /// second beside a free slot).
     pub combine_in_flight: u32,
 }
 
@@ -921,9 +922,6 @@ impl Store for PgStore {
             // callers: two shared statements cost less than one transaction of each caller's own. The
             // completions commit first, so under concurrency another claimer may take a dependent they
             // released before this claim does.
-            if p.completions.is_empty() {
-                return Ok(CompletedAndClaimed { completed: Vec::new(), claimed: self.runs_claim(cl).await });
-            }
             return complete_then_claim(self, p, cl).await;
         }
         // One transaction, one commit: the completions, then the claim (which sees them).

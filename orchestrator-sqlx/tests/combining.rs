@@ -20,17 +20,20 @@ use std::time::{Duration, Instant};
 
 use common::new_item;
 
+/// A store with one pooled connection and one combined statement of each kind at a time.
 async fn store(prefix: &str) -> Arc<PgStore> {
-    let schema = common::unique_schema(prefix);
-    let url = common::url();
-    let options =
-        PgOptions { max_connections: 1, combine_max_runs: 512, combine_in_flight: 1, ..common::options(&schema) };
-    Arc::new(
-        PgStore::connect_with(&url, options)
-            .await
-            .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {url}: {e}"))
-            .with_guard(common::SchemaGuard { url, schema }),
-    )
+    Arc::new(combining_store(prefix, 1, 512, 1).await)
+}
+
+/// A store on a fresh schema with this pool size and combining.
+async fn combining_store(prefix: &str, connections: u32, max_runs: u32, in_flight: u32) -> PgStore {
+    common::store_with(prefix, |o| PgOptions {
+        max_connections: connections,
+        combine_max_runs: max_runs,
+        combine_in_flight: in_flight,
+        ..o
+    })
+    .await
 }
 
 async fn project_with_items(store: &PgStore, n: usize, label: Option<&str>) -> (ProjectId, Vec<WorkItemId>) {
@@ -213,12 +216,7 @@ async fn combined_completions_answer_each_call_and_refuse_only_the_bad_one() {
 /// small calls wait and are combined instead of running side by side.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_statement_waits_until_it_is_worth_running() {
-    let schema = common::unique_schema("comb_fill");
-    let url = common::url();
-    let options =
-        PgOptions { max_connections: 1, combine_max_runs: 40, combine_in_flight: 2, ..common::options(&schema) };
-    let store =
-        Arc::new(PgStore::connect_with(&url, options).await.unwrap().with_guard(common::SchemaGuard { url, schema }));
+    let store = Arc::new(combining_store("comb_fill", 1, 40, 2).await);
     project_with_items(&store, 20, None).await;
     let now = Utc::now().trunc_subsecs(6) + chrono::Duration::seconds(1);
     let before = store.combining();
@@ -350,16 +348,8 @@ async fn combined_completions_keep_their_callers_times() {
 /// hold up the completions of other calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_waiting_for_a_lock_holds_up_nobody() {
-    let schema = common::unique_schema("comb_lock");
-    let url = common::url();
-    let options =
-        PgOptions { max_connections: 4, combine_max_runs: 512, combine_in_flight: 1, ..common::options(&schema) };
-    let store = Arc::new(
-        PgStore::connect_with(&url, options)
-            .await
-            .unwrap()
-            .with_guard(common::SchemaGuard { url: url.clone(), schema: schema.clone() }),
-    );
+    let store = Arc::new(combining_store("comb_lock", 4, 512, 1).await);
+    let (url, schema) = (common::url(), store.schema().to_string());
     project_with_items(&store, 3, None).await;
     let now = Utc::now().trunc_subsecs(6) + chrono::Duration::seconds(1);
     let claimed = store.runs_claim(claim("agent", 3, &[], now)).await.unwrap();
@@ -406,14 +396,7 @@ fn late<T>(what: String) -> impl FnOnce(tokio::time::error::Elapsed) -> T {
 /// is pinned by a unit test in `combine.rs`: at natural timing a lost wake-up here is rare).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lone_callers_calls_are_never_left_waiting() {
-    let schema = common::unique_schema("lone");
-    let url = common::url();
-    let options =
-        PgOptions { max_connections: 4, combine_max_runs: 512, combine_in_flight: 2, ..common::options(&schema) };
-    let store = PgStore::connect_with(&url, options)
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {url}: {e}"))
-        .with_guard(common::SchemaGuard { url, schema });
+    let store = combining_store("lone", 4, 512, 2).await;
     let n = 1500;
     project_with_items(&store, n, None).await;
     for i in 0..n {
@@ -467,17 +450,16 @@ async fn complete_and_claim_goes_through_the_combiners() {
 /// the pool's only connection, held by the test), a call queued behind it starts its own statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_behind_a_hung_statement_starts_after_a_while() {
-    let schema = common::unique_schema("comb_hung");
-    let url = common::url();
-    let options = PgOptions {
-        max_connections: 1,
-        combine_max_runs: 40,
-        combine_in_flight: 2,
-        acquire_timeout: Duration::from_secs(30),
-        ..common::options(&schema)
-    };
-    let store =
-        Arc::new(PgStore::connect_with(&url, options).await.unwrap().with_guard(common::SchemaGuard { url, schema }));
+    let store = Arc::new(
+        common::store_with("comb_hung", |o| PgOptions {
+            max_connections: 1,
+            combine_max_runs: 40,
+            combine_in_flight: 2,
+            acquire_timeout: Duration::from_secs(30),
+            ..o
+        })
+        .await,
+    );
     project_with_items(&store, 4, None).await;
     let now = Utc::now().trunc_subsecs(6) + chrono::Duration::seconds(1);
     let before = store.combining();
@@ -488,6 +470,14 @@ async fn a_call_behind_a_hung_statement_starts_after_a_while() {
         calls.push(tokio::spawn(async move { s.runs_claim(claim(&format!("a{i}"), 1, &[], now)).await }));
         let s = store.clone();
         until("the call to reach the store", move || s.combining().claim_calls - before.claim_calls == i + 1).await;
+        if i == 0 {
+            // Started before the second call is sent (queued together, the two would be combined).
+            let s = store.clone();
+            until("the first statement to start", move || {
+                s.combining().claim_statements - before.claim_statements == 1
+            })
+            .await;
+        }
     }
     // The first statement waits for the held connection; the second call (1 run, below the fill of 10)
     // starts its own statement beside it once it has waited long enough.

@@ -50,9 +50,15 @@ pub fn options(schema: &str) -> PgOptions {
 
 /// A store on a fresh schema that is dropped with the store.
 pub async fn fresh_store(prefix: &str) -> PgStore {
+    store_with(prefix, |o| o).await
+}
+
+/// A store on a fresh schema that is dropped with the store, with the test options as `adjust` changes
+/// them.
+pub async fn store_with(prefix: &str, adjust: impl FnOnce(PgOptions) -> PgOptions) -> PgStore {
     let schema = unique_schema(prefix);
     let url = url();
-    PgStore::connect_with(&url, options(&schema))
+    PgStore::connect_with(&url, adjust(options(&schema)))
         .await
         .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {url}: {e}"))
         .with_guard(SchemaGuard { url, schema })
