@@ -3,13 +3,14 @@
 
 use crate::codex::CodexExecutor;
 use crate::config::{AgentConfig, ExecutorKind, KeepWorkspaces};
+use crate::git::Workspaces;
 use crate::planner::default_planners;
 use crate::redact::Redactor;
 use crate::shell::ShellExecutor;
 use crate::sink::{is_lease_lost, is_transient, RunControl, RunSink, StopReason};
 use orchestrator_core::agent::{
     plan_with_chain, AgentApi, Assignment, Cancellation, ClaimRequest, ExecutionContext, ExecutionOutcome,
-    ExecutionSink, Executor, PlanContext, Planner,
+    ExecutionSink, Executor, Plan, PlanContext, Planner,
 };
 use orchestrator_core::domain::{NewStepEvent, RunOutcome, StepEventKind, Usage};
 use orchestrator_core::recipe::InputKind;
@@ -106,6 +107,82 @@ struct Shared {
     planners: Vec<Box<dyn Planner>>,
     /// Cancelled when the shutdown grace period is over.
     kill: Cancellation,
+    /// Repository mirrors and work item worktrees.
+    workspaces: Workspaces,
+    /// The runs this agent works on, watched for cancellations.
+    held: HeldRuns,
+}
+
+/// The runs an agent holds (id, token, control), for the cancellation watcher.
+#[derive(Default)]
+struct HeldRuns {
+    runs: std::sync::Mutex<std::collections::HashMap<orchestrator_core::ids::RunId, (u64, Arc<RunControl>)>>,
+    changed: tokio::sync::Notify,
+}
+
+impl HeldRuns {
+    fn add(&self, c: &Arc<RunControl>) {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner()).insert(c.run_id, (c.token, c.clone()));
+        self.changed.notify_one();
+    }
+    fn remove(&self, id: orchestrator_core::ids::RunId) {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+    fn snapshot(&self) -> Vec<(orchestrator_core::ids::RunId, u64)> {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(id, (t, _))| (*id, *t)).collect()
+    }
+    fn stop(&self, id: orchestrator_core::ids::RunId) {
+        let c = self.runs.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|(_, c)| c.clone());
+        if let Some(c) = c {
+            tracing::warn!(run_id = %id, "the run is no longer this agent's (cancelled, requeued or reclaimed); stopping it");
+            c.stop(StopReason::LeaseLost);
+        }
+    }
+}
+
+/// Watches the held runs: a run cancelled (or requeued, or reclaimed) on the server is stopped at once
+/// (its processes killed) instead of at its next heartbeat.
+async fn cancellation_watcher(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let held = shared.held.snapshot();
+        if held.is_empty() {
+            shared.held.changed.notified().await;
+            continue;
+        }
+        tokio::select! {
+            r = shared.api.wait_for_cancellations(held, Duration::from_secs(25)) => match r {
+                Ok(gone) => {
+                    backoff = Duration::from_millis(200);
+                    for id in gone {
+                        shared.held.stop(id);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot watch for cancellations; retrying");
+                    tokio::time::sleep(jittered(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            },
+            // A run was added: ask again with it.
+            _ = shared.held.changed.notified() => {}
+        }
+    }
+}
+
+/// Creates the workspace root as a private directory (0700) of this user: an existing directory is made
+/// private too, which fails when another user owns it.
+fn private_root(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other("not a directory"));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 fn jittered(d: Duration) -> Duration {
@@ -141,18 +218,37 @@ impl Agent {
     /// period, cancels what is left and releases it (failed as retryable, so another agent retries it).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<AgentReport, AgentError> {
         let config = self.config;
-        std::fs::create_dir_all(&config.workspace_root)
+        private_root(&config.workspace_root)
             .map_err(|source| AgentError::Workspace { path: config.workspace_root.clone(), source })?;
+        // A step runs as the agent's user: it must not read the agent's memory or environment
+        // (`/proc/<agent>/environ` holds its tokens and, embedded in the server, the encryption key).
+        #[cfg(target_os = "linux")]
+        if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            tracing::warn!(error = %e, "cannot make the agent process non-dumpable");
+        }
         let executor: Arc<dyn Executor> = match self.executor {
             Some(e) => e,
             None => match config.executor {
-                ExecutorKind::Shell => Arc::new(ShellExecutor::new(config.step_timeout, config.kill_grace)),
+                ExecutorKind::Shell => Arc::new(
+                    ShellExecutor::new(config.step_timeout, config.kill_grace)
+                        .with_env_passthrough(config.env_passthrough.clone()),
+                ),
                 ExecutorKind::Codex => Arc::new(CodexExecutor::from_config(&config)),
             },
         };
         let planners = self.planners.unwrap_or_else(|| default_planners(&config));
         let (kill_handle, kill) = Cancellation::new();
-        let shared = Arc::new(Shared { api: self.api, config, executor, planners, kill });
+        let workspaces = Workspaces::new(config.workspace_root.clone(), config.git.clone());
+        let shared =
+            Arc::new(Shared { api: self.api, config, executor, planners, kill, workspaces, held: HeldRuns::default() });
+        let watcher = tokio::spawn(cancellation_watcher(shared.clone()));
+        struct AbortOnDrop(tokio::task::JoinHandle<()>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _watcher = AbortOnDrop(watcher);
         let concurrency = shared.config.concurrency.max(1) as usize;
         tracing::info!(agent_id = %shared.config.agent_id, concurrency, executor = shared.executor.name(), "agent started");
 
@@ -355,6 +451,15 @@ pub fn missing_inputs(a: &Assignment) -> Vec<NewInfoRequest> {
 async fn run_one(shared: Arc<Shared>, a: Assignment) -> RunEnd {
     let (handle, cancel) = Cancellation::new();
     let control = Arc::new(RunControl::new(a.run_id(), a.token(), handle));
+    shared.held.add(&control);
+    let end = run_held(&shared, &control, a, cancel).await;
+    shared.held.remove(control.run_id);
+    end
+}
+
+async fn run_held(shared: &Arc<Shared>, control: &Arc<RunControl>, a: Assignment, cancel: Cancellation) -> RunEnd {
+    let control = control.clone();
+    let shared = shared.clone();
     let redactor = Redactor::from_answers(&a.answers);
     let sink = Arc::new(RunSink::new(shared.api.clone(), control.clone(), redactor, shared.config.log_batch_lines));
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone(), control.clone(), lease_ttl(&shared, &a)));
@@ -368,23 +473,115 @@ async fn run_one(shared: Arc<Shared>, a: Assignment) -> RunEnd {
             }
         })
     };
-    let workspace = shared.config.workspace_root.join(a.run_id().to_string());
-    let end = drive(&shared, &control, &sink, a, cancel, &workspace).await;
+    let repository = a.repository.clone();
+    let workspace = match &repository {
+        Some(_) => shared.workspaces.item_dir(a.claimed.work_item.id),
+        None => shared.config.workspace_root.join(a.run_id().to_string()),
+    };
+    let scratch = shared.config.workspace_root.join("scratch").join(a.run_id().to_string());
+    let end = drive(&shared, &control, &sink, a, cancel, &workspace, &scratch).await;
     flusher.abort();
     heartbeat.abort();
+    let _ = tokio::fs::remove_dir_all(&scratch).await;
     let keep = match shared.config.keep_workspaces {
         KeepWorkspaces::Always => true,
         KeepWorkspaces::Never => false,
         KeepWorkspaces::OnFailure => end != RunEnd::Succeeded,
     };
     if !keep {
-        if let Err(e) = tokio::fs::remove_dir_all(&workspace).await {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %workspace.display(), error = %e, "cannot remove the workspace");
+        match &repository {
+            // The branch keeps the work; the worktree goes.
+            Some(r) if workspace.exists() => shared.workspaces.remove(&workspace, &r.url).await,
+            Some(_) => {}
+            None => {
+                if let Err(e) = tokio::fs::remove_dir_all(&workspace).await {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %workspace.display(), error = %e, "cannot remove the workspace");
+                    }
+                }
             }
         }
     }
     end
+}
+
+/// Commits what the run changed, records the result (branch, commits, diff) and pushes when asked.
+/// Returns an error message when the push failed (the run then fails with it).
+async fn finish_checkout(
+    shared: &Shared,
+    control: &RunControl,
+    sink: &RunSink,
+    a: &Assignment,
+    workspace: &std::path::Path,
+    checkout: &orchestrator_core::agent::Checkout,
+) -> Result<(), String> {
+    let title = sink.redactor().redact(&a.claimed.work_item.title).into_owned();
+    let message = format!(
+        "{title}\n\nRun {} (attempt {}) of work item {} by agent {}.\n",
+        a.run_id(),
+        a.claimed.run.attempt,
+        a.claimed.work_item.id,
+        shared.config.agent_id
+    );
+    let mut done = match shared.workspaces.finish(workspace, checkout, &message).await {
+        Ok(d) => d,
+        Err(e) => {
+            let e = sink.redactor().redact(&e).into_owned();
+            sink.system(format!("cannot commit the run's changes: {e}")).await;
+            return Err(format!("cannot commit the run's changes: {e}"));
+        }
+    };
+    if done.result.committed {
+        sink.system(format!(
+            "committed {} file(s) on {} ({}): {}",
+            done.committed_files.len(),
+            checkout.branch,
+            &done.result.head_commit[..done.result.head_commit.len().min(12)],
+            done.committed_files.iter().take(50).map(|l| l.replace('\t', " ")).collect::<Vec<_>>().join(", ")
+        ))
+        .await;
+    } else {
+        sink.system(format!("no changes to commit on {}", checkout.branch)).await;
+    }
+    let mut push_error = None;
+    if shared.workspaces.settings().push && done.result.head_commit != done.result.base_commit {
+        match shared.workspaces.push(workspace, checkout).await {
+            Ok(()) => {
+                done.result.pushed = true;
+                sink.system(format!("pushed {} to {}", checkout.branch, checkout.url)).await;
+            }
+            Err(e) => {
+                let e = sink.redactor().redact(&e).into_owned();
+                sink.system(e.clone()).await;
+                push_error = Some(e);
+            }
+        }
+    }
+    sink.system(format!(
+        "branch {}: {} file(s) changed, {} insertion(s), {} deletion(s) since {}",
+        checkout.branch,
+        done.result.files_changed,
+        done.result.insertions,
+        done.result.deletions,
+        &done.result.base_commit[..done.result.base_commit.len().min(12)]
+    ))
+    .await;
+    let patch = sink.redactor().redact(&done.patch).into_owned();
+    if let Err(e) = with_retry(control, || {
+        shared.api.record_result(control.run_id, control.token, done.result.clone(), patch.clone())
+    })
+    .await
+    {
+        if is_lease_lost(&e) {
+            control.stop(StopReason::LeaseLost);
+        } else {
+            tracing::warn!(run_id = %control.run_id, error = %e, "cannot record the run's result");
+        }
+    }
+    match push_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 async fn complete(
@@ -424,16 +621,25 @@ async fn complete(
     }
 }
 
-/// Releases a run cancelled by the shutdown: fails it as retryable so it is tried again elsewhere.
+/// Releases a run stopped by the shutdown: hands it back without using up an attempt, so another agent
+/// (or this one, restarted) resumes it at once.
 async fn release(shared: &Shared, control: &RunControl, sink: &RunSink) -> RunEnd {
-    let outcome = RunOutcome::Failed {
-        error: "the agent shut down before the run finished".into(),
-        exit_code: None,
-        kind: FailureKind::Retryable,
-    };
-    match complete(shared, control, sink, outcome, sink.take_usage()).await {
-        RunEnd::Failed => RunEnd::Released,
-        other => other,
+    if control.lost() {
+        return RunEnd::Lost;
+    }
+    sink.system(format!("agent {} is shutting down: the run is handed back (no attempt used)", shared.config.agent_id))
+        .await;
+    sink.flush().await;
+    match with_retry(control, || shared.api.release(control.run_id, control.token)).await {
+        Ok(_) => {
+            tracing::info!(run_id = %control.run_id, "run released");
+            RunEnd::Released
+        }
+        Err(e) if is_lease_lost(&e) => RunEnd::Lost,
+        Err(e) => {
+            tracing::error!(run_id = %control.run_id, error = %e, "cannot release the run; its lease will expire");
+            RunEnd::Error
+        }
     }
 }
 
@@ -483,6 +689,7 @@ async fn drive(
     a: Assignment,
     cancel: Cancellation,
     workspace: &std::path::Path,
+    scratch: &std::path::Path,
 ) -> RunEnd {
     let run_id = a.run_id();
     match with_retry(control, || shared.api.start(run_id, control.token)).await {
@@ -503,20 +710,63 @@ async fn drive(
         a.claimed.work_item.id
     ))
     .await;
-    if let Err(e) = tokio::fs::create_dir_all(workspace).await {
-        let outcome = RunOutcome::Failed {
-            error: format!("cannot create the workspace {}: {e}", workspace.display()),
-            exit_code: None,
-            kind: FailureKind::Retryable,
-        };
-        return complete(shared, control, sink, outcome, None).await;
+    let mut checkout = None;
+    let prepared = match &a.repository {
+        Some(repo) => {
+            sink.system(format!("checking out {} for work item {}", repo.url, a.claimed.work_item.id)).await;
+            tokio::select! {
+                p = shared.workspaces.prepare(repo, a.claimed.work_item.id) => p.map(|p| {
+                    let line = format!(
+                        "workspace {}: branch {} from {} at {}",
+                        p.dir.display(),
+                        p.checkout.branch,
+                        p.origin,
+                        &p.checkout.start_commit[..p.checkout.start_commit.len().min(12)]
+                    );
+                    checkout = Some(p.checkout);
+                    line
+                }),
+                _ = cancel.cancelled() => return stopped(shared, control, sink).await,
+            }
+        }
+        None => tokio::fs::create_dir_all(workspace)
+            .await
+            .map(|_| format!("workspace {} (the project has no repository)", workspace.display()))
+            .map_err(|e| format!("cannot create the workspace {}: {e}", workspace.display())),
+    };
+    let made_scratch = {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(scratch)
+    };
+    match prepared
+        .and_then(|line| made_scratch.map(|_| line).map_err(|e| format!("cannot create {}: {e}", scratch.display())))
+    {
+        Ok(line) => sink.system(line).await,
+        Err(e) => {
+            sink.system(e.clone()).await;
+            let outcome = RunOutcome::Failed { error: e, exit_code: None, kind: FailureKind::Retryable };
+            return complete(shared, control, sink, outcome, None).await;
+        }
     }
 
-    // Plan.
-    let ctx = PlanContext { work_item: a.claimed.work_item.clone(), recipe: a.recipe.clone() };
-    let planned = tokio::select! {
-        p = plan_with_chain(&shared.planners, &ctx) => p,
-        _ = cancel.cancelled() => return stopped(shared, control, sink).await,
+    // Plan: an executor that plans itself (codex) gets the recipe's steps when there is a recipe, and no
+    // LLM planning call otherwise.
+    let ctx = PlanContext {
+        work_item: a.claimed.work_item.clone(),
+        recipe: a.recipe.clone(),
+        workspace: Some(workspace.to_path_buf()),
+    };
+    let plans_itself = shared.executor.plans_itself();
+    let planned = if plans_itself {
+        Ok(match a.recipe.as_ref().filter(|r| !r.steps.is_empty()) {
+            Some(r) => Plan { planner: "recipe".into(), steps: r.steps.clone(), fallbacks: Vec::new() },
+            None => Plan { planner: shared.executor.name().to_string(), steps: Vec::new(), fallbacks: Vec::new() },
+        })
+    } else {
+        tokio::select! {
+            p = plan_with_chain(&shared.planners, &ctx) => p,
+            _ = cancel.cancelled() => return stopped(shared, control, sink).await,
+        }
     };
     let plan = match planned {
         Ok(p) => p,
@@ -534,7 +784,11 @@ async fn drive(
     for f in plan.fallbacks.iter().filter(|f| f.message != "no plan") {
         sink.system(format!("planner {} fell through: {}", f.planner, f.message)).await;
     }
-    sink.system(format!("planned {} step(s) with the {} planner", plan.steps.len(), plan.planner)).await;
+    if plan.steps.is_empty() {
+        sink.system(format!("{} plans the work itself (no planning call)", shared.executor.name())).await;
+    } else {
+        sink.system(format!("planned {} step(s) with the {} planner", plan.steps.len(), plan.planner)).await;
+    }
     sink.step_event(NewStepEvent {
         step_index: None,
         kind: StepEventKind::Planned,
@@ -544,6 +798,7 @@ async fn drive(
             "executor": shared.executor.name(),
             "steps": plan.steps,
             "resumed": a.claimed.resumed,
+            "executor_plans": plans_itself && plan.steps.is_empty(),
             "fallbacks": plan.fallbacks.iter().map(|f| json!({"planner": f.planner, "message": f.message})).collect::<Vec<_>>(),
         }),
     })
@@ -570,10 +825,12 @@ async fn drive(
         .await;
     }
     let ectx = ExecutionContext {
-        assignment: a,
+        assignment: a.clone(),
         steps: plan.steps,
         start_step,
         workspace: workspace.to_path_buf(),
+        checkout: checkout.clone(),
+        scratch: scratch.to_path_buf(),
         cancel: cancel.clone(),
     };
     let outcome = shared.executor.execute(ectx, sink.as_ref() as &dyn ExecutionSink).await;
@@ -581,6 +838,23 @@ async fn drive(
     let usage = sink.take_usage();
     if control.lost() {
         return RunEnd::Lost;
+    }
+    // The result is a commit and a diff, whatever the outcome (a retry continues from the commit); not
+    // when the run was taken away (someone else may hold it now).
+    let mut outcome = outcome;
+    if let Some(co) = &checkout {
+        let taken = matches!(outcome, ExecutionOutcome::Cancelled) && control.reason() != StopReason::Shutdown;
+        if !taken {
+            if let Err(e) = finish_checkout(shared, control, sink, &a, workspace, co).await {
+                if let ExecutionOutcome::Succeeded { exit_code } = outcome {
+                    outcome = ExecutionOutcome::Failed { error: e, exit_code, kind: FailureKind::Retryable };
+                }
+            }
+            sink.flush().await;
+            if control.lost() {
+                return RunEnd::Lost;
+            }
+        }
     }
     match outcome {
         ExecutionOutcome::Succeeded { exit_code } => {

@@ -54,7 +54,8 @@ pub struct AgentConfig {
     pub capabilities: Vec<String>,
     /// `AGENT_EXECUTOR`: `shell` (default) or `codex`.
     pub executor: ExecutorKind,
-    /// `AGENT_WORKSPACE_ROOT`: where run workspaces are created (default `<temp>/orchestrator-agent`).
+    /// `AGENT_WORKSPACE_ROOT`: where run workspaces, repository mirrors and worktrees live (default
+    /// [`default_workspace_root`]; created 0700).
     pub workspace_root: PathBuf,
     /// `AGENT_KEEP_WORKSPACES`: `always`, `never` or `on_failure` (default).
     pub keep_workspaces: KeepWorkspaces,
@@ -70,7 +71,8 @@ pub struct AgentConfig {
     pub kill_grace: Duration,
     /// `AGENT_ENABLE_LLM_PLANNING`: ask an LLM command for a plan when the work item has no recipe.
     pub enable_llm_planning: bool,
-    /// `CODEX_PLAN_CMD`: the planning command line, run with `sh -c` (default: a read-only `codex exec`).
+    /// `CODEX_PLAN_CMD`: the planning command line, run with `sh -c` in the run's workspace (default: a
+    /// read-only `codex exec -C "$ORCH_WORKSPACE"`).
     pub plan_command: Option<String>,
     /// `AGENT_PLAN_TIMEOUT_SECONDS`: how long a planner may take (default 300).
     pub plan_timeout: Duration,
@@ -86,6 +88,15 @@ pub struct AgentConfig {
     pub codex_bin: String,
     /// `AGENT_CODEX_ARGS`: extra arguments for `codex exec` (whitespace-separated), e.g. `-m some-model`.
     pub codex_args: Vec<String>,
+    /// Git settings for projects with a repository (`AGENT_GIT_PUSH`, `AGENT_GIT_AUTHOR`,
+    /// `AGENT_BRANCH_PREFIX`, `AGENT_DIFF_MAX_BYTES`).
+    pub git: crate::git::GitSettings,
+    /// `AGENT_ENV_PASSTHROUGH`: comma-separated names of the agent's environment variables that steps and
+    /// codex get besides the allow-list (`PATH`, `HOME`, `LANG`, `LC_*`, `TERM`, `USER`, `TZ`).
+    pub env_passthrough: Vec<String>,
+    /// `AGENT_CODEX_IDLE_TIMEOUT_SECONDS`: codex is killed (a retryable failure) when it prints no JSONL
+    /// event for this long (default 300).
+    pub codex_idle_timeout: Duration,
     /// Log lines sent in one batch at most (default 500).
     pub log_batch_lines: usize,
     /// How often buffered log lines are flushed (default 200 ms).
@@ -113,6 +124,9 @@ impl std::fmt::Debug for AgentConfig {
             .field("openai_base_url", &self.openai_base_url)
             .field("codex_bin", &self.codex_bin)
             .field("codex_args", &self.codex_args)
+            .field("git", &self.git)
+            .field("env_passthrough", &self.env_passthrough)
+            .field("codex_idle_timeout", &self.codex_idle_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -150,7 +164,7 @@ impl AgentConfig {
             concurrency: 2,
             capabilities: Vec::new(),
             executor: ExecutorKind::Shell,
-            workspace_root: std::env::temp_dir().join("orchestrator-agent"),
+            workspace_root: default_workspace_root(),
             keep_workspaces: KeepWorkspaces::OnFailure,
             poll_interval: Duration::from_millis(5000),
             shutdown_grace: Duration::from_secs(30),
@@ -166,6 +180,9 @@ impl AgentConfig {
             openai_base_url: "https://api.openai.com/v1".to_string(),
             codex_bin: "codex".to_string(),
             codex_args: Vec::new(),
+            git: crate::git::GitSettings::default(),
+            env_passthrough: Vec::new(),
+            codex_idle_timeout: Duration::from_secs(300),
             log_batch_lines: 500,
             log_flush_interval: Duration::from_millis(200),
         }
@@ -261,6 +278,36 @@ impl AgentConfig {
         if let Some(v) = get("AGENT_CODEX_ARGS") {
             c.codex_args = v.split_whitespace().map(str::to_string).collect();
         }
+        if let Some(v) = get("AGENT_GIT_PUSH") {
+            c.git.push = parse_bool("AGENT_GIT_PUSH", &v)?;
+        }
+        if let Some(v) = get("AGENT_GIT_AUTHOR") {
+            let (name, email) = crate::git::parse_author(&v)
+                .ok_or_else(|| ConfigError::new("AGENT_GIT_AUTHOR", format!("expected `Name <email>`, got `{v}`")))?;
+            c.git.author_name = name;
+            c.git.author_email = email;
+        }
+        if let Some(v) = get("AGENT_BRANCH_PREFIX") {
+            let p = v.trim().to_string();
+            if !orchestrator_core::rules::is_valid_branch_name(&format!("{p}x")) {
+                return Err(ConfigError::new("AGENT_BRANCH_PREFIX", format!("`{p}` does not make valid branch names")));
+            }
+            c.git.branch_prefix = p;
+        }
+        if let Some(v) = get("AGENT_DIFF_MAX_BYTES") {
+            let n: usize = parse_num("AGENT_DIFF_MAX_BYTES", &v, "bytes")?;
+            c.git.diff_max_bytes = n.clamp(1024, orchestrator_core::rules::MAX_PATCH_BYTES);
+        }
+        if let Some(v) = get("AGENT_ENV_PASSTHROUGH") {
+            c.env_passthrough = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        }
+        if let Some(v) = get("AGENT_CODEX_IDLE_TIMEOUT_SECONDS") {
+            let s: u64 = parse_num("AGENT_CODEX_IDLE_TIMEOUT_SECONDS", &v, "seconds")?;
+            if s == 0 {
+                return Err(ConfigError::new("AGENT_CODEX_IDLE_TIMEOUT_SECONDS", "must be at least 1"));
+            }
+            c.codex_idle_timeout = Duration::from_secs(s);
+        }
         Ok(c)
     }
 
@@ -268,7 +315,10 @@ impl AgentConfig {
     /// the prompt on stdin (the form current Codex CLI releases accept).
     pub fn effective_plan_command(&self) -> String {
         self.plan_command.clone().unwrap_or_else(|| {
-            format!("{} -a never exec --sandbox read-only --skip-git-repo-check -", shell_quote(&self.codex_bin))
+            format!(
+                "{} -a never exec --sandbox read-only --skip-git-repo-check -C \"$ORCH_WORKSPACE\" -",
+                shell_quote(&self.codex_bin)
+            )
         })
     }
 
@@ -361,12 +411,41 @@ impl AgentConfig {
         self.codex_args = args.into_iter().map(Into::into).collect();
         self
     }
+    /// Sets the git settings.
+    pub fn with_git(mut self, git: crate::git::GitSettings) -> Self {
+        self.git = git;
+        self
+    }
+    /// Sets the names of environment variables passed on to steps and codex.
+    pub fn with_env_passthrough(mut self, names: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.env_passthrough = names.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Sets codex's idle timeout.
+    pub fn with_codex_idle_timeout(mut self, d: Duration) -> Self {
+        self.codex_idle_timeout = d;
+        self
+    }
     /// Sets the log batching (lines per batch, flush interval).
     pub fn with_log_batching(mut self, lines: usize, every: Duration) -> Self {
         self.log_batch_lines = lines.max(1);
         self.log_flush_interval = every.max(Duration::from_millis(1));
         self
     }
+}
+
+/// The default workspace root: `$XDG_STATE_HOME/orchestrator/workspaces`, else
+/// `$HOME/.local/state/orchestrator/workspaces` (a directory of the user's own, created 0700: never a
+/// shared temporary directory another user could create first).
+pub fn default_workspace_root() -> PathBuf {
+    let abs = |v: Option<std::ffi::OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(x) = abs(std::env::var_os("XDG_STATE_HOME")) {
+        return x.join("orchestrator").join("workspaces");
+    }
+    if let Some(h) = abs(std::env::var_os("HOME")) {
+        return h.join(".local").join("state").join("orchestrator").join("workspaces");
+    }
+    PathBuf::from("orchestrator-workspaces")
 }
 
 /// Quotes `s` for `sh` when it contains anything but safe characters.
@@ -406,7 +485,10 @@ mod tests {
         assert!(c.enable_llm_planning);
         assert_eq!(c.openai_model, "gpt-4o-mini");
         assert!(!format!("{c:?}").contains("sk-secret"));
-        assert_eq!(c.effective_plan_command(), "codex -a never exec --sandbox read-only --skip-git-repo-check -");
+        assert_eq!(
+            c.effective_plan_command(),
+            "codex -a never exec --sandbox read-only --skip-git-repo-check -C \"$ORCH_WORKSPACE\" -"
+        );
         for (k, v) in [("AGENT_CONCURRENCY", "0"), ("AGENT_EXECUTOR", "python"), ("AGENT_KEEP_WORKSPACES", "x")] {
             let e = AgentConfig::from_lookup(|q| (q == k).then(|| v.to_string())).unwrap_err();
             assert_eq!(e.var, k);

@@ -3,7 +3,9 @@
 
 use async_trait::async_trait;
 use orchestrator_core::agent::{AgentApi, Assignment, ClaimRequest};
-use orchestrator_core::domain::{InfoRequest, Lease, NewLogLine, NewStepEvent, Run, RunOutcome, StepEvent, Usage};
+use orchestrator_core::domain::{
+    InfoRequest, Lease, NewLogLine, NewStepEvent, Run, RunOutcome, RunResult, StepEvent, Usage,
+};
 use orchestrator_core::ids::RunId;
 use orchestrator_core::state::{EntityKind, TransitionError};
 use orchestrator_core::store::{CompletionResult, NewInfoRequest};
@@ -263,5 +265,30 @@ impl AgentApi for HttpAgentApi {
             released: w.released,
             blocked: w.blocked,
         })
+    }
+
+    async fn release(&self, run_id: RunId, token: u64) -> Result<Run, Error> {
+        self.run_post(run_id, "release", token, &json!({})).await
+    }
+
+    async fn record_result(&self, run_id: RunId, token: u64, result: RunResult, patch: String) -> Result<(), Error> {
+        let _: Value = self.run_post(run_id, "result", token, &json!({ "result": result, "patch": patch })).await?;
+        Ok(())
+    }
+
+    async fn wait_for_cancellations(&self, held: Vec<(RunId, u64)>, timeout: Duration) -> Result<Vec<RunId>, Error> {
+        #[derive(Deserialize)]
+        struct Gone {
+            runs: Vec<RunId>,
+        }
+        let ms = (timeout.as_millis() as u64).min(MAX_WAIT_MS);
+        let runs: Vec<Value> = held.iter().map(|(id, token)| json!({"run_id": id, "token": token})).collect();
+        let req = self
+            .client
+            .post(self.url("/agents/cancellations"))
+            .json(&json!({ "runs": runs, "timeout_ms": ms }))
+            .timeout(Duration::from_millis(ms) + Duration::from_secs(15));
+        let g: Gone = self.send(req, None).await?;
+        Ok(g.runs)
     }
 }

@@ -43,6 +43,7 @@
 mod agent;
 pub mod codex;
 pub mod config;
+pub mod git;
 pub mod http;
 pub mod planner;
 mod process;
@@ -53,6 +54,7 @@ mod sink;
 pub use agent::{missing_inputs, Agent, AgentError, AgentReport};
 pub use codex::CodexExecutor;
 pub use config::{AgentConfig, ConfigError, ExecutorKind, KeepWorkspaces};
+pub use git::GitSettings;
 pub use http::HttpAgentApi;
 pub use planner::{default_planners, CommandPlanner, InferencePlanner, OpenAiPlanner, RecipePlanner};
 pub use redact::Redactor;

@@ -58,12 +58,20 @@ pub struct CommandPlanner {
     command: String,
     timeout: Duration,
     kill_grace: Duration,
+    passthrough: Vec<String>,
 }
 
 impl CommandPlanner {
-    /// A planner running `command` with a timeout.
+    /// A planner running `command` with a timeout. It runs in the run's workspace (`ORCH_WORKSPACE` is
+    /// set to it) with the allow-list environment of steps.
     pub fn new(command: impl Into<String>, timeout: Duration) -> Self {
-        CommandPlanner { command: command.into(), timeout, kill_grace: Duration::from_secs(2) }
+        CommandPlanner { command: command.into(), timeout, kill_grace: Duration::from_secs(2), passthrough: Vec::new() }
+    }
+
+    /// Passes these variables of the agent's environment on to the command (`AGENT_ENV_PASSTHROUGH`).
+    pub fn with_env_passthrough(mut self, names: Vec<String>) -> Self {
+        self.passthrough = names;
+        self
     }
 }
 
@@ -87,10 +95,28 @@ impl Planner for CommandPlanner {
     async fn plan(&self, ctx: &PlanContext) -> Result<Option<Vec<StepSpec>>, PlanError> {
         let name = self.name();
         let (_keep, never) = Cancellation::new();
-        let out =
-            run_capture(&self.command, plan_prompt(ctx), self.timeout, &never, self.kill_grace, MAX_DOCUMENT_BYTES + 1)
-                .await
-                .map_err(|e| plan_error(name, format!("cannot run `{}`: {e}", self.command)))?;
+        // Never in the agent's own directory (beside its database and key): in the run's workspace, or
+        // an empty directory of its own when the caller has none.
+        let scratch;
+        let dir = match &ctx.workspace {
+            Some(d) => d.as_path(),
+            None => {
+                scratch = tempfile_dir().map_err(|e| plan_error(name, format!("cannot create a directory: {e}")))?;
+                scratch.path()
+            }
+        };
+        let out = run_capture(
+            &self.command,
+            Some(dir),
+            &self.passthrough,
+            plan_prompt(ctx),
+            self.timeout,
+            &never,
+            self.kill_grace,
+            MAX_DOCUMENT_BYTES + 1,
+        )
+        .await
+        .map_err(|e| plan_error(name, format!("cannot run `{}`: {e}", self.command)))?;
         match out.ended {
             Ended::Exited(st) if st.success() => {}
             Ended::Exited(st) => {
@@ -258,7 +284,8 @@ impl Planner for InferencePlanner {
 pub fn default_planners(config: &AgentConfig) -> Vec<Box<dyn Planner>> {
     let mut v: Vec<Box<dyn Planner>> = vec![Box::new(RecipePlanner)];
     if config.enable_llm_planning {
-        let mut p = CommandPlanner::new(config.effective_plan_command(), config.plan_timeout);
+        let mut p = CommandPlanner::new(config.effective_plan_command(), config.plan_timeout)
+            .with_env_passthrough(config.env_passthrough.clone());
         p.kill_grace = config.kill_grace;
         v.push(Box::new(p));
     }
@@ -286,4 +313,26 @@ mod tests {
         assert_eq!(backticked("do:\n```sh\n$ echo a\n# c\necho b\n```\n"), vec!["echo a", "echo b"]);
         assert!(backticked("no commands").is_empty());
     }
+}
+
+/// A private temporary directory, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> std::io::Result<TempDir> {
+    use std::os::unix::fs::DirBuilderExt;
+    let p = std::env::temp_dir().join(format!("orchestrator-plan-{}", uuid::Uuid::now_v7()));
+    std::fs::DirBuilder::new().mode(0o700).create(&p)?;
+    Ok(TempDir(p))
 }

@@ -25,13 +25,24 @@ pub(crate) enum Ended {
     Cancelled,
 }
 
-/// Removes the agent's inherited `ORCH_*` variables from the child's environment: when the agent is
-/// embedded in the server process they hold the server's secrets (encryption key, database URL, API
-/// tokens). Call it before setting the child's own variables (later settings win).
-pub(crate) fn scrub_inherited_env(cmd: &mut Command) {
-    for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(|k| k.starts_with("ORCH_")) {
-            cmd.env_remove(&k);
+/// The variables a child process keeps from the agent's environment, besides `AGENT_ENV_PASSTHROUGH`.
+/// (`CODEX_HOME` is a directory codex needs, not a secret: a step could read it through `HOME` anyway.)
+const ALLOWED_ENV: &[&str] = &["PATH", "HOME", "LANG", "TERM", "USER", "TZ", "CODEX_HOME"];
+
+/// Whether the agent's variable `name` is passed on to children (the allow-list, `LC_*`, or one of
+/// `passthrough`). Nothing else is: not the agent's tokens, `OPENAI_API_KEY`, `RUST_LOG` or `ORCH_*`
+/// (when the agent is embedded in the server, those hold the encryption key, database URL and tokens).
+pub(crate) fn env_allowed(name: &str, passthrough: &[String]) -> bool {
+    ALLOWED_ENV.contains(&name) || name.starts_with("LC_") || passthrough.iter().any(|p| p == name)
+}
+
+/// Gives the child an allow-list environment (see [`env_allowed`]) instead of the agent's. Call it
+/// before setting the child's own variables.
+pub(crate) fn child_env(cmd: &mut Command, passthrough: &[String]) {
+    cmd.env_clear();
+    for (k, v) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| env_allowed(k, passthrough)) {
+            cmd.env(k, v);
         }
     }
 }
@@ -96,24 +107,20 @@ pub(crate) async fn supervise(
     Ok(ended)
 }
 
-/// Starts a watchdog inside the group `pgid` that kills the whole group once the agent process is gone
-/// (its parent changes when the agent dies, even by SIGKILL, before anyone reaps it), so a step never
-/// outlives its agent. It checks once a second and dies with the group when the step ends normally.
+/// Starts a watchdog inside the group `pgid` that kills the whole group once the agent process is gone,
+/// so a step never outlives its agent. The watchdog blocks reading a pipe whose only writer is the agent
+/// (the pipe is close-on-exec, so no other child holds it): when the agent dies, even by SIGKILL, the
+/// kernel closes it, the read ends at once and the group is killed. It dies with the group when the
+/// step ends normally.
 fn spawn_watchdog(pgid: Pid) -> Option<Child> {
-    // It reads its parent from /proc (Linux); elsewhere there is no watchdog.
-    if !std::path::Path::new("/proc/self/stat").exists() {
-        return None;
-    }
-    let script = format!(
-        "while read -r _ _ _ pp _ < /proc/$$/stat && [ \"$pp\" = {agent} ]; do sleep 1; done; kill -KILL -{pgid}",
-        agent = std::process::id(),
-        pgid = pgid.as_raw()
-    );
+    let script = format!("read -r _; kill -KILL -{pgid}", pgid = pgid.as_raw());
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(script)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
         .process_group(pgid.as_raw())
-        .stdin(std::process::Stdio::null())
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true);
@@ -226,8 +233,11 @@ pub(crate) struct Captured {
 }
 
 /// Runs `sh -c command` with `input` on stdin and captures its output (each capped at `max` bytes).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_capture(
     command: &str,
+    dir: Option<&std::path::Path>,
+    passthrough: &[String],
     input: String,
     timeout: Duration,
     cancel: &Cancellation,
@@ -236,7 +246,10 @@ pub(crate) async fn run_capture(
 ) -> std::io::Result<Captured> {
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(command);
-    scrub_inherited_env(&mut cmd);
+    child_env(&mut cmd, passthrough);
+    if let Some(d) = dir {
+        cmd.current_dir(d).env("ORCH_WORKSPACE", d);
+    }
     prepare(&mut cmd, true);
     let mut child = cmd.spawn()?;
     let writer = feed_stdin(&mut child, input);

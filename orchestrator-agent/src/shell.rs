@@ -1,7 +1,7 @@
 //! The `shell` executor: each step a `sh -c` child process in its own process group, inside the run's
 //! workspace, with a timeout that kills the whole group and output streamed line by line.
 
-use crate::process::{describe, join_pumps, prepare, pump_output, scrub_inherited_env, supervise, Ended};
+use crate::process::{child_env, describe, join_pumps, prepare, pump_output, supervise, Ended};
 use async_trait::async_trait;
 use orchestrator_core::agent::{ExecutionContext, ExecutionOutcome, ExecutionSink, Executor};
 use orchestrator_core::domain::{LogStream, NewStepEvent, StepEventKind};
@@ -12,9 +12,10 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The environment every step of a run gets (on top of the agent's own): `ORCH_RUN_ID`,
-/// `ORCH_WORK_ITEM_ID`, `ORCH_PROJECT_ID`, `ORCH_ATTEMPT`, `ORCH_WORKSPACE`, the recipe inputs' defaults
-/// and the answers to the run's info requests (by key).
+/// The environment every step of a run gets (on top of the allow-list of the agent's own): `ORCH_RUN_ID`,
+/// `ORCH_WORK_ITEM_ID`, `ORCH_PROJECT_ID`, `ORCH_ATTEMPT`, `ORCH_WORKSPACE`, with a repository
+/// `ORCH_BRANCH` and `ORCH_BASE_BRANCH`, the recipe inputs' defaults and the answers to the run's info
+/// requests (by key).
 pub fn run_environment(ctx: &ExecutionContext) -> BTreeMap<String, String> {
     let a = &ctx.assignment;
     let mut env = BTreeMap::new();
@@ -23,6 +24,10 @@ pub fn run_environment(ctx: &ExecutionContext) -> BTreeMap<String, String> {
     env.insert("ORCH_PROJECT_ID".to_string(), a.claimed.work_item.project_id.to_string());
     env.insert("ORCH_ATTEMPT".to_string(), a.claimed.run.attempt.to_string());
     env.insert("ORCH_WORKSPACE".to_string(), ctx.workspace.display().to_string());
+    if let Some(co) = &ctx.checkout {
+        env.insert("ORCH_BRANCH".to_string(), co.branch.clone());
+        env.insert("ORCH_BASE_BRANCH".to_string(), co.base_branch.clone());
+    }
     if let Some(r) = &a.recipe {
         for i in &r.inputs {
             if let Some(d) = &i.default {
@@ -67,18 +72,27 @@ pub fn step_name(step: &StepSpec) -> String {
 pub struct ShellExecutor {
     default_timeout: Duration,
     kill_grace: Duration,
+    passthrough: Vec<String>,
 }
 
 impl Default for ShellExecutor {
     fn default() -> Self {
-        ShellExecutor { default_timeout: Duration::from_secs(3600), kill_grace: Duration::from_secs(2) }
+        ShellExecutor::new(Duration::from_secs(3600), Duration::from_secs(2))
     }
 }
 
 impl ShellExecutor {
-    /// An executor with a default step timeout and a SIGTERM-to-SIGKILL grace.
+    /// An executor with a default step timeout and a SIGTERM-to-SIGKILL grace. Steps get an allow-list
+    /// environment (`PATH`, `HOME`, `LANG`, `LC_*`, `TERM`, `USER`, `TZ`, `CODEX_HOME`), the run's own
+    /// variables and answers, never the rest of the agent's.
     pub fn new(default_timeout: Duration, kill_grace: Duration) -> Self {
-        ShellExecutor { default_timeout, kill_grace }
+        ShellExecutor { default_timeout, kill_grace, passthrough: Vec::new() }
+    }
+
+    /// Also passes these variables of the agent's environment on (`AGENT_ENV_PASSTHROUGH`).
+    pub fn with_env_passthrough(mut self, names: Vec<String>) -> Self {
+        self.passthrough = names;
+        self
     }
 }
 
@@ -123,7 +137,7 @@ impl Executor for ShellExecutor {
             };
             let mut cmd = tokio::process::Command::new("sh");
             cmd.arg("-c").arg(&step.run).current_dir(&dir);
-            scrub_inherited_env(&mut cmd);
+            child_env(&mut cmd, &self.passthrough);
             cmd.envs(&base_env).envs(&step.env);
             cmd.env("ORCH_STEP_INDEX", index.to_string());
             prepare(&mut cmd, false);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 async fn ctx(h: &Harness, title: &str, description: &str) -> PlanContext {
     let id = h.item(title, description, None).await;
-    PlanContext { work_item: h.work_item(id).await, recipe: None }
+    PlanContext { work_item: h.work_item(id).await, recipe: None, workspace: None }
 }
 
 fn planner_script(h: &Harness, name: &str, body: &str) -> String {

@@ -209,25 +209,33 @@ async fn shutdown_lets_running_work_finish_within_the_grace_period() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_after_the_grace_period_cancels_and_releases_the_run() {
+async fn shutdown_after_the_grace_period_releases_the_run_without_using_an_attempt_five_times() {
     let h = Harness::new().await;
     let pidfile = h.path("sleep.pid");
     let cmd = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
     let recipe = h.recipe(&format!("name: long\nsteps:\n  - run: \"{}\"\n", cmd)).await;
     let item = h.item("long", "", Some(recipe)).await;
-    let agent = h.start(h.config("a1").with_shutdown_grace(Duration::from_millis(200)));
-    let pid = read_pid(&pidfile).await;
-    let report = agent.shutdown().await;
-    assert_eq!(report.released, 1, "{report:?}");
-    wait_for("the step's process to be killed", Duration::from_secs(5), || async { process_gone(pid).then_some(()) })
+    let mut first_run = None;
+    for round in 0..5 {
+        let _ = std::fs::remove_file(&pidfile);
+        let agent = h.start(h.config(&format!("a{round}")).with_shutdown_grace(Duration::from_millis(200)));
+        let pid = read_pid(&pidfile).await;
+        let report = agent.shutdown().await;
+        assert_eq!(report.released, 1, "round {round}: {report:?}");
+        wait_for("the step's process to be killed", Duration::from_secs(5), || async {
+            process_gone(pid).then_some(())
+        })
         .await;
-    let run = &h.runs(item).await[0];
-    assert_eq!(run.state, RunState::Failed);
-    assert_eq!(run.failure_kind, Some(FailureKind::Retryable));
-    assert!(run.error.as_deref().unwrap().contains("shut down"));
-    // Released for another agent: it goes back to the queue.
-    let w = h.wait_state(item, &[WorkItemState::Queued, WorkItemState::Retrying]).await;
-    assert_eq!(w.attempts, 1);
+        // Handed back: the same run waits for the next claim, the item is queued, no attempt used.
+        let runs = h.runs(item).await;
+        assert_eq!(runs.len(), 1, "round {round}: one run, resumed each time");
+        assert_eq!(runs[0].state, RunState::WaitingInput, "round {round}");
+        assert_eq!(*first_run.get_or_insert(runs[0].id), runs[0].id);
+        let w = h.work_item(item).await;
+        assert_eq!((w.state, w.attempts), (WorkItemState::Queued, 1), "round {round}");
+        let log = h.log_text(runs[0].id).await;
+        assert!(log.iter().any(|l| l.contains("handed back (no attempt used)")), "round {round}: {log:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -70,6 +70,19 @@ impl AgentApi for NoHeartbeats {
     ) -> Result<CompletionResult, Error> {
         self.inner.complete(run_id, token, outcome, usage).await
     }
+    async fn release(&self, run_id: RunId, token: u64) -> Result<Run, Error> {
+        self.inner.release(run_id, token).await
+    }
+    async fn record_result(&self, run_id: RunId, token: u64, result: RunResult, patch: String) -> Result<(), Error> {
+        self.inner.record_result(run_id, token, result, patch).await
+    }
+    async fn wait_for_cancellations(&self, held: Vec<(RunId, u64)>, timeout: Duration) -> Result<Vec<RunId>, Error> {
+        if self.down.load(Ordering::SeqCst) {
+            tokio::time::sleep(timeout.min(Duration::from_millis(200))).await;
+            return Err(down());
+        }
+        self.inner.wait_for_cancellations(held, timeout).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

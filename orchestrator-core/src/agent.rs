@@ -54,6 +54,9 @@ pub struct Assignment {
     pub recipe: Option<RecipeSpec>,
     /// Answers to the run's info requests, by key (on resumed runs).
     pub answers: BTreeMap<String, AnswerValue>,
+    /// The project's repository, when it has one: the run works on a checkout of it.
+    #[serde(default)]
+    pub repository: Option<Repository>,
 }
 
 impl Assignment {
@@ -98,6 +101,14 @@ pub trait AgentApi: Send + Sync {
         outcome: RunOutcome,
         usage: Option<Usage>,
     ) -> Result<CompletionResult, Error>;
+    /// Hands the run back without using up an attempt (a graceful stop): it is claimable at once and the
+    /// next claim resumes it.
+    async fn release(&self, run_id: RunId, token: u64) -> Result<Run, Error>;
+    /// Records what the run changed in its repository (branch, commits, diff stats) and its patch.
+    async fn record_result(&self, run_id: RunId, token: u64, result: RunResult, patch: String) -> Result<(), Error>;
+    /// Waits until one of `held` (run id, fencing token) is no longer held by that token (cancelled,
+    /// reclaimed, expired, finished) or `timeout` passes; returns those runs (empty on timeout).
+    async fn wait_for_cancellations(&self, held: Vec<(RunId, u64)>, timeout: Duration) -> Result<Vec<RunId>, Error>;
 }
 
 /// Input to a [`Planner`].
@@ -107,6 +118,8 @@ pub struct PlanContext {
     pub work_item: WorkItem,
     /// Its recipe, if any.
     pub recipe: Option<RecipeSpec>,
+    /// The run's workspace, where a planner that runs a command runs it (`None`: a directory of its own).
+    pub workspace: Option<PathBuf>,
 }
 
 /// Why a planner produced no plan.
@@ -204,10 +217,29 @@ pub struct ExecutionContext {
     pub steps: Vec<StepSpec>,
     /// Index of the first step to run (after the last completed one on resume).
     pub start_step: u32,
-    /// The run's workspace directory.
+    /// The run's workspace directory (a checkout of the project's repository on the work item's branch,
+    /// when the project has one).
     pub workspace: PathBuf,
+    /// The checkout, when the workspace is one.
+    pub checkout: Option<Checkout>,
+    /// A directory of the run's own outside the workspace, for files an executor keeps beside it
+    /// (codex's last message and output schema): never part of the diff.
+    pub scratch: PathBuf,
     /// Cancellation (lease lost, run cancelled, shutdown).
     pub cancel: Cancellation,
+}
+
+/// The git checkout a run works in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkout {
+    /// The repository's URL.
+    pub url: String,
+    /// The branch work started from (`main`).
+    pub base_branch: String,
+    /// The work item's branch (`orch/<work item id>`).
+    pub branch: String,
+    /// The commit the run starts from.
+    pub start_commit: String,
 }
 
 /// Where an executor reports output and progress.
@@ -253,6 +285,11 @@ pub enum ExecutionOutcome {
 pub trait Executor: Send + Sync {
     /// Name used for selection (`AGENT_EXECUTOR`) and in step events.
     fn name(&self) -> &str;
+    /// Whether it plans the work itself (codex): the agent then spends no planning call on it, and hands
+    /// it the recipe's steps when the work item has a recipe (and no steps otherwise).
+    fn plans_itself(&self) -> bool {
+        false
+    }
     /// Executes, streaming through `sink`, honouring `ctx.cancel` and step timeouts.
     async fn execute(&self, ctx: ExecutionContext, sink: &dyn ExecutionSink) -> ExecutionOutcome;
 }

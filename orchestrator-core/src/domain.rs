@@ -21,10 +21,24 @@ pub struct Project {
     pub name: String,
     /// Free text.
     pub description: String,
+    /// The git repository agents work on, if any (without one, runs get an empty directory).
+    #[serde(default)]
+    pub repository: Option<Repository>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+}
+
+/// A project's git repository: where agents check out their work and push their branches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Repository {
+    /// A local path, or a `file://`, `https://`, `http://`, `ssh://` or scp-like (`git@host:path`) URL.
+    pub url: String,
+    /// The branch work items start from; `None`: the remote's default branch (its `HEAD`).
+    #[serde(default)]
+    pub base_branch: Option<String>,
 }
 
 /// One version of a project's vision: what the project should become.
@@ -486,6 +500,39 @@ pub struct StepEvent {
     pub detail: serde_json::Value,
     /// When appended.
     pub at: DateTime<Utc>,
+}
+
+/// What a run changed in its project's repository: the branch, the commits and the diff's size. The
+/// patch itself is read with [`crate::Store::run_result_get`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// The work item's branch (`orch/<work item id>` by default).
+    pub branch: String,
+    /// The commit the branch's changes are measured from (where it left the base branch).
+    pub base_commit: String,
+    /// The branch's head after the run.
+    pub head_commit: String,
+    /// The commit the run started from (the previous attempt's head on a retry).
+    #[serde(default)]
+    pub start_commit: Option<String>,
+    /// Whether this run made a commit of its own.
+    #[serde(default)]
+    pub committed: bool,
+    /// Whether the branch was pushed to the repository's remote.
+    #[serde(default)]
+    pub pushed: bool,
+    /// Files changed between the base and the head.
+    pub files_changed: u32,
+    /// Lines added.
+    pub insertions: u64,
+    /// Lines removed.
+    pub deletions: u64,
+    /// The changed files' paths (at most 1,000).
+    #[serde(default)]
+    pub files: Vec<String>,
+    /// Whether the stored patch was cut at the size limit.
+    #[serde(default)]
+    pub patch_truncated: bool,
 }
 
 /// How a run ended, as the agent reports it.

@@ -43,6 +43,7 @@ struct State {
     events: HashMap<RunId, Vec<StepEvent>>,
     info: BTreeMap<InfoRequestId, InfoRequest>,
     info_by_run: HashMap<RunId, Vec<InfoRequestId>>,
+    results: HashMap<RunId, RunResultRecord>,
 }
 
 impl MemoryStore {
@@ -642,7 +643,14 @@ impl Store for MemoryStore {
 
     async fn project_create(&self, p: NewProject) -> StoreResult<Project> {
         let mut s = self.lock();
-        let pr = Project { id: p.id, name: p.name, description: p.description, created_at: p.now, updated_at: p.now };
+        let pr = Project {
+            id: p.id,
+            name: p.name,
+            description: p.description,
+            repository: p.repository,
+            created_at: p.now,
+            updated_at: p.now,
+        };
         if s.projects.contains_key(&pr.id) {
             return Err(StoreError::Duplicate { entity: EntityKind::Project, key: pr.id.to_string() });
         }
@@ -667,6 +675,9 @@ impl Store for MemoryStore {
         }
         if let Some(d) = p.description {
             pr.description = d;
+        }
+        if let Some(r) = p.repository {
+            pr.repository = r;
         }
         pr.updated_at = p.now;
         Ok(pr.clone())
@@ -703,6 +714,7 @@ impl Store for MemoryStore {
         for rid in &run_ids {
             s.runs.remove(rid);
             s.logs.remove(rid);
+            s.results.remove(rid);
             s.events.remove(rid);
             s.info_by_run.remove(rid);
         }
@@ -1260,6 +1272,41 @@ impl Store for MemoryStore {
         drop(s);
         self.notifier.notify();
         Ok(out)
+    }
+
+    async fn runs_release(&self, p: RunRelease) -> StoreResult<Run> {
+        let mut s = self.lock();
+        let run = s.fenced_run(p.run_id, p.token, p.now)?;
+        run.state.transition(RunState::WaitingInput)?;
+        let wid = run.work_item_id;
+        s.item(wid)?.state.transition(WorkItemState::Queued)?;
+        let r = s.runs.get_mut(&p.run_id).ok_or_else(|| StoreError::not_found(EntityKind::Run, p.run_id))?;
+        r.state = RunState::WaitingInput;
+        r.lease_expires_at = None;
+        let run = r.clone();
+        s.unindex(wid);
+        let it = s.item_mut(wid)?;
+        it.state = WorkItemState::Queued;
+        it.run_at = Some(p.now);
+        it.updated_at = p.now;
+        s.reindex(wid);
+        drop(s);
+        self.notifier.notify();
+        Ok(run)
+    }
+
+    async fn run_result_put(&self, p: RunResultPut) -> StoreResult<()> {
+        let mut s = self.lock();
+        s.fenced_run(p.run_id, p.token, p.now)?;
+        let rec = RunResultRecord { run_id: p.run_id, result: p.result, patch: p.patch, recorded_at: p.now };
+        s.results.insert(p.run_id, rec);
+        Ok(())
+    }
+
+    async fn run_result_get(&self, run_id: RunId) -> StoreResult<Option<RunResultRecord>> {
+        let s = self.lock();
+        s.run(run_id)?;
+        Ok(s.results.get(&run_id).cloned())
     }
 
     async fn logs_append(&self, p: LogAppend) -> StoreResult<u64> {

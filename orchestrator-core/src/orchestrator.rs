@@ -9,6 +9,7 @@ use crate::domain::*;
 use crate::due::DueTimes;
 use crate::error::{Error, StoreError};
 use crate::ids::*;
+use crate::notify::Notifier;
 use crate::recipe::{parse_recipe, InputKind, RecipeSpec};
 use crate::retry::RetryOverrides;
 use crate::rules;
@@ -80,6 +81,31 @@ pub struct UpdateWorkItem {
     pub priority: Option<i32>,
 }
 
+/// Input of [`Orchestrator::create_project_with`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProject {
+    /// Name (required).
+    pub name: String,
+    /// Description.
+    #[serde(default)]
+    pub description: String,
+    /// The git repository agents work on.
+    #[serde(default)]
+    pub repository: Option<Repository>,
+}
+
+/// Input of [`Orchestrator::update_project_with`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpdateProject {
+    /// New name.
+    pub name: Option<String>,
+    /// New description.
+    pub description: Option<String>,
+    /// New repository: `Some(None)` removes it.
+    pub repository: Option<Option<Repository>>,
+}
+
 /// Input of a requeue.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,6 +134,9 @@ pub struct Orchestrator {
     clock: Arc<dyn Clock>,
     config: Arc<OrchestratorConfig>,
     due: Arc<DueTimes>,
+    /// Fired when this process cancels or requeues a run, so agents waiting in
+    /// [`AgentApi::wait_for_cancellations`] hear of it at once.
+    cancels: Notifier,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -169,7 +198,13 @@ impl Orchestrator {
 
     /// A facade with a specific clock (tests use [`crate::ManualClock`]).
     pub fn with_clock(store: Arc<dyn Store>, config: OrchestratorConfig, clock: Arc<dyn Clock>) -> Self {
-        Orchestrator { store, clock, config: Arc::new(config), due: Arc::new(DueTimes::default()) }
+        Orchestrator {
+            store,
+            clock,
+            config: Arc::new(config),
+            due: Arc::new(DueTimes::default()),
+            cancels: Notifier::new(),
+        }
     }
 
     /// The store.
@@ -195,14 +230,26 @@ impl Orchestrator {
 
     /// Creates a project.
     pub async fn create_project(&self, name: &str, description: &str) -> Result<Project> {
-        check_text("name", name, 200, true)?;
-        check_text("description", description, rules::MAX_TEXT_LEN, false)?;
+        self.create_project_with(CreateProject {
+            name: name.to_string(),
+            description: description.to_string(),
+            repository: None,
+        })
+        .await
+    }
+
+    /// Creates a project, with its repository when it has one.
+    pub async fn create_project_with(&self, p: CreateProject) -> Result<Project> {
+        check_text("name", &p.name, 200, true)?;
+        check_text("description", &p.description, rules::MAX_TEXT_LEN, false)?;
+        let repository = p.repository.map(rules::normalize_repository).transpose()?;
         Ok(self
             .store
             .project_create(NewProject {
                 id: ProjectId::new(),
-                name: name.trim().to_string(),
-                description: description.to_string(),
+                name: p.name.trim().to_string(),
+                description: p.description,
+                repository,
                 now: self.now(),
             })
             .await?)
@@ -215,18 +262,29 @@ impl Orchestrator {
         name: Option<String>,
         description: Option<String>,
     ) -> Result<Project> {
-        if let Some(n) = &name {
+        self.update_project_with(id, UpdateProject { name, description, repository: None }).await
+    }
+
+    /// Updates a project's name, description or repository.
+    pub async fn update_project_with(&self, id: ProjectId, u: UpdateProject) -> Result<Project> {
+        if let Some(n) = &u.name {
             check_text("name", n, 200, true)?;
         }
-        if let Some(d) = &description {
+        if let Some(d) = &u.description {
             check_text("description", d, rules::MAX_TEXT_LEN, false)?;
         }
+        let repository = match u.repository {
+            None => None,
+            Some(None) => Some(None),
+            Some(Some(r)) => Some(Some(rules::normalize_repository(r)?)),
+        };
         Ok(self
             .store
             .project_update(ProjectUpdate {
                 id,
-                name: name.map(|n| n.trim().to_string()),
-                description,
+                name: u.name.map(|n| n.trim().to_string()),
+                description: u.description,
+                repository,
                 now: self.now(),
             })
             .await?)
@@ -418,10 +476,31 @@ impl Orchestrator {
         Ok(self.store.work_item_set_policy(id, retry, self.now()).await?)
     }
 
-    /// Cancels a work item.
+    /// Cancels a work item. Its active run's log says so (with `reason`), and its agent hears of it at once.
     pub async fn cancel_work_item(&self, id: WorkItemId, reason: Option<String>) -> Result<WorkItem> {
         let reason = reason.unwrap_or_else(|| "cancelled".to_string());
-        Ok(self.store.work_item_cancel(id, Cancel { reason, now: self.now() }).await?)
+        if let Some(run_id) = self.store.work_item_get(id).await?.current_run_id {
+            self.log_to_active_run(run_id, format!("work item cancelled: {reason}")).await;
+        }
+        let item = self.store.work_item_cancel(id, Cancel { reason, now: self.now() }).await?;
+        self.cancels.notify();
+        Ok(item)
+    }
+
+    /// Appends a system line to a run's log while it holds a lease (with its current token), so the
+    /// people reading it see why it stopped. Best effort: a run that just ended gets nothing.
+    async fn log_to_active_run(&self, run_id: RunId, line: String) {
+        let Ok(run) = self.store.run_get(run_id).await else {
+            return;
+        };
+        if !run.state.holds_lease() {
+            return;
+        }
+        let lines = vec![NewLogLine { stream: LogStream::System, line }];
+        let append = LogAppend { run_id, token: run.lease_token, lines, now: self.now() };
+        if let Err(e) = self.store.logs_append(append).await {
+            tracing::debug!(run_id = %run_id, error = %e, "could not log the cancellation to the run");
+        }
     }
 
     fn requeue_at(&self, item: &WorkItem, r: &RequeueRequest) -> Result<Requeue> {
@@ -444,6 +523,7 @@ impl Orchestrator {
         let (now, run_at) = (rq.now, rq.run_at);
         let item = self.store.work_item_requeue(id, rq).await?;
         self.due.add(Some(run_at), now);
+        self.cancels.notify();
         Ok(item)
     }
 
@@ -453,15 +533,26 @@ impl Orchestrator {
         let item = self.store.work_item_get(run.work_item_id).await?;
         let rq = self.requeue_at(&item, &r)?;
         let (now, run_at) = (rq.now, rq.run_at);
+        self.log_to_active_run(id, "run requeued: its process will be stopped".into()).await;
         let item = self.store.run_requeue(id, rq).await?;
         self.due.add(Some(run_at), now);
+        self.cancels.notify();
         Ok(item)
     }
 
-    /// Cancels a run and its work item.
+    /// Cancels a run and its work item. The run's log says so (with `reason`), and its agent hears of it
+    /// at once.
     pub async fn cancel_run(&self, id: RunId, reason: Option<String>) -> Result<Run> {
         let reason = reason.unwrap_or_else(|| "cancelled".to_string());
-        Ok(self.store.run_cancel(id, Cancel { reason, now: self.now() }).await?)
+        self.log_to_active_run(id, format!("run cancelled: {reason}")).await;
+        let run = self.store.run_cancel(id, Cancel { reason, now: self.now() }).await?;
+        self.cancels.notify();
+        Ok(run)
+    }
+
+    /// A run's recorded result with its patch (`None` when the run recorded none).
+    pub async fn run_result(&self, id: RunId) -> Result<Option<RunResultRecord>> {
+        Ok(self.store.run_result_get(id).await?)
     }
 
     // ---- scheduler ----
@@ -652,7 +743,8 @@ impl Orchestrator {
                 }
             }
         }
-        Ok(Assignment { claimed, recipe, answers })
+        let repository = self.store.project_get(claimed.work_item.project_id).await?.repository;
+        Ok(Assignment { claimed, recipe, answers, repository })
     }
 }
 
@@ -744,4 +836,48 @@ impl AgentApi for Orchestrator {
             None => Err(Error::Store(StoreError::conflict("no completion result"))),
         }
     }
+
+    async fn release(&self, run_id: RunId, token: u64) -> Result<Run> {
+        let run = self.store.runs_release(RunRelease { run_id, token, now: self.now() }).await?;
+        Ok(run)
+    }
+
+    async fn record_result(&self, run_id: RunId, token: u64, result: RunResult, patch: String) -> Result<()> {
+        let (result, patch) = rules::check_run_result(result, patch)?;
+        Ok(self.store.run_result_put(RunResultPut { run_id, token, result, patch, now: self.now() }).await?)
+    }
+
+    async fn wait_for_cancellations(
+        &self,
+        held: Vec<(RunId, u64)>,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<RunId>> {
+        if held.len() > 1000 {
+            return Err(Error::invalid("runs", "at most 1000 runs per call"));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let seen = self.cancels.generation();
+            let mut gone = Vec::new();
+            for (id, token) in &held {
+                match self.store.run_get(*id).await {
+                    Ok(r) if r.state.holds_lease() && r.lease_token == *token => {}
+                    Ok(_) => gone.push(*id),
+                    Err(StoreError::NotFound { .. }) => gone.push(*id),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if !gone.is_empty() || now >= deadline {
+                return Ok(gone);
+            }
+            // Cancellations made by other processes (replicas on one database) are seen by polling.
+            let wait = (deadline - now).min(CANCEL_POLL);
+            self.cancels.wait_changed(seen, wait).await;
+        }
+    }
 }
+
+/// How often [`AgentApi::wait_for_cancellations`] re-reads its runs when no cancellation of this process
+/// wakes it (a cancellation made on another replica is seen within this time).
+const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(500);

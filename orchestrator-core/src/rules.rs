@@ -490,3 +490,215 @@ mod tests {
         assert!(!labels_match(&["macos".to_string()], &caps));
     }
 }
+
+/// Longest repository URL accepted.
+pub const MAX_REPOSITORY_URL_LEN: usize = 2048;
+/// Largest patch stored for a run; a longer one is cut with a marker line.
+pub const MAX_PATCH_BYTES: usize = 2 * 1024 * 1024;
+/// Most file paths kept in a run result.
+pub const MAX_RESULT_FILES: usize = 1000;
+
+/// Whether `name` is a branch name git accepts (`git check-ref-format --branch`), without its odd
+/// corners: no leading `-`, no `..`, `@{`, control characters, spaces or `~^:?*[\`, no component
+/// starting with `.` or ending in `.lock`, no trailing `/` or `.`.
+pub fn is_valid_branch_name(name: &str) -> bool {
+    if name.is_empty() || name.len() > 250 || name.starts_with('-') || name == "@" {
+        return false;
+    }
+    if name.contains("..") || name.contains("@{") || name.contains("//") || name.ends_with('/') || name.ends_with('.') {
+        return false;
+    }
+    if name.chars().any(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(c)) {
+        return false;
+    }
+    !name.split('/').any(|part| part.is_empty() || part.starts_with('.') || part.ends_with(".lock"))
+}
+
+/// Checks a project's repository and returns it trimmed: a clear `Invalid` error for an empty or
+/// malformed URL or branch. Accepted: an absolute local path, `file://`, `http(s)://`, `ssh://`,
+/// `git://` URLs and scp-like `user@host:path`; a password in the URL is refused (credentials belong
+/// in the agent's git credential helper, not in the database).
+pub fn normalize_repository(r: crate::domain::Repository) -> Result<crate::domain::Repository, crate::Error> {
+    use crate::Error;
+    let url = r.url.trim().to_string();
+    let bad = |m: &str| Err(Error::invalid("repository.url", m.to_string()));
+    if url.is_empty() {
+        return bad("must not be empty");
+    }
+    if url.len() > MAX_REPOSITORY_URL_LEN {
+        return bad(&format!("at most {MAX_REPOSITORY_URL_LEN} characters"));
+    }
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return bad("must not contain spaces or control characters");
+    }
+    if url.starts_with('-') {
+        return bad("must not start with `-`");
+    }
+    if let Some((scheme, rest)) = url.split_once("://") {
+        match scheme.to_ascii_lowercase().as_str() {
+            "file" => {
+                if !rest.starts_with('/') {
+                    return bad("a file:// URL needs an absolute path (file:///path/to/repo)");
+                }
+            }
+            "http" | "https" | "ssh" | "git" => {
+                let authority = rest.split('/').next().unwrap_or("");
+                let (userinfo, host) = match authority.rsplit_once('@') {
+                    Some((u, h)) => (Some(u), h),
+                    None => (None, authority),
+                };
+                if host.is_empty() || host.starts_with(':') {
+                    return bad("the URL has no host");
+                }
+                if userinfo.is_some_and(|u| u.contains(':')) && scheme != "ssh" {
+                    return bad("must not contain a password: configure a git credential helper on the agents instead");
+                }
+                if rest.len() <= authority.len() + 1 {
+                    return bad("the URL has no repository path");
+                }
+            }
+            other => {
+                return bad(&format!(
+                    "unsupported scheme `{other}`: use a local path, file://, https://, http://, ssh:// or git://"
+                ))
+            }
+        }
+    } else if url.starts_with('/') {
+        // An absolute local path.
+    } else if let Some((host, path)) = url.split_once(':') {
+        // scp-like: [user@]host:path
+        let h = host.rsplit('@').next().unwrap_or("");
+        if h.is_empty() || path.is_empty() || host.contains('/') {
+            return bad("expected [user@]host:path, an absolute path or a URL");
+        }
+    } else {
+        return bad("a local path must be absolute (or use file:///path, https://, ssh:// or user@host:path)");
+    }
+    let base_branch = match r.base_branch.map(|b| b.trim().to_string()) {
+        None => None,
+        Some(b) if b.is_empty() => None,
+        Some(b) => {
+            let b = b.strip_prefix("refs/heads/").unwrap_or(&b).to_string();
+            if !is_valid_branch_name(&b) {
+                return Err(Error::invalid("repository.base_branch", format!("`{b}` is not a valid branch name")));
+            }
+            Some(b)
+        }
+    };
+    Ok(crate::domain::Repository { url, base_branch })
+}
+
+/// Checks a run result before it is stored and cuts its patch to [`MAX_PATCH_BYTES`] (with a marker
+/// line saying so).
+pub fn check_run_result(
+    mut r: crate::domain::RunResult,
+    mut patch: String,
+) -> Result<(crate::domain::RunResult, String), crate::Error> {
+    use crate::Error;
+    if !is_valid_branch_name(&r.branch) {
+        return Err(Error::invalid("result.branch", format!("`{}` is not a valid branch name", r.branch)));
+    }
+    let is_commit = |c: &str| (4..=64).contains(&c.len()) && c.chars().all(|c| c.is_ascii_hexdigit());
+    for (field, c) in [("result.base_commit", Some(&r.base_commit)), ("result.head_commit", Some(&r.head_commit))]
+        .into_iter()
+        .chain([("result.start_commit", r.start_commit.as_ref())])
+    {
+        if let Some(c) = c {
+            if !is_commit(c) {
+                return Err(Error::invalid(field, "expected a hexadecimal commit id"));
+            }
+        }
+    }
+    r.files.truncate(MAX_RESULT_FILES);
+    if r.files.iter().any(|f| f.len() > 4096) {
+        return Err(Error::invalid("result.files", "a path is longer than 4096 bytes"));
+    }
+    if patch.len() > MAX_PATCH_BYTES {
+        let total = patch.len();
+        let mut cut = MAX_PATCH_BYTES;
+        while !patch.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        patch.truncate(cut);
+        patch.push_str(&truncation_marker(total));
+        r.patch_truncated = true;
+    }
+    Ok((r, patch))
+}
+
+/// The line that ends a cut patch.
+pub fn truncation_marker(total_bytes: usize) -> String {
+    format!("\n# orchestrator: diff truncated here; the whole diff is {total_bytes} bytes (see the branch)\n")
+}
+
+#[cfg(test)]
+mod repository_tests {
+    use super::*;
+    use crate::domain::Repository;
+
+    fn repo(url: &str) -> Result<Repository, crate::Error> {
+        normalize_repository(Repository { url: url.into(), base_branch: None })
+    }
+
+    #[test]
+    fn accepts_the_usual_forms_and_refuses_bad_ones() {
+        for ok in [
+            "/srv/git/app.git",
+            "file:///srv/git/app.git",
+            "https://git.example.com/team/app.git",
+            "ssh://git@git.example.com:2222/team/app.git",
+            "git@git.example.com:team/app.git",
+            " https://git.example.com/app ",
+        ] {
+            assert!(repo(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(repo(" /a/b ").unwrap().url, "/a/b");
+        for bad in [
+            "",
+            "  ",
+            "relative/path",
+            "-uhack",
+            "https://",
+            "https://host",
+            "https://user:pw@host/x.git",
+            "ftp://host/x",
+            "file://relative",
+            "with space/x",
+        ] {
+            let e = repo(bad).unwrap_err();
+            assert!(matches!(&e, crate::Error::Invalid { field, .. } if field == "repository.url"), "{bad}: {e:?}");
+        }
+        let b = |b: &str| normalize_repository(Repository { url: "/r".into(), base_branch: Some(b.into()) });
+        assert_eq!(b("refs/heads/dev").unwrap().base_branch.as_deref(), Some("dev"));
+        assert_eq!(b("").unwrap().base_branch, None);
+        for bad in ["a..b", "-x", "a b", "x.lock", "a/", ".hidden", "a:b"] {
+            assert!(b(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn long_patches_are_cut_with_a_marker() {
+        let r = crate::domain::RunResult {
+            branch: "orch/x".into(),
+            base_commit: "abcd".into(),
+            head_commit: "abcdef".into(),
+            start_commit: None,
+            committed: true,
+            pushed: false,
+            files_changed: 1,
+            insertions: 1,
+            deletions: 0,
+            files: vec!["a".into()],
+            patch_truncated: false,
+        };
+        let (r2, p) = check_run_result(r.clone(), "é".repeat(MAX_PATCH_BYTES)).unwrap();
+        assert!(r2.patch_truncated);
+        assert!(p.ends_with(&truncation_marker(2 * MAX_PATCH_BYTES)));
+        assert!(p.len() < MAX_PATCH_BYTES + 200);
+        let (r3, p3) = check_run_result(r.clone(), "small".into()).unwrap();
+        assert!(!r3.patch_truncated);
+        assert_eq!(p3, "small");
+        let bad = crate::domain::RunResult { head_commit: "zz".into(), ..r };
+        assert!(check_run_result(bad, String::new()).is_err());
+    }
+}

@@ -54,6 +54,8 @@ pub struct NewProject {
     pub name: String,
     /// Description.
     pub description: String,
+    /// The repository agents work on.
+    pub repository: Option<Repository>,
     /// Now.
     pub now: DateTime<Utc>,
 }
@@ -67,6 +69,8 @@ pub struct ProjectUpdate {
     pub name: Option<String>,
     /// New description.
     pub description: Option<String>,
+    /// New repository: `Some(None)` removes it, `None` keeps it.
+    pub repository: Option<Option<Repository>>,
     /// Now.
     pub now: DateTime<Utc>,
 }
@@ -477,6 +481,45 @@ pub struct Cancel {
     pub now: DateTime<Utc>,
 }
 
+/// Parameters of [`Store::runs_release`].
+#[derive(Debug, Clone, Copy)]
+pub struct RunRelease {
+    /// The run.
+    pub run_id: RunId,
+    /// Fencing token.
+    pub token: u64,
+    /// Now.
+    pub now: DateTime<Utc>,
+}
+
+/// Parameters of [`Store::run_result_put`].
+#[derive(Debug, Clone)]
+pub struct RunResultPut {
+    /// The run.
+    pub run_id: RunId,
+    /// Fencing token.
+    pub token: u64,
+    /// What the run changed.
+    pub result: RunResult,
+    /// The patch (unified diff from the base to the head commit), already cut to size.
+    pub patch: String,
+    /// Now.
+    pub now: DateTime<Utc>,
+}
+
+/// A run's recorded result with its patch, as [`Store::run_result_get`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunResultRecord {
+    /// The run.
+    pub run_id: RunId,
+    /// What the run changed.
+    pub result: RunResult,
+    /// The patch.
+    pub patch: String,
+    /// When it was recorded.
+    pub recorded_at: DateTime<Utc>,
+}
+
 /// Parameters of [`Store::logs_append`].
 #[derive(Debug, Clone)]
 pub struct LogAppend {
@@ -720,6 +763,14 @@ pub trait Store: Send + Sync + 'static {
     async fn run_cancel(&self, id: RunId, c: Cancel) -> StoreResult<Run>;
     /// Requeues a run's work item (cancelling the run first when it is still active).
     async fn run_requeue(&self, id: RunId, r: Requeue) -> StoreResult<WorkItem>;
+    /// Hands a leased run back without using up an attempt (fenced): the run goes to `waiting_input`
+    /// with its lease cleared and its work item to `queued`, claimable at once; the next claim resumes
+    /// the same run (same attempt, answers and resume point). What an agent does when it stops gracefully.
+    async fn runs_release(&self, p: RunRelease) -> StoreResult<Run>;
+    /// Records (or replaces) what a leased run changed in its repository, with its patch (fenced).
+    async fn run_result_put(&self, p: RunResultPut) -> StoreResult<()>;
+    /// Reads a run's recorded result (`None` when it recorded none; `NotFound` for an unknown run).
+    async fn run_result_get(&self, run_id: RunId) -> StoreResult<Option<RunResultRecord>>;
 
     /// Appends log lines (fenced); returns the last sequence number.
     async fn logs_append(&self, p: LogAppend) -> StoreResult<u64>;

@@ -157,3 +157,55 @@ pub(crate) async fn complete(
     tracing::info!(run_id = %id, work_item_state = %result.work_item_state, "run completed");
     Ok(J(result.into()))
 }
+
+pub(crate) async fn release(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<RunId>,
+    Json(b): Json<TokenBody>,
+) -> ApiResult<J<Run>> {
+    own_run(&s, &caller, id).await?;
+    let run = s.orch.release(id, b.token).await?;
+    s.log_bus.notify();
+    tracing::info!(run_id = %id, "run released");
+    Ok(J(run))
+}
+
+pub(crate) async fn record_result(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<RunId>,
+    Json(b): Json<RecordResult>,
+) -> ApiResult<J<serde_json::Value>> {
+    own_run(&s, &caller, id).await?;
+    s.orch.record_result(id, b.token, b.result, b.patch).await?;
+    Ok(J(serde_json::json!({"recorded": true})))
+}
+
+pub(crate) async fn cancellations(
+    State(s): State<AppState>,
+    caller: Caller,
+    Json(b): Json<CancellationsBody>,
+) -> ApiResult<J<Cancellations>> {
+    if b.runs.len() > 1000 {
+        return Err(ApiError::invalid("runs", "at most 1000 runs per call"));
+    }
+    let mut gone = Vec::new();
+    let mut held = Vec::with_capacity(b.runs.len());
+    for r in &b.runs {
+        match own_run(&s, &caller, r.run_id).await {
+            Ok(()) => held.push((r.run_id, r.token)),
+            // Another agent's run, or one that is gone: not held by this caller.
+            Err(_) => gone.push(r.run_id),
+        }
+    }
+    if !gone.is_empty() {
+        return Ok(J(Cancellations { runs: gone }));
+    }
+    let t = Duration::from_millis(b.timeout_ms.unwrap_or(0)).min(MAX_WAIT);
+    let runs = tokio::select! {
+        r = s.orch.wait_for_cancellations(held, t) => r?,
+        _ = s.config.shutting_down() => Vec::new(),
+    };
+    Ok(J(Cancellations { runs }))
+}

@@ -53,6 +53,9 @@ pub struct CreateProject {
     /// Description.
     #[serde(default)]
     pub description: String,
+    /// The git repository agents work on.
+    #[serde(default)]
+    pub repository: Option<Repository>,
 }
 
 /// `PATCH /projects/{id}`.
@@ -65,6 +68,19 @@ pub struct UpdateProject {
     /// New description.
     #[serde(default)]
     pub description: Option<String>,
+    /// New repository; `null` removes it, absent keeps it.
+    #[serde(default, deserialize_with = "present")]
+    pub repository: Option<Option<Repository>>,
+}
+
+/// Deserializes a field that is present (even as `null`) to `Some(..)`; with `#[serde(default)]` an
+/// absent one stays `None`.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// `PUT /projects/{id}/vision`.
@@ -345,6 +361,61 @@ pub struct WorkGeneration {
 pub struct TokenBody {
     /// The fencing token.
     pub token: u64,
+}
+
+/// `POST /runs/{id}/result`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordResult {
+    /// The fencing token.
+    pub token: u64,
+    /// What the run changed.
+    pub result: RunResult,
+    /// The patch (unified diff), cut to size.
+    #[serde(default)]
+    pub patch: String,
+}
+
+/// A run the agent holds, in `POST /agents/cancellations`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldRun {
+    /// The run.
+    pub run_id: RunId,
+    /// The fencing token the agent holds it with.
+    pub token: u64,
+}
+
+/// `POST /agents/cancellations`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancellationsBody {
+    /// The runs the agent holds.
+    pub runs: Vec<HeldRun>,
+    /// Longest wait in milliseconds (capped at 30000; default 0: answer at once).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Answer of `POST /agents/cancellations`: the runs no longer held with their token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cancellations {
+    /// Cancelled, reclaimed, expired or finished runs among those asked about.
+    pub runs: Vec<RunId>,
+}
+
+/// Answer of `GET /runs/{id}/result`: the result without its patch (see `GET /runs/{id}/diff`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResultView {
+    /// The run.
+    pub run_id: RunId,
+    /// When it was recorded.
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
+    /// Size of the stored patch in bytes.
+    pub patch_bytes: u64,
+    /// What the run changed.
+    #[serde(flatten)]
+    pub result: RunResult,
 }
 
 /// `POST /runs/{id}/logs`.

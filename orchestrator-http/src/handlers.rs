@@ -88,7 +88,12 @@ pub(crate) async fn project_create(
     State(s): State<AppState>,
     Json(b): Json<CreateProject>,
 ) -> ApiResult<(StatusCode, J<Project>)> {
-    Ok((StatusCode::CREATED, J(s.orch.create_project(&b.name, &b.description).await?)))
+    let p = orchestrator_core::orchestrator::CreateProject {
+        name: b.name,
+        description: b.description,
+        repository: b.repository,
+    };
+    Ok((StatusCode::CREATED, J(s.orch.create_project_with(p).await?)))
 }
 
 pub(crate) async fn project_list(
@@ -109,7 +114,12 @@ pub(crate) async fn project_update(
     Path(id): Path<ProjectId>,
     Json(b): Json<UpdateProject>,
 ) -> ApiResult<J<Project>> {
-    Ok(J(s.orch.update_project(id, b.name, b.description).await?))
+    let u = orchestrator_core::orchestrator::UpdateProject {
+        name: b.name,
+        description: b.description,
+        repository: b.repository,
+    };
+    Ok(J(s.orch.update_project_with(id, u).await?))
 }
 
 pub(crate) async fn project_delete(State(s): State<AppState>, Path(id): Path<ProjectId>) -> ApiResult<StatusCode> {
@@ -287,12 +297,21 @@ pub(crate) async fn work_item_submit(
     Ok(J(s.orch.submit_work_item(id).await?.into()))
 }
 
+/// A cancellation's reason, saying who asked (the run's log shows it).
+fn cancel_reason(reason: Option<String>, caller: &Caller) -> String {
+    let reason = reason.map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).unwrap_or_else(|| "cancelled".into());
+    format!("{reason} (by {})", caller.0.name)
+}
+
 pub(crate) async fn work_item_cancel(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<WorkItemId>,
     OptionalJson(b): OptionalJson<CancelBody>,
 ) -> ApiResult<J<WorkItem>> {
-    Ok(J(s.orch.cancel_work_item(id, b.reason).await?))
+    let item = s.orch.cancel_work_item(id, Some(cancel_reason(b.reason, &caller))).await?;
+    s.log_bus.notify();
+    Ok(J(item))
 }
 
 pub(crate) async fn work_item_policy(
@@ -526,10 +545,41 @@ pub(crate) async fn run_get(State(s): State<AppState>, Path(id): Path<RunId>) ->
 
 pub(crate) async fn run_cancel(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<RunId>,
     OptionalJson(b): OptionalJson<CancelBody>,
 ) -> ApiResult<J<Run>> {
-    Ok(J(s.orch.cancel_run(id, b.reason).await?))
+    let run = s.orch.cancel_run(id, Some(cancel_reason(b.reason, &caller))).await?;
+    s.log_bus.notify();
+    Ok(J(run))
+}
+
+pub(crate) async fn run_result(State(s): State<AppState>, Path(id): Path<RunId>) -> ApiResult<J<RunResultView>> {
+    match s.orch.run_result(id).await? {
+        Some(r) => Ok(J(RunResultView {
+            run_id: r.run_id,
+            recorded_at: r.recorded_at,
+            patch_bytes: r.patch.len() as u64,
+            result: r.result,
+        })),
+        None => Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not_found",
+            format!("run `{id}` recorded no result (its project has no repository, or it has not finished)"),
+        )),
+    }
+}
+
+pub(crate) async fn run_diff(State(s): State<AppState>, Path(id): Path<RunId>) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    match s.orch.run_result(id).await? {
+        Some(r) => Ok(([(axum::http::header::CONTENT_TYPE, "text/x-diff; charset=utf-8")], r.patch).into_response()),
+        None => Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not_found",
+            format!("run `{id}` recorded no diff (its project has no repository, or it has not finished)"),
+        )),
+    }
 }
 
 pub(crate) async fn run_requeue(

@@ -74,7 +74,27 @@ const WORK_ITEM_STATES: &[&str] = &[
     "failed",
     "cancelled",
 ];
+fn repository() -> Value {
+    strict(obj(&["url"], vec![("url", string()), ("base_branch", null(string()))]))
+}
+
 const RUN_STATES: &[&str] = &["claimed", "running", "waiting_input", "succeeded", "failed", "cancelled", "lost"];
+
+fn run_result_props() -> Vec<(&'static str, Value)> {
+    vec![
+        ("branch", string()),
+        ("base_commit", string()),
+        ("head_commit", string()),
+        ("start_commit", null(string())),
+        ("committed", boolean()),
+        ("pushed", boolean()),
+        ("files_changed", uint()),
+        ("insertions", uint()),
+        ("deletions", uint()),
+        ("files", arr(string())),
+        ("patch_truncated", boolean()),
+    ]
+}
 
 fn schemas() -> Value {
     let labels = arr(string());
@@ -111,8 +131,21 @@ fn schemas() -> Value {
                 ],
             ),
         ),
-        ("CreateProject", strict(obj(&["name"], vec![("name", string()), ("description", string())]))),
-        ("UpdateProject", strict(obj(&[], vec![("name", null(string())), ("description", null(string()))]))),
+        ("Repository", repository()),
+        (
+            "CreateProject",
+            strict(obj(
+                &["name"],
+                vec![("name", string()), ("description", string()), ("repository", null(rf("Repository")))],
+            )),
+        ),
+        (
+            "UpdateProject",
+            strict(obj(
+                &[],
+                vec![("name", null(string())), ("description", null(string())), ("repository", null(rf("Repository")))],
+            )),
+        ),
         (
             "Project",
             obj(
@@ -121,6 +154,7 @@ fn schemas() -> Value {
                     ("id", uuid()),
                     ("name", string()),
                     ("description", string()),
+                    ("repository", null(rf("Repository"))),
                     ("created_at", time()),
                     ("updated_at", time()),
                 ],
@@ -635,12 +669,49 @@ fn schemas() -> Value {
                     ("resumed", boolean()),
                     ("recipe", null(rf("RecipeSpec"))),
                     ("answers", map_of(rf("AnswerValue"))),
+                    ("repository", null(rf("Repository"))),
                 ],
             ),
         ),
         ("ClaimResponse", obj(&["assignments"], vec![("assignments", arr(rf("Assignment")))])),
         ("WorkGeneration", obj(&["generation", "woken"], vec![("generation", uint()), ("woken", boolean())])),
         ("TokenBody", obj(&["token"], vec![("token", uint())])),
+        (
+            "RunResult",
+            obj(
+                &["branch", "base_commit", "head_commit", "files_changed", "insertions", "deletions"],
+                run_result_props(),
+            ),
+        ),
+        (
+            "RunResultView",
+            obj(
+                &["run_id", "recorded_at", "patch_bytes", "branch", "base_commit", "head_commit"],
+                [("run_id", uuid()), ("recorded_at", time()), ("patch_bytes", uint())]
+                    .into_iter()
+                    .chain(run_result_props())
+                    .collect(),
+            ),
+        ),
+        (
+            "RecordResult",
+            strict(obj(
+                &["token", "result"],
+                vec![("token", uint()), ("result", rf("RunResult")), ("patch", string())],
+            )),
+        ),
+        (
+            "CancellationsBody",
+            strict(obj(
+                &["runs"],
+                vec![
+                    ("runs", arr(strict(obj(&["run_id", "token"], vec![("run_id", uuid()), ("token", uint())])))),
+                    ("timeout_ms", null(uint())),
+                ],
+            )),
+        ),
+        ("Cancellations", obj(&["runs"], vec![("runs", arr(uuid()))])),
+        ("Recorded", obj(&["recorded"], vec![("recorded", boolean())])),
         ("AppendLogs", obj(&["token", "lines"], vec![("token", uint()), ("lines", arr(rf("NewLogLine")))])),
         ("LogsAppended", obj(&["last_seq"], vec![("last_seq", uint())])),
         ("RecordSteps", obj(&["token", "events"], vec![("token", uint()), ("events", arr(rf("NewStepEvent")))])),
@@ -765,6 +836,8 @@ fn operation(r: &RouteDef) -> Value {
     }
     let ok = match r.response {
         "none" => json!({"description": "done"}),
+        "diff" => json!({"description": "a unified diff",
+            "content": {"text/x-diff": {"schema": {"type": "string"}}}}),
         "text" => json!({"description": "Prometheus text exposition",
             "content": {"text/plain": {"schema": {"type": "string"}}}}),
         "sse" => {

@@ -267,6 +267,10 @@ pub(crate) fn table() -> Vec<RouteDef> {
         r(Post, "/runs/{id}/requeue", Operate, "Requeue a run's work item", h::run_requeue)
             .opt_body("RequeueRequest")
             .resp(200, "WorkItem"),
+        r(Get, "/runs/{id}/result", Read, "What the run changed: branch, commits, diff stats", h::run_result)
+            .resp(200, "RunResultView"),
+        r(Get, "/runs/{id}/diff", Read, "The run's patch (text/x-diff, cut at 2 MiB with a marker)", h::run_diff)
+            .resp(200, "diff"),
         r(Get, "/runs/{id}/logs", Read, "Read log lines after a sequence number", h::run_logs)
             .q(&[SEQ_AFTER, SEQ_LIMIT])
             .resp(200, "SeqPage<LogEntry>"),
@@ -328,5 +332,27 @@ pub(crate) fn table() -> Vec<RouteDef> {
         r(Post, "/runs/{id}/complete", Agent, "Complete the run", agent::complete)
             .body("CompleteBody")
             .resp(200, "CompletionResult"),
+        r(
+            Post,
+            "/runs/{id}/release",
+            Agent,
+            "Hand the run back without using an attempt (graceful stop); the next claim resumes it",
+            agent::release,
+        )
+        .body("TokenBody")
+        .resp(200, "Run"),
+        r(Post, "/runs/{id}/result", Agent, "Record what the run changed and its patch", agent::record_result)
+            .body("RecordResult")
+            .resp(200, "Recorded"),
+        r(
+            Post,
+            "/agents/cancellations",
+            Agent,
+            "Which of the agent's runs are no longer its own (long poll with timeout_ms)",
+            agent::cancellations,
+        )
+        .body("CancellationsBody")
+        .resp(200, "Cancellations")
+        .long_poll(),
     ]
 }

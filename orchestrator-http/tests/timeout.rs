@@ -160,6 +160,15 @@ impl Store for SlowPing {
     async fn run_requeue(&self, id: RunId, r: Requeue) -> StoreResult<WorkItem> {
         self.inner.run_requeue(id, r).await
     }
+    async fn runs_release(&self, p: RunRelease) -> StoreResult<Run> {
+        self.inner.runs_release(p).await
+    }
+    async fn run_result_put(&self, p: RunResultPut) -> StoreResult<()> {
+        self.inner.run_result_put(p).await
+    }
+    async fn run_result_get(&self, id: RunId) -> StoreResult<Option<RunResultRecord>> {
+        self.inner.run_result_get(id).await
+    }
     async fn logs_append(&self, p: LogAppend) -> StoreResult<u64> {
         self.inner.logs_append(p).await
     }

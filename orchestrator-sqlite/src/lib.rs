@@ -1005,6 +1005,16 @@ impl Store for SqliteStore {
         self.write_again(move |c| ops::run_requeue(c, id, &r).map(|w| (w, true))).await
     }
 
+    async fn runs_release(&self, p: RunRelease) -> StoreResult<Run> {
+        self.write(move |c| ops::runs_release(c, &p).map(|r| (r, true))).await
+    }
+    async fn run_result_put(&self, p: RunResultPut) -> StoreResult<()> {
+        self.write(move |c| ops::run_result_put(c, &p).map(|r| (r, false))).await
+    }
+    async fn run_result_get(&self, run_id: RunId) -> StoreResult<Option<RunResultRecord>> {
+        self.read(move |c| ops::run_result_get(c, run_id)).await
+    }
+
     async fn logs_append(&self, p: LogAppend) -> StoreResult<u64> {
         self.write_again(move |c| ops::logs_append(c, &p).map(|r| (r, false))).await
     }

@@ -85,11 +85,19 @@ fn i(v: u64) -> i64 {
 // ---------------------------------------------------------------- projects
 
 pub fn project_create(c: &Connection, p: NewProject) -> StoreResult<Project> {
-    let pr = Project { id: p.id, name: p.name, description: p.description, created_at: p.now, updated_at: p.now };
+    let pr = Project {
+        id: p.id,
+        name: p.name,
+        description: p.description,
+        repository: p.repository,
+        created_at: p.now,
+        updated_at: p.now,
+    };
+    let repo = pr.repository.as_ref().map(json_text).transpose()?;
     let n = c
-        .prepare_cached("INSERT INTO projects (id, name, description, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT DO NOTHING")
+        .prepare_cached("INSERT INTO projects (id, name, description, created_at, updated_at, repository) VALUES (?1, ?2, ?3, ?4, ?4, ?5) ON CONFLICT DO NOTHING")
         .q()?
-        .execute(params![b(pr.id), pr.name, pr.description, ts(p.now)])
+        .execute(params![b(pr.id), pr.name, pr.description, ts(p.now), repo])
         .q()?;
     if n == 0 {
         return Err(StoreError::Duplicate { entity: EntityKind::Project, key: pr.id.to_string() });
@@ -129,11 +137,17 @@ pub fn project_list(c: &Connection, page: Page) -> StoreResult<Vec<Project>> {
 }
 
 pub fn project_update(c: &Connection, p: ProjectUpdate) -> StoreResult<Project> {
+    // ?5: whether to set the repository; ?6: the new value (NULL removes it).
+    let repo = match &p.repository {
+        Some(Some(r)) => Some(json_text(r)?),
+        _ => None,
+    };
     c.prepare_cached(&format!(
-        "UPDATE projects SET name = COALESCE(?2, name), description = COALESCE(?3, description), updated_at = ?4 WHERE id = ?1 RETURNING {PROJECT_COLS}"
+        "UPDATE projects SET name = COALESCE(?2, name), description = COALESCE(?3, description), updated_at = ?4,
+         repository = CASE WHEN ?5 THEN ?6 ELSE repository END WHERE id = ?1 RETURNING {PROJECT_COLS}"
     ))
     .q()?
-    .query_row(params![b(p.id), p.name, p.description, ts(p.now)], project)
+    .query_row(params![b(p.id), p.name, p.description, ts(p.now), p.repository.is_some(), repo], project)
     .optional()
     .q()?
     .ok_or_else(|| StoreError::not_found(EntityKind::Project, p.id))
@@ -157,6 +171,7 @@ pub fn project_delete(c: &Connection, id: ProjectId) -> StoreResult<()> {
     c.execute("INSERT INTO temp.del_runs SELECT id FROM runs WHERE project_id = ?1", [b(id)]).q()?;
     c.execute("DELETE FROM logs WHERE run_id IN (SELECT id FROM temp.del_runs)", []).q()?;
     c.execute("DELETE FROM step_events WHERE run_id IN (SELECT id FROM temp.del_runs)", []).q()?;
+    c.execute("DELETE FROM run_results WHERE project_id = ?1", [b(id)]).q()?;
     c.execute("DELETE FROM work_item_deps WHERE work_item_id IN (SELECT id FROM work_items WHERE project_id = ?1) OR depends_on IN (SELECT id FROM work_items WHERE project_id = ?1)", [b(id)]).q()?;
     for t in ["runs", "info_requests", "approvals", "drafts", "work_items", "visions"] {
         c.execute(&format!("DELETE FROM {t} WHERE project_id = ?1"), [b(id)]).q()?;
@@ -1499,6 +1514,58 @@ pub fn lease_renew(c: &Connection, p: &LeaseRenew) -> StoreResult<Lease> {
         .execute(params![b(r.id), ts(lease.expires_at), ts(p.now)])
         .q()?;
     Ok(lease)
+}
+
+/// Hands a leased run back: run to `waiting_input` without a lease, item to `queued` now.
+pub fn runs_release(c: &Connection, p: &RunRelease) -> StoreResult<Run> {
+    let r = fenced(c, p.run_id, p.token, p.now)?;
+    r.state.transition(RunState::WaitingInput)?;
+    let item_state: String = c
+        .prepare_cached("SELECT state FROM work_items WHERE id = ?1")
+        .q()?
+        .query_row([b(r.work_item_id)], |row| row.get(0))
+        .q()?;
+    let item_state: WorkItemState = item_state.parse().map_err(StoreError::backend)?;
+    item_state.transition(WorkItemState::Queued)?;
+    c.prepare_cached("UPDATE work_items SET state = 'queued', run_at = ?2, updated_at = ?2 WHERE id = ?1")
+        .q()?
+        .execute(params![b(r.work_item_id), ts(p.now)])
+        .q()?;
+    c.prepare_cached(&format!(
+        "UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL WHERE id = ?1 RETURNING {RUN_COLS}"
+    ))
+    .q()?
+    .query_row(params![b(r.id)], run)
+    .q()
+}
+
+/// Records a leased run's result (replacing an earlier one).
+pub fn run_result_put(c: &Connection, p: &RunResultPut) -> StoreResult<()> {
+    let r = fenced(c, p.run_id, p.token, p.now)?;
+    c.prepare_cached(
+        "INSERT INTO run_results (run_id, project_id, result, patch, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (run_id) DO UPDATE SET result = excluded.result, patch = excluded.patch, recorded_at = excluded.recorded_at",
+    )
+    .q()?
+    .execute(params![b(r.id), b(r.project_id), json_text(&p.result)?, p.patch, ts(p.now)])
+    .q()?;
+    Ok(())
+}
+
+/// A run's result, if it recorded one.
+pub fn run_result_get(c: &Connection, id: RunId) -> StoreResult<Option<RunResultRecord>> {
+    run_get(c, id)?;
+    c.prepare_cached("SELECT result, patch, recorded_at FROM run_results WHERE run_id = ?1")
+        .q()?
+        .query_row([b(id)], |row| {
+            Ok(RunResultRecord { run_id: id, result: json(row, 0)?, patch: row.get(1)?, recorded_at: time(row, 2)? })
+        })
+        .optional()
+        .q()
+}
+
+fn json_text<T: serde::Serialize>(v: &T) -> StoreResult<String> {
+    serde_json::to_string(v).map_err(StoreError::backend)
 }
 
 pub fn run_start(c: &Connection, p: &RunStart) -> StoreResult<Run> {

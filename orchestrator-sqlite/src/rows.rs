@@ -121,12 +121,15 @@ pub fn enum_from<T: DeserializeOwned>(r: &Row<'_>, i: usize) -> rusqlite::Result
     serde_json::from_value(serde_json::Value::String(s)).map_err(|e| conv_err(i, e))
 }
 
-pub const PROJECT_COLS: &str = "id, name, description, created_at, updated_at";
+pub const PROJECT_COLS: &str = "id, name, description, created_at, updated_at, repository";
 pub fn project(r: &Row<'_>) -> rusqlite::Result<Project> {
+    let repository: Option<String> = r.get(5)?;
+    let repository = repository.map(|j| serde_json::from_str(&j).map_err(|e| conv_err(5, e))).transpose()?;
     Ok(Project {
         id: ProjectId(uid(r, 0)?),
         name: r.get(1)?,
         description: r.get(2)?,
+        repository,
         created_at: time(r, 3)?,
         updated_at: time(r, 4)?,
     })

@@ -1,7 +1,8 @@
 //! Embedded, versioned migrations. The schema version lives in `PRAGMA user_version`.
 
 /// Migrations in order; migration `i` brings the schema to version `i + 1`.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE projects (
     id BLOB PRIMARY KEY,
     name TEXT NOT NULL,
@@ -159,7 +160,19 @@ CREATE TABLE info_requests (
 ) WITHOUT ROWID;
 CREATE INDEX info_requests_run ON info_requests (run_id, id);
 CREATE INDEX info_requests_deadline ON info_requests (deadline) WHERE state = 'pending' AND deadline IS NOT NULL;
-"#];
+"#,
+    r#"
+ALTER TABLE projects ADD COLUMN repository TEXT;
+
+CREATE TABLE run_results (
+    run_id BLOB PRIMARY KEY,
+    project_id BLOB NOT NULL,
+    result TEXT NOT NULL,
+    patch TEXT NOT NULL,
+    recorded_at INTEGER NOT NULL
+);
+"#,
+];
 
 /// The schema version this build writes.
 pub fn latest_version() -> i64 {

@@ -70,6 +70,7 @@ async fn create_db_with_project(path: &Path) -> ProjectId {
             id,
             name: "kept".into(),
             description: "survives a reopen".into(),
+            repository: None,
             now: fixed_now(),
         })
         .await
@@ -163,6 +164,7 @@ async fn reopen_keeps_data() {
             id: ProjectId::new(),
             name: "kept".into(),
             description: "survives a reopen".into(),
+            repository: None,
             now: fixed_now(),
         })
         .await

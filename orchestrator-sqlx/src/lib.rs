@@ -946,6 +946,16 @@ impl Store for PgStore {
         write_tx!(self, |c| ops::run_requeue(c, id, &r).await.map(|w| (w, true)))
     }
 
+    async fn runs_release(&self, p: RunRelease) -> StoreResult<Run> {
+        write_tx!(self, |c| ops::runs_release(c, &p).await.map(|r| (r, true)))
+    }
+    async fn run_result_put(&self, p: RunResultPut) -> StoreResult<()> {
+        write_tx!(self, |c| ops::run_result_put(c, &p).await.map(|r| (r, false)))
+    }
+    async fn run_result_get(&self, run_id: RunId) -> StoreResult<Option<RunResultRecord>> {
+        read_conn!(self, |c| ops::run_result_get(c, run_id).await)
+    }
+
     async fn logs_append(&self, p: LogAppend) -> StoreResult<u64> {
         write_tx!(self, |c| ops::logs_append(c, p.clone()).await.map(|r| (r, false)))
     }

@@ -79,14 +79,22 @@ fn parse_state(s: &str) -> StoreResult<WorkItemState> {
 // ---------------------------------------------------------------- projects
 
 pub async fn project_create(c: &mut PgConnection, p: NewProject) -> StoreResult<Project> {
-    let pr = Project { id: p.id, name: p.name, description: p.description, created_at: p.now, updated_at: p.now };
+    let pr = Project {
+        id: p.id,
+        name: p.name,
+        description: p.description,
+        repository: p.repository,
+        created_at: p.now,
+        updated_at: p.now,
+    };
     let n = exec(
         c,
-        q("INSERT INTO projects (id, name, description, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) ON CONFLICT DO NOTHING")
+        q("INSERT INTO projects (id, name, description, created_at, updated_at, repository) VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT DO NOTHING")
             .bind(pr.id.0)
             .bind(&pr.name)
             .bind(&pr.description)
-            .bind(p.now),
+            .bind(p.now)
+            .bind(pr.repository.as_ref().map(Json)),
     )
     .await?;
     if n == 0 {
@@ -138,11 +146,16 @@ pub async fn project_list(c: &mut PgConnection, page: Page) -> StoreResult<Vec<P
 pub async fn project_update(c: &mut PgConnection, p: ProjectUpdate) -> StoreResult<Project> {
     opt(
         c,
-        q(sql!("UPDATE projects SET name = COALESCE($2, name), description = COALESCE($3, description), updated_at = $4 WHERE id = $1 RETURNING {PROJECT_COLS}"))
-            .bind(p.id.0)
-            .bind(p.name)
-            .bind(p.description)
-            .bind(p.now),
+        q(sql!(
+            "UPDATE projects SET name = COALESCE($2, name), description = COALESCE($3, description), updated_at = $4,
+                repository = CASE WHEN $5 THEN $6 ELSE repository END WHERE id = $1 RETURNING {PROJECT_COLS}"
+        ))
+        .bind(p.id.0)
+        .bind(p.name)
+        .bind(p.description)
+        .bind(p.now)
+        .bind(p.repository.is_some())
+        .bind(p.repository.as_ref().and_then(|r| r.as_ref()).map(Json)),
         project,
     )
     .await?
@@ -206,6 +219,7 @@ pub async fn project_delete(c: &mut PgConnection, id: ProjectId) -> StoreResult<
     .await?;
     exec(c, q("DELETE FROM work_item_projects WHERE project_id = $1").bind(id.0)).await?;
     exec(c, q("DELETE FROM visions WHERE project_id = $1").bind(id.0)).await?;
+    exec(c, q("DELETE FROM run_results WHERE project_id = $1").bind(id.0)).await?;
     exec(c, q("DELETE FROM recipes WHERE project_id = $1").bind(id.0)).await?;
     exec(c, q("DELETE FROM projects WHERE id = $1").bind(id.0)).await?;
     Ok(())
@@ -1640,6 +1654,58 @@ pub async fn lease_renew(c: &mut PgConnection, p: &LeaseRenew) -> StoreResult<Le
     )
     .await?;
     Ok(lease)
+}
+
+/// Hands a leased run back: run to `waiting_input` without a lease, item to `queued` now.
+pub async fn runs_release(c: &mut PgConnection, p: &RunRelease) -> StoreResult<Run> {
+    let r = fenced(c, p.run_id, p.token, p.now).await?;
+    r.state.transition(RunState::WaitingInput)?;
+    let n = exec(
+        c,
+        q("UPDATE work_items SET state = 'queued', run_at = $2, updated_at = $2 WHERE id = $1 AND state = 'running'")
+            .bind(r.work_item_id.0)
+            .bind(p.now),
+    )
+    .await?;
+    if n == 0 {
+        let item = work_item_get(c, r.work_item_id).await?;
+        return Err(item
+            .state
+            .transition(WorkItemState::Queued)
+            .err()
+            .map(StoreError::InvalidTransition)
+            .unwrap_or_else(|| StoreError::conflict(format!("work item {} is {}", item.id, item.state))));
+    }
+    one(
+        c,
+        q(sql!("UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL WHERE id = $1 RETURNING {RUN_COLS}"))
+            .bind(r.id.0),
+        run,
+    )
+    .await
+}
+
+/// Records a leased run's result (replacing an earlier one).
+pub async fn run_result_put(c: &mut PgConnection, p: &RunResultPut) -> StoreResult<()> {
+    let r = fenced(c, p.run_id, p.token, p.now).await?;
+    exec(
+        c,
+        q("INSERT INTO run_results (run_id, project_id, result, patch, recorded_at) VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (run_id) DO UPDATE SET result = excluded.result, patch = excluded.patch, recorded_at = excluded.recorded_at")
+        .bind(r.id.0)
+        .bind(r.project_id.0)
+        .bind(Json(&p.result))
+        .bind(&p.patch)
+        .bind(p.now),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A run's result, if it recorded one.
+pub async fn run_result_get(c: &mut PgConnection, id: RunId) -> StoreResult<Option<RunResultRecord>> {
+    run_get(c, id).await?;
+    opt(c, q(sql!("SELECT {RUN_RESULT_COLS} FROM run_results WHERE run_id = $1")).bind(id.0), run_result).await
 }
 
 pub async fn run_start(c: &mut PgConnection, p: &RunStart) -> StoreResult<Run> {

@@ -3,6 +3,7 @@
 use orchestrator_core::crypto::SealedValue;
 use orchestrator_core::domain::*;
 use orchestrator_core::ids::*;
+use orchestrator_core::store::RunResultRecord;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
@@ -48,14 +49,26 @@ pub fn enum_str<T: serde::Serialize>(v: &T) -> String {
     }
 }
 
-pub const PROJECT_COLS: &str = "id, name, description, created_at, updated_at";
+pub const PROJECT_COLS: &str = "id, name, description, created_at, updated_at, repository";
 pub fn project(r: &PgRow) -> R<Project> {
+    let repository: Option<Json<Repository>> = r.try_get(5)?;
     Ok(Project {
         id: ProjectId(r.try_get(0)?),
         name: r.try_get(1)?,
         description: r.try_get(2)?,
+        repository: repository.map(|j| j.0),
         created_at: r.try_get(3)?,
         updated_at: r.try_get(4)?,
+    })
+}
+
+pub const RUN_RESULT_COLS: &str = "run_id, result, patch, recorded_at";
+pub fn run_result(r: &PgRow) -> R<RunResultRecord> {
+    Ok(RunResultRecord {
+        run_id: RunId(r.try_get(0)?),
+        result: r.try_get::<Json<RunResult>, _>(1)?.0,
+        patch: r.try_get(2)?,
+        recorded_at: r.try_get(3)?,
     })
 }
 

@@ -209,14 +209,29 @@ DROP INDEX work_items_project;
 -- of the runs inserted beside them. Pages written before this migration keep their layout.
 ALTER TABLE runs SET (fillfactor = 50);
 "#,
+    r#"
+-- A project's git repository (url, base branch) as JSON; NULL when it has none. Adding a nullable
+-- column rewrites nothing.
+ALTER TABLE projects ADD COLUMN repository jsonb;
+-- What a run changed in its repository (branch, commits, diff stats) and its patch, written by the run's
+-- lease holder; one row per run that recorded one, kept out of the hot `runs` rows.
+CREATE TABLE run_results (
+    run_id uuid PRIMARY KEY,
+    project_id uuid NOT NULL,
+    result jsonb NOT NULL,
+    patch text NOT NULL,
+    recorded_at timestamptz NOT NULL
+);
+CREATE INDEX run_results_project ON run_results (project_id);
+"#,
 ];
 
 /// For each migration, the oldest schema version whose builds still run correctly on a schema that
 /// includes it (older builds keep running beside newer ones during a rolling upgrade, and restart on
 /// the newer schema). A build refuses a newer schema only when one of the versions it does not know
 /// says it cannot. Version 3 maps the inserts of version 2 builds through a trigger; version 4 changes
-/// a storage parameter.
-pub const COMPATIBLE_FROM: &[i32] = &[1, 2, 2, 2];
+/// a storage parameter; version 5 adds a nullable column and a table older builds do not read.
+pub const COMPATIBLE_FROM: &[i32] = &[1, 2, 2, 2, 2];
 
 /// The schema version this build writes.
 pub fn latest_version() -> i32 {

@@ -39,7 +39,13 @@ async fn combining_store(prefix: &str, connections: u32, max_runs: u32, in_fligh
 async fn project_with_items(store: &PgStore, n: usize, label: Option<&str>) -> (ProjectId, Vec<WorkItemId>) {
     let p = ProjectId::new();
     store
-        .project_create(NewProject { id: p, name: "p".into(), description: String::new(), now: Utc::now() })
+        .project_create(NewProject {
+            id: p,
+            name: "p".into(),
+            description: String::new(),
+            repository: None,
+            now: Utc::now(),
+        })
         .await
         .unwrap();
     let items: Vec<_> = (0..n)

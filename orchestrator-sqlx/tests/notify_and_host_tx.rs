@@ -15,7 +15,13 @@ use common::new_item;
 async fn project(store: &PgStore) -> ProjectId {
     let id = ProjectId::new();
     store
-        .project_create(NewProject { id, name: "p".into(), description: String::new(), now: Utc::now() })
+        .project_create(NewProject {
+            id,
+            name: "p".into(),
+            description: String::new(),
+            repository: None,
+            now: Utc::now(),
+        })
         .await
         .unwrap();
     id

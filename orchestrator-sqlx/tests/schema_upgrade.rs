@@ -9,7 +9,7 @@ use chrono::{Duration, Utc};
 use orchestrator_core::ids::{ProjectId, WorkItemId};
 use orchestrator_core::retry::RetryPolicy;
 use orchestrator_core::state::{RunState, WorkItemState};
-use orchestrator_core::store::{Claim, CompleteMany, NewProject, NewWorkItem, Tick};
+use orchestrator_core::store::{Claim, CompleteMany, NewWorkItem, Tick};
 use orchestrator_core::{Store, StoreError};
 use orchestrator_sqlx::{PgOptions, PgStore};
 
@@ -17,6 +17,19 @@ use common::new_item;
 
 /// A work item row as an older build writes it (none of the columns later versions added), so it can be
 /// written before the upgrade.
+/// A project as builds before schema version 5 insert it (the store under test may run on an older schema).
+async fn legacy_project(store: &PgStore, id: ProjectId, name: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {}.projects (id, name, description, created_at, updated_at) VALUES ($1, $2, '', now(), now())",
+        store.schema()
+    )))
+    .bind(id.0)
+    .bind(name)
+    .execute(store.pool())
+    .await
+    .unwrap();
+}
+
 async fn legacy_insert(store: &PgStore, project: ProjectId, title: &str, state: &str) -> WorkItemId {
     let id = WorkItemId::new();
     sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -61,7 +74,7 @@ async fn leases_taken_under_version_1_are_reaped_after_the_upgrade() {
 
     let now = Utc::now();
     let p = ProjectId::new();
-    store.project_create(NewProject { id: p, name: "p".into(), description: String::new(), now }).await.unwrap();
+    legacy_project(&store, p, "p").await;
     for i in 0..3 {
         legacy_insert(&store, p, &format!("w{i}"), "queued").await;
     }
@@ -76,7 +89,7 @@ async fn leases_taken_under_version_1_are_reaped_after_the_upgrade() {
     let long = store.runs_claim(claim(600)).await.unwrap().remove(0);
     // A second project with drafts only (nothing active), to be deleted after the upgrade.
     let q = ProjectId::new();
-    store.project_create(NewProject { id: q, name: "q".into(), description: String::new(), now }).await.unwrap();
+    legacy_project(&store, q, "q").await;
     let mut gone = vec![legacy_insert(&store, q, "d0", "draft").await, legacy_insert(&store, q, "d1", "draft").await];
 
     store.migrate().await.unwrap();
@@ -147,7 +160,7 @@ async fn completed_runs_stay_on_their_pages() {
     let store = common::fresh_store("runpages").await;
     let now = Utc::now();
     let p = ProjectId::new();
-    store.project_create(NewProject { id: p, name: "p".into(), description: String::new(), now }).await.unwrap();
+    legacy_project(&store, p, "p").await;
     let items: Vec<NewWorkItem> = (0..200).map(|i| new_item(p, &format!("w{i}"))).collect();
     store.work_items_create(items, now).await.unwrap();
     let claimed = store

@@ -35,10 +35,11 @@ pub struct ServeArgs {
 pub type ServeError = String;
 
 /// `ORCH_SCHEDULER_BACKGROUND_INTERVAL` (seconds, fractions allowed; `0`/`off` disables). Unset: every
-/// second when embedded agents run (so retries and not-before times become claimable), else off.
-pub fn background_interval(value: Option<&str>, embedded_agents: u32) -> Result<Option<Duration>, ServeError> {
+/// second, with or without embedded agents (retries and not-before times become claimable, and the runs of
+/// a crashed remote agent are reaped when their lease expires).
+pub fn background_interval(value: Option<&str>, _embedded_agents: u32) -> Result<Option<Duration>, ServeError> {
     match value.map(str::trim).filter(|v| !v.is_empty()) {
-        None => Ok((embedded_agents > 0).then(|| Duration::from_secs(1))),
+        None => Ok(Some(Duration::from_secs(1))),
         Some("off" | "false" | "0") => Ok(None),
         Some(v) => match v.parse::<f64>() {
             Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(Some(Duration::from_secs_f64(s))),
@@ -349,7 +350,7 @@ mod tests {
 
     #[test]
     fn background_interval_defaults_and_parsing() {
-        assert_eq!(background_interval(None, 0).unwrap(), None);
+        assert_eq!(background_interval(None, 0).unwrap(), Some(Duration::from_secs(1)));
         assert_eq!(background_interval(None, 2).unwrap(), Some(Duration::from_secs(1)));
         assert_eq!(background_interval(Some("0"), 2).unwrap(), None);
         assert_eq!(background_interval(Some("off"), 0).unwrap(), None);

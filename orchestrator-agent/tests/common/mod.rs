@@ -279,3 +279,42 @@ pub async fn fake_http_server(answers: Vec<(u16, String)>) -> (String, JoinHandl
     });
     (format!("http://{addr}"), handle)
 }
+
+/// Runs git synchronously (tests only), panicking with its output on failure; returns stdout.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Harness {
+    /// A bare repository (the "remote") with one commit on `main`: `README.md` and `src/app.txt`.
+    pub fn bare_repo(&self, name: &str) -> PathBuf {
+        let bare = self.path(&format!("{name}.git"));
+        let seed = self.path(&format!("{name}-seed"));
+        std::fs::create_dir_all(&seed).unwrap();
+        git(self.dir.path(), &["init", "--quiet", "--bare", bare.to_str().unwrap()]);
+        git(&seed, &["init", "--quiet"]);
+        std::fs::write(seed.join("README.md"), "# sample\n").unwrap();
+        std::fs::create_dir_all(seed.join("src")).unwrap();
+        std::fs::write(seed.join("src/app.txt"), "one\ntwo\n").unwrap();
+        git(&seed, &["add", "."]);
+        git(&seed, &["commit", "--quiet", "-m", "initial"]);
+        git(&seed, &["push", "--quiet", bare.to_str().unwrap(), "HEAD:refs/heads/main"]);
+        git(&bare, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+        bare
+    }
+
+    /// Points the harness project at `url`.
+    pub async fn use_repository(&self, url: &str, base_branch: Option<&str>) {
+        let repo = Repository { url: url.into(), base_branch: base_branch.map(str::to_string) };
+        let u = orchestrator_core::orchestrator::UpdateProject { repository: Some(Some(repo)), ..Default::default() };
+        self.orch.update_project_with(self.project, u).await.unwrap();
+    }
+}

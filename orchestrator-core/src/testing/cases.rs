@@ -332,3 +332,127 @@ pub async fn complete_and_claim_refusals(store: Arc<dyn Store>) {
     assert_eq!(h.state_of(claimed[0].claimed.work_item.id).await, WorkItemState::Running);
     assert_eq!(h.state_of(claimed[1].claimed.work_item.id).await, WorkItemState::Succeeded);
 }
+
+/// A project's repository is stored, shown, changed and removed; a malformed URL is refused with
+/// nothing stored; claims carry the repository to the agent.
+pub async fn project_repository_round_trip(store: Arc<dyn Store>) {
+    use crate::domain::Repository;
+    use crate::orchestrator::{CreateProject, UpdateProject};
+    let h = Harness::new(store);
+    let repo = Repository { url: "/srv/git/app.git".into(), base_branch: Some("main".into()) };
+    let p = h
+        .orch
+        .create_project_with(CreateProject {
+            name: "app".into(),
+            description: String::new(),
+            repository: Some(repo.clone()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(p.repository.as_ref(), Some(&repo));
+    assert_eq!(h.store.project_get(p.id).await.unwrap().repository.as_ref(), Some(&repo));
+    assert_eq!(h.store.project_list(Page::default()).await.unwrap()[0].repository.as_ref(), Some(&repo));
+    let before = h.store.project_list(Page::default()).await.unwrap().len();
+    let bad = CreateProject {
+        name: "bad".into(),
+        description: String::new(),
+        repository: Some(Repository { url: "  ".into(), base_branch: None }),
+    };
+    assert!(matches!(h.orch.create_project_with(bad).await, Err(crate::Error::Invalid { .. })));
+    assert_eq!(h.store.project_list(Page::default()).await.unwrap().len(), before);
+    // A name change keeps the repository; a new one replaces it; `Some(None)` removes it.
+    let u = h.orch.update_project(p.id, Some("app2".into()), None).await.unwrap();
+    assert_eq!(u.repository.as_ref(), Some(&repo));
+    let other = Repository { url: "https://git.example.com/team/app.git".into(), base_branch: None };
+    let change = UpdateProject { repository: Some(Some(other.clone())), ..Default::default() };
+    let u = h.orch.update_project_with(p.id, change).await.unwrap();
+    assert_eq!(u.repository.as_ref(), Some(&other));
+    assert_eq!(h.store.project_get(p.id).await.unwrap().repository.as_ref(), Some(&other));
+    let bad = UpdateProject {
+        repository: Some(Some(Repository { url: "https://h/x".into(), base_branch: Some("a..b".into()) })),
+        ..Default::default()
+    };
+    assert!(h.orch.update_project_with(p.id, bad).await.is_err());
+    assert_eq!(h.store.project_get(p.id).await.unwrap().repository.as_ref(), Some(&other));
+    h.queued(p.id, "work", 0, &[]).await;
+    let a = h.claim_one("agent").await;
+    assert_eq!(a.repository.as_ref(), Some(&other));
+    let u = h.orch.update_project_with(p.id, UpdateProject { repository: Some(None), ..Default::default() }).await;
+    assert_eq!(u.unwrap().repository, None);
+    assert_eq!(h.store.project_get(p.id).await.unwrap().repository, None);
+}
+
+/// A released run does not use up an attempt: its item is claimable at once and the next claim resumes
+/// the same run (same attempt, new token) with its answers; the old token is refused afterwards. Five
+/// releases in a row leave the attempts unchanged.
+pub async fn release_hands_the_run_back_without_an_attempt(store: Arc<dyn Store>) {
+    use crate::agent::AgentApi;
+    let h = Harness::new(store);
+    let p = h.project().await;
+    let w = h.queued(p.id, "long step", 0, &[]).await;
+    let mut a = h.claim_one("a1").await;
+    let run_id = a.run_id();
+    h.orch.start(run_id, a.token()).await.unwrap();
+    for i in 0..5 {
+        let released = h.orch.release(run_id, a.token()).await.unwrap();
+        assert_eq!(released.state, RunState::WaitingInput);
+        assert_eq!(released.lease_expires_at, None);
+        let item = h.store.work_item_get(w.id).await.unwrap();
+        assert_eq!(item.state, WorkItemState::Queued, "release {i}");
+        assert_eq!(item.attempts, 1, "release {i}");
+        // The old token can no longer write.
+        assert!(matches!(
+            h.orch.release(run_id, a.token()).await,
+            Err(crate::Error::Store(StoreError::LeaseLost { .. }))
+        ));
+        let next = h.claim_one(&format!("a{}", i + 2)).await;
+        assert_eq!(next.run_id(), run_id);
+        assert!(next.claimed.resumed);
+        assert!(next.token() > a.token());
+        assert_eq!(next.claimed.run.attempt, 1);
+        a = next;
+    }
+    h.succeed(&a).await;
+    assert_eq!(h.state_of(w.id).await, WorkItemState::Succeeded);
+    assert_eq!(h.store.work_item_get(w.id).await.unwrap().attempts, 1);
+    // A finished run cannot be released.
+    assert!(h.orch.release(run_id, a.token()).await.is_err());
+}
+
+/// A run's result is written by its lease holder only and read back with its patch.
+pub async fn run_result_is_fenced_and_read_back(store: Arc<dyn Store>) {
+    use crate::agent::AgentApi;
+    use crate::domain::RunResult;
+    let h = Harness::new(store);
+    let p = h.project().await;
+    h.queued(p.id, "edit", 0, &[]).await;
+    let a = h.claim_one("a1").await;
+    assert_eq!(h.orch.run_result(a.run_id()).await.unwrap(), None);
+    let result = RunResult {
+        branch: "orch/item".into(),
+        base_commit: "1111111111111111111111111111111111111111".into(),
+        head_commit: "2222222222222222222222222222222222222222".into(),
+        start_commit: Some("1111111111111111111111111111111111111111".into()),
+        committed: true,
+        pushed: false,
+        files_changed: 1,
+        insertions: 3,
+        deletions: 1,
+        files: vec!["src/lib.rs".into()],
+        patch_truncated: false,
+    };
+    let patch = "diff --git a/src/lib.rs b/src/lib.rs\n+é unicode\n".to_string();
+    assert!(matches!(
+        h.orch.record_result(a.run_id(), a.token() + 1, result.clone(), patch.clone()).await,
+        Err(crate::Error::Store(StoreError::LeaseLost { .. }))
+    ));
+    h.orch.record_result(a.run_id(), a.token(), result.clone(), "old".into()).await.unwrap();
+    h.orch.record_result(a.run_id(), a.token(), result.clone(), patch.clone()).await.unwrap();
+    let got = h.orch.run_result(a.run_id()).await.unwrap().unwrap();
+    assert_eq!((got.run_id, &got.result, &got.patch), (a.run_id(), &result, &patch));
+    h.succeed(&a).await;
+    // After completion the lease is gone: nothing more is written.
+    assert!(h.orch.record_result(a.run_id(), a.token(), result.clone(), String::new()).await.is_err());
+    assert_eq!(h.orch.run_result(a.run_id()).await.unwrap().unwrap().patch, patch);
+    assert!(matches!(h.store.run_result_get(crate::ids::RunId::new()).await, Err(StoreError::NotFound { .. })));
+}

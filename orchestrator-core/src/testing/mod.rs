@@ -148,6 +148,9 @@ macro_rules! store_conformance_tests {
             complete_many_mixed_batch,
             complete_and_claim_hands_over,
             complete_and_claim_refusals,
+            project_repository_round_trip,
+            release_hands_the_run_back_without_an_attempt,
+            run_result_is_fenced_and_read_back,
         );
         $crate::__sched_cases!($factory);
         $crate::__flow_cases!($factory);

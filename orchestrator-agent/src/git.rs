@@ -1,0 +1,407 @@
+//! Git workspaces: each work item of a project with a repository gets its own branch
+//! (`orch/<work item id>`) checked out in its own worktree, from a bare mirror of the repository cached
+//! per agent (one clone per repository, not per run). A retry continues from what the previous attempt
+//! committed (fetched from the remote's branch when it was pushed, so another agent continues too); after
+//! the executor, the agent commits what changed and records the branch, the commits and the diff.
+
+use orchestrator_core::agent::Checkout;
+use orchestrator_core::domain::{Repository, RunResult};
+use orchestrator_core::ids::WorkItemId;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+/// The agent's git settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitSettings {
+    /// `AGENT_BRANCH_PREFIX`: branches are `<prefix><work item id>` (default `orch/`).
+    pub branch_prefix: String,
+    /// `AGENT_GIT_AUTHOR` (`Name <email>`): author and committer of the agent's commits.
+    pub author_name: String,
+    /// The author's email.
+    pub author_email: String,
+    /// `AGENT_GIT_PUSH`: push the work item's branch to the repository's remote after each run.
+    pub push: bool,
+    /// `AGENT_DIFF_MAX_BYTES`: the longest patch sent to the server (default 1 MiB); longer ones are cut
+    /// with a marker line.
+    pub diff_max_bytes: usize,
+    /// Timeout of one git command that talks to the remote (clone, fetch, push).
+    pub network_timeout: Duration,
+}
+
+impl Default for GitSettings {
+    fn default() -> Self {
+        GitSettings {
+            branch_prefix: "orch/".into(),
+            author_name: "orchestrator-agent".into(),
+            author_email: "orchestrator-agent@localhost".into(),
+            push: false,
+            diff_max_bytes: 1024 * 1024,
+            network_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Parses `Name <email>`.
+pub fn parse_author(v: &str) -> Option<(String, String)> {
+    let v = v.trim();
+    let (name, rest) = v.split_once('<')?;
+    let email = rest.strip_suffix('>')?.trim();
+    let name = name.trim();
+    if name.is_empty() || email.is_empty() || email.contains(['<', '>']) || name.contains(['<', '>']) {
+        return None;
+    }
+    Some((name.to_string(), email.to_string()))
+}
+
+/// Output of a git command.
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs git in `dir` with a clean git environment (no `GIT_DIR` and the like from the agent's own, no
+/// prompts, no hooks, no system or global config that could point elsewhere).
+async fn git_raw(dir: &Path, args: &[&str], timeout: Duration) -> Result<Out, String> {
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.arg("-c")
+        .arg("core.hooksPath=/dev/null")
+        .arg("-c")
+        .arg("protocol.file.allow=always")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("GIT_") && !GIT_ENV_KEPT.contains(&k)) {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env("GIT_TERMINAL_PROMPT", "0").env("LC_ALL", "C");
+    let child = cmd.spawn().map_err(|e| format!("cannot start git: {e}"))?;
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(o)) => Ok(Out {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        }),
+        Ok(Err(e)) => Err(format!("git {}: {e}", args.first().unwrap_or(&""))),
+        Err(_) => Err(format!("git {} timed out after {} s", args.join(" "), timeout.as_secs())),
+    }
+}
+
+/// Variables git may keep from the agent's environment (how to reach a remote).
+const GIT_ENV_KEPT: &[&str] = &["GIT_SSH", "GIT_SSH_COMMAND", "GIT_ASKPASS", "GIT_SSL_CAINFO", "GIT_SSL_NO_VERIFY"];
+
+const LOCAL: Duration = Duration::from_secs(120);
+
+/// Runs git and returns its standard output, or an error with its standard error.
+async fn git(dir: &Path, args: &[&str], timeout: Duration) -> Result<String, String> {
+    let o = git_raw(dir, args, timeout).await?;
+    if o.code == Some(0) {
+        Ok(o.stdout)
+    } else {
+        let what = args.iter().take(3).copied().collect::<Vec<_>>().join(" ");
+        Err(format!("git {what} failed: {}", if o.stderr.is_empty() { o.stdout.trim() } else { &o.stderr }))
+    }
+}
+
+/// Whether `git` exits with 0.
+async fn git_ok(dir: &Path, args: &[&str]) -> Result<bool, String> {
+    Ok(git_raw(dir, args, LOCAL).await?.code == Some(0))
+}
+
+async fn rev(dir: &Path, name: &str) -> Result<Option<String>, String> {
+    let o = git_raw(dir, &["rev-parse", "--verify", "--quiet", &format!("{name}^{{commit}}")], LOCAL).await?;
+    Ok((o.code == Some(0)).then(|| o.stdout.trim().to_string()))
+}
+
+/// The repositories and worktrees of one agent, under its workspace root.
+#[derive(Debug)]
+pub(crate) struct Workspaces {
+    root: PathBuf,
+    settings: GitSettings,
+    /// One lock per mirror: fetches and worktree changes of one repository do not overlap.
+    locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A checkout prepared for a run.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    pub dir: PathBuf,
+    pub checkout: Checkout,
+    /// How the branch was found (for the run's log).
+    pub origin: String,
+}
+
+/// What [`Workspaces::finish`] did.
+#[derive(Debug, Clone)]
+pub(crate) struct Finished {
+    pub result: RunResult,
+    pub patch: String,
+    /// `git diff --name-status` lines of the run's own commit (empty when it committed nothing).
+    pub committed_files: Vec<String>,
+}
+
+impl Workspaces {
+    pub fn new(root: PathBuf, settings: GitSettings) -> Self {
+        Workspaces { root, settings, locks: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn settings(&self) -> &GitSettings {
+        &self.settings
+    }
+
+    fn mirror_path(&self, url: &str) -> PathBuf {
+        let h = hex::encode(&Sha256::digest(url.as_bytes())[..10]);
+        self.root.join("repos").join(format!("{h}.git"))
+    }
+
+    /// The worktree of a work item.
+    pub fn item_dir(&self, item: WorkItemId) -> PathBuf {
+        self.root.join("items").join(item.to_string())
+    }
+
+    fn lock_for(&self, mirror: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(mirror.to_path_buf()).or_default().clone()
+    }
+
+    /// The bare mirror of `url`, created on first use, fetched now.
+    async fn mirror(&self, url: &str) -> Result<PathBuf, String> {
+        let mirror = self.mirror_path(url);
+        if !mirror.join("HEAD").exists() {
+            let parent = mirror.parent().unwrap_or(&self.root).to_path_buf();
+            std::fs::create_dir_all(&parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            let tmp = parent.join(format!(".tmp-{}", uuid::Uuid::now_v7()));
+            let init = async {
+                let t = tmp.to_string_lossy().into_owned();
+                git(&parent, &["init", "--bare", "--quiet", &t], LOCAL).await?;
+                git(&tmp, &["config", "remote.origin.url", url], LOCAL).await?;
+                git(&tmp, &["config", "remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*"], LOCAL).await?;
+                git(&tmp, &["config", "gc.auto", "0"], LOCAL).await?;
+                std::fs::rename(&tmp, &mirror).map_err(|e| format!("cannot move the new mirror in place: {e}"))
+            };
+            if let Err(e) = init.await {
+                let _ = std::fs::remove_dir_all(&tmp);
+                if !mirror.join("HEAD").exists() {
+                    return Err(e);
+                }
+            }
+        }
+        git(&mirror, &["fetch", "--prune", "--quiet", "origin"], self.settings.network_timeout)
+            .await
+            .map_err(|e| format!("cannot fetch {url}: {e}"))?;
+        Ok(mirror)
+    }
+
+    /// The remote's default branch (what its `HEAD` points at).
+    async fn default_branch(&self, mirror: &Path) -> Result<String, String> {
+        let out = git(mirror, &["ls-remote", "--symref", "origin", "HEAD"], self.settings.network_timeout).await?;
+        for line in out.lines() {
+            if let Some(rest) = line.strip_prefix("ref: refs/heads/") {
+                if let Some((b, _)) = rest.split_once('\t') {
+                    return Ok(b.to_string());
+                }
+            }
+        }
+        for b in ["main", "master"] {
+            if rev(mirror, &format!("refs/remotes/origin/{b}")).await?.is_some() {
+                return Ok(b.to_string());
+            }
+        }
+        Err("cannot tell the repository's default branch (is it empty?): set the project's base_branch".into())
+    }
+
+    /// Checks out the work item's branch in its worktree: reused when it is there, else created from the
+    /// remote's copy of the branch (pushed by an earlier attempt), the mirror's, or the base branch.
+    pub async fn prepare(&self, repo: &Repository, item: WorkItemId) -> Result<Prepared, String> {
+        let mirror_path = self.mirror_path(&repo.url);
+        let lock = self.lock_for(&mirror_path);
+        let _held = lock.lock().await;
+        let mirror = self.mirror(&repo.url).await?;
+        let base = match &repo.base_branch {
+            Some(b) => b.clone(),
+            None => self.default_branch(&mirror).await?,
+        };
+        let base_ref = format!("refs/remotes/origin/{base}");
+        if rev(&mirror, &base_ref).await?.is_none() {
+            return Err(format!("the repository has no branch `{base}`"));
+        }
+        let branch = format!("{}{}", self.settings.branch_prefix, item);
+        let local_ref = format!("refs/heads/{branch}");
+        let remote = rev(&mirror, &format!("refs/remotes/origin/{branch}")).await?;
+        let dir = self.item_dir(item);
+        git(&mirror, &["worktree", "prune"], LOCAL).await?;
+        let reusable = dir.join(".git").exists()
+            && git(&dir, &["symbolic-ref", "--quiet", "HEAD"], LOCAL).await.is_ok_and(|h| h.trim() == local_ref);
+        let origin;
+        if reusable {
+            origin = match &remote {
+                // Another agent pushed further: move on to it when ours is behind.
+                Some(r) if git_ok(&dir, &["merge-base", "--is-ancestor", "HEAD", r]).await? => {
+                    let _ = git(&dir, &["merge", "--ff-only", "--quiet", r], LOCAL).await;
+                    "the work item's worktree, fast-forwarded to the remote branch".to_string()
+                }
+                _ => "the work item's worktree from an earlier attempt".to_string(),
+            };
+        } else {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+            }
+            let local = rev(&mirror, &local_ref).await?;
+            let start = match (&local, &remote) {
+                (Some(l), Some(r)) if git_ok(&mirror, &["merge-base", "--is-ancestor", l, r]).await? => {
+                    origin = format!("the remote branch {branch}");
+                    r.clone()
+                }
+                (Some(l), _) => {
+                    origin = format!("the branch {branch} of an earlier attempt on this agent");
+                    l.clone()
+                }
+                (None, Some(r)) => {
+                    origin = format!("the remote branch {branch}");
+                    r.clone()
+                }
+                (None, None) => {
+                    origin = format!("a new branch from {base}");
+                    rev(&mirror, &base_ref).await?.unwrap_or_default()
+                }
+            };
+            git(&mirror, &["update-ref", &local_ref, &start], LOCAL).await?;
+            std::fs::create_dir_all(dir.parent().unwrap_or(&self.root))
+                .map_err(|e| format!("cannot create the worktree's directory: {e}"))?;
+            let d = dir.to_string_lossy().into_owned();
+            git(&mirror, &["worktree", "add", "--quiet", &d, &branch], LOCAL).await?;
+        }
+        let start_commit = rev(&dir, "HEAD").await?.ok_or("the worktree has no commit")?;
+        Ok(Prepared {
+            dir,
+            checkout: Checkout { url: repo.url.clone(), base_branch: base, branch, start_commit },
+            origin,
+        })
+    }
+
+    /// Commits what changed in the worktree (when anything did) and measures the branch against its base.
+    pub async fn finish(&self, dir: &Path, co: &Checkout, message: &str) -> Result<Finished, String> {
+        git(dir, &["add", "--all", "--", "."], LOCAL).await?;
+        let changed = !git_ok(dir, &["diff", "--cached", "--quiet"]).await?;
+        let mut committed_files = Vec::new();
+        if changed {
+            let name = format!("user.name={}", self.settings.author_name);
+            let email = format!("user.email={}", self.settings.author_email);
+            git(dir, &["-c", &name, "-c", &email, "commit", "--quiet", "--no-verify", "-m", message], LOCAL).await?;
+            committed_files = git(dir, &["diff", "--name-status", "HEAD~1", "HEAD"], LOCAL)
+                .await?
+                .lines()
+                .map(str::to_string)
+                .collect();
+        }
+        let head = rev(dir, "HEAD").await?.ok_or("the worktree has no commit")?;
+        let base_ref = format!("refs/remotes/origin/{}", co.base_branch);
+        let base = git(dir, &["merge-base", &base_ref, "HEAD"], LOCAL).await.map(|s| s.trim().to_string())?;
+        let numstat = git(dir, &["diff", "--numstat", "--no-renames", &base, &head], LOCAL).await?;
+        let (mut insertions, mut deletions, mut files) = (0u64, 0u64, Vec::new());
+        for line in numstat.lines() {
+            let mut parts = line.splitn(3, '\t');
+            let (a, d, path) = (parts.next(), parts.next(), parts.next());
+            insertions += a.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0);
+            deletions += d.and_then(|d| d.parse::<u64>().ok()).unwrap_or(0);
+            if let Some(p) = path {
+                files.push(p.to_string());
+            }
+        }
+        let (patch, truncated) = self.patch(dir, &base, &head).await?;
+        let files_changed = files.len() as u32;
+        files.truncate(orchestrator_core::rules::MAX_RESULT_FILES);
+        Ok(Finished {
+            result: RunResult {
+                branch: co.branch.clone(),
+                base_commit: base,
+                head_commit: head,
+                start_commit: Some(co.start_commit.clone()),
+                committed: changed,
+                pushed: false,
+                files_changed,
+                insertions,
+                deletions,
+                files,
+                patch_truncated: truncated,
+            },
+            patch,
+            committed_files,
+        })
+    }
+
+    /// The patch from `base` to `head`, read up to the size limit (the rest is not read).
+    async fn patch(&self, dir: &Path, base: &str, head: &str) -> Result<(String, bool), String> {
+        let max = self.settings.diff_max_bytes;
+        let mut cmd = tokio::process::Command::new("git");
+        cmd.args(["-c", "core.hooksPath=/dev/null", "diff", "--no-color", "--no-ext-diff", "--binary", base, head])
+            .current_dir(dir)
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| format!("cannot start git: {e}"))?;
+        let mut out = child.stdout.take().ok_or("git diff has no output")?;
+        let mut buf = Vec::with_capacity(max.min(1 << 20) + 1);
+        let limit = (max as u64).saturating_add(1);
+        (&mut out).take(limit).read_to_end(&mut buf).await.map_err(|e| format!("cannot read the diff: {e}"))?;
+        let truncated = buf.len() > max;
+        let total = if truncated {
+            // Count the rest without keeping it.
+            let rest = tokio::io::copy(&mut out, &mut tokio::io::sink()).await.unwrap_or(0);
+            buf.len() as u64 + rest
+        } else {
+            buf.len() as u64
+        };
+        let _ = child.wait().await;
+        let mut text = String::from_utf8_lossy(&buf[..buf.len().min(max)]).into_owned();
+        if truncated {
+            text.push_str(&orchestrator_core::rules::truncation_marker(total as usize));
+        }
+        Ok((text, truncated))
+    }
+
+    /// Pushes the work item's branch to the repository's remote.
+    pub async fn push(&self, dir: &Path, co: &Checkout) -> Result<(), String> {
+        let refspec = format!("HEAD:refs/heads/{}", co.branch);
+        git(dir, &["push", "--quiet", "origin", &refspec], self.settings.network_timeout)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("cannot push {} to {}: {e}", co.branch, co.url))
+    }
+
+    /// Removes a work item's worktree (its branch stays in the mirror and, when pushed, on the remote).
+    pub async fn remove(&self, dir: &Path, url: &str) {
+        let mirror = self.mirror_path(url);
+        let d = dir.to_string_lossy().into_owned();
+        if let Err(e) = git(&mirror, &["worktree", "remove", "--force", &d], LOCAL).await {
+            tracing::debug!(path = %d, error = %e, "git worktree remove failed; removing the directory");
+            let _ = std::fs::remove_dir_all(dir);
+            let _ = git(&mirror, &["worktree", "prune"], LOCAL).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_authors() {
+        assert_eq!(parse_author("Ann Agent <ann@example.com>"), Some(("Ann Agent".into(), "ann@example.com".into())));
+        assert_eq!(parse_author("no email"), None);
+        assert_eq!(parse_author("<a@b>"), None);
+        assert_eq!(parse_author("x <>"), None);
+    }
+}
