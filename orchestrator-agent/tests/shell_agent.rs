@@ -162,29 +162,46 @@ async fn timeout_kills_the_whole_process_group_including_grandchildren() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelling_a_run_mid_step_kills_its_processes_and_stops_writing() {
+async fn cancelling_a_run_mid_step_kills_its_processes_within_two_seconds_and_stops_writing() {
     let h = Harness::new().await;
-    let pidfile = h.path("sleep.pid");
-    let cmd = format!("sleep 300 & echo $! > {}; echo started; wait", pidfile.display());
-    let recipe = h.recipe(&format!("name: long\nsteps:\n  - run: \"{}\"\n  - echo second-step\n", cmd)).await;
-    let item = h.item("long", "", Some(recipe)).await;
-    let agent = h.start(h.config("a1").with_lease_ttl_seconds(2));
-    let pid = read_pid(&pidfile).await;
-    let run_id = wait_for("run", Duration::from_secs(10), || async { h.runs(item).await.first().map(|r| r.id) }).await;
-    wait_for("started line", Duration::from_secs(10), || async {
-        h.log_text(run_id).await.contains(&"started".to_string()).then_some(())
-    })
-    .await;
-    h.orch.cancel_run(run_id, Some("test cancels".into())).await.unwrap();
-    // The heartbeat (every third of the 2 s lease) sees the lost lease and kills the group.
-    wait_for("the step's process to be killed", Duration::from_secs(10), || async { process_gone(pid).then_some(()) })
+    for cancel_the_item in [false, true] {
+        let pidfile = h.path(&format!("sleep-{cancel_the_item}.pid"));
+        let cmd = format!("sleep 60 & echo $! > {}; echo started; wait", pidfile.display());
+        let recipe = h.recipe(&format!("name: long\nsteps:\n  - run: \"{}\"\n  - echo second-step\n", cmd)).await;
+        let item = h.item("long", "", Some(recipe)).await;
+        // A long lease: the heartbeat (every 20 s) is not what stops the step.
+        let agent = h.start(h.config("a1").with_lease_ttl_seconds(60));
+        let pid = read_pid(&pidfile).await;
+        let run_id =
+            wait_for("run", Duration::from_secs(10), || async { h.runs(item).await.first().map(|r| r.id) }).await;
+        wait_for("started line", Duration::from_secs(10), || async {
+            h.log_text(run_id).await.contains(&"started".to_string()).then_some(())
+        })
         .await;
-    let report = agent.shutdown().await;
-    assert_eq!(report.lost, 1);
-    let run = &h.runs(item).await[0];
-    assert_eq!(run.state, RunState::Cancelled);
-    assert_eq!(h.work_item(item).await.state, WorkItemState::Cancelled);
-    assert!(!h.log_text(run_id).await.contains(&"second-step".to_string()));
+        if cancel_the_item {
+            h.orch.cancel_work_item(item, Some("not needed (by ann)".into())).await.unwrap();
+        } else {
+            h.orch.cancel_run(run_id, Some("test cancels (by ann)".into())).await.unwrap();
+        }
+        // The agent hears of it at once (its cancellation watch), not at its next heartbeat.
+        wait_for("the step's process to be killed", Duration::from_secs(2), || async {
+            process_gone(pid).then_some(())
+        })
+        .await;
+        let report = agent.shutdown().await;
+        assert_eq!(report.lost, 1);
+        let run = &h.runs(item).await[0];
+        assert_eq!(run.state, RunState::Cancelled);
+        assert_eq!(h.work_item(item).await.state, WorkItemState::Cancelled);
+        let log = h.log_text(run_id).await;
+        assert!(!log.contains(&"second-step".to_string()));
+        let said = if cancel_the_item {
+            "work item cancelled: not needed (by ann)"
+        } else {
+            "run cancelled: test cancels (by ann)"
+        };
+        assert!(log.contains(&said.to_string()), "the log says who cancelled: {log:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

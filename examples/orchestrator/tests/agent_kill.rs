@@ -146,18 +146,24 @@ async fn an_agent_killed_mid_run_loses_its_lease_and_a_second_agent_completes_th
 
     // SIGKILL: no cancellation, no release, no last heartbeat.
     let status = agent_a.kill();
+    let killed = Instant::now();
     assert_eq!(status.signal(), Some(9), "{status:?}");
+    // The step does not outlive its agent: the watchdog in its group reads a pipe only the agent holds
+    // open, so the group is killed the moment the agent dies (within 200 ms; it used to poll each second).
+    loop {
+        if group_members(pgid).is_empty() {
+            break;
+        }
+        let waited = killed.elapsed();
+        assert!(waited < Duration::from_millis(200), "the killed agent's step still runs after {waited:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    eprintln!("the step's group was gone {:?} after the agent's SIGKILL", killed.elapsed());
     let killed_at = chrono::Utc::now();
     let a_log = log_of(&api, &first).await;
     let a_lines = lines(&a_log);
     assert_eq!(a_lines.last().map(String::as_str), Some("started"), "agent-a's log at the kill: {a_lines:?}");
     assert!(a_lines[0].starts_with("agent agent-a claimed run"), "{a_lines:?}");
-    // The step does not outlive its agent: the watchdog in its group kills the group.
-    eventually(Duration::from_secs(20), "the killed agent's step to be gone", || {
-        let left = group_members(pgid);
-        async move { left.is_empty().then_some(()) }
-    })
-    .await;
 
     // The lease expires; the background tick reaps the run as lost and the item goes back to the queue.
     eventually(Duration::from_secs(30), "agent-a's run to be lost and the item requeued", || {
