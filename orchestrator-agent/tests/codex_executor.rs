@@ -119,3 +119,175 @@ async fn a_failed_turn_fails_the_run() {
 async fn exit_zero_without_a_completed_turn_is_a_failure() {
     failing_case("codex_no_turn_completed.jsonl", 0, "no completed turn").await;
 }
+
+/// A fake codex for a work item's checkout: records its arguments, stdin and environment (per call),
+/// changes the checkout (`edit`, run in its working directory), writes `final_message` to the `-o` file,
+/// replays `fixture_name` (or, when `resume_fixture` is given and it was asked to resume, that one) and
+/// exits with 0.
+fn scripted_codex(
+    h: &Harness,
+    fixture_name: &str,
+    resume_fixture: Option<&str>,
+    edit: &str,
+    final_message: &str,
+) -> String {
+    let body = format!(
+        r#"#!/bin/sh
+n=$(ls '{calls}' 2>/dev/null | wc -l)
+d='{calls}'/$n; mkdir -p "$d"
+printf '%s\n' "$@" > "$d/args"; cat > "$d/stdin"; env > "$d/env"; pwd > "$d/pwd"
+out=''; prev=''; resume=''
+for a in "$@"; do
+  [ "$prev" = "-o" ] && out="$a"
+  [ "$a" = "resume" ] && resume=1
+  prev="$a"
+done
+{edit}
+fx='{fx}'
+if [ -n "$resume" ] && [ -n '{rfx}' ]; then fx='{rfx}'; printf '%s' '{{"status":"done","summary":"deployed","questions":[]}}' > "$out"
+else printf '%s' '{final_message}' > "$out"; fi
+cat "$fx"
+"#,
+        calls = h.path("calls").display(),
+        fx = fixture(fixture_name).display(),
+        rfx = resume_fixture.map(|f| fixture(f).display().to_string()).unwrap_or_default(),
+    );
+    script(&h.path("codex"), &body).display().to_string()
+}
+
+fn call_file(h: &Harness, n: usize, what: &str) -> String {
+    std::fs::read_to_string(h.path("calls").join(n.to_string()).join(what)).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_on_a_repository_plans_itself_and_its_edits_become_the_runs_commit() {
+    let h = Harness::new().await;
+    let bare = h.bare_repo("remote");
+    h.use_repository(bare.to_str().unwrap(), None).await;
+    let done = r#"{"status":"done","summary":"wrote hello","questions":[]}"#;
+    let bin = scripted_codex(&h, "codex_success.jsonl", None, "echo hi > hello.txt", done);
+    let item = h.item("Write a greeting file", "Put hi into hello.txt", None).await;
+    // An LLM planner that must not be called: codex plans itself.
+    let marker = h.path("planner-called");
+    let config = h
+        .config("a1")
+        .with_executor(ExecutorKind::Codex)
+        .with_codex_bin(bin)
+        .with_llm_planning(Some(format!("touch '{}'; echo '[]'", marker.display())));
+    let agent = h.start(config);
+    let w = h.wait_state(item, &[WorkItemState::Succeeded, WorkItemState::Failed]).await;
+    assert_eq!(w.state, WorkItemState::Succeeded, "{:?}", w.last_error);
+    agent.shutdown().await;
+    assert!(!marker.exists(), "a planning call was spent although codex plans itself");
+    let run = &h.runs(item).await[0];
+    let planned = h.events(run.id).await.into_iter().find(|e| e.kind == StepEventKind::Planned).unwrap();
+    assert_eq!(planned.name, "codex");
+    assert_eq!(planned.detail["executor_plans"], true);
+    let rec = h.orch.run_result(run.id).await.unwrap().expect("a result");
+    assert_eq!(rec.result.files, vec!["hello.txt".to_string()]);
+    assert!(rec.patch.contains("+hi"));
+
+    let args: Vec<String> = call_file(&h, 0, "args").lines().map(str::to_string).collect();
+    let has = |a: &str, b: &str| args.windows(2).any(|w| w[0] == a && w[1] == b);
+    assert!(has("--disable", "unbounded_connection_retries"), "{args:?}");
+    assert!(has("-c", "sandbox_workspace_write.exclude_slash_tmp=true"), "{args:?}");
+    assert!(has("-c", "sandbox_workspace_write.exclude_tmpdir_env_var=true"), "{args:?}");
+    assert!(args.iter().any(|a| a == "--output-schema") && args.iter().any(|a| a == "-o"));
+    let cwd = call_file(&h, 0, "pwd");
+    assert!(cwd.trim().ends_with(&format!("items/{item}")), "{cwd}");
+    let prompt = call_file(&h, 0, "stdin");
+    assert!(prompt.contains(&format!("branch `orch/{item}`")) && prompt.contains(bare.to_str().unwrap()), "{prompt}");
+    assert!(prompt.contains("needs_input"), "the prompt says how to ask a person: {prompt}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_codex_is_killed_after_the_idle_timeout_as_a_retryable_failure() {
+    let h = Harness::new().await;
+    let pidfile = h.path("codex.pid");
+    let body = format!(
+        "#!/bin/sh\necho $$ > '{}'\necho '{{\"type\":\"thread.started\",\"thread_id\":\"t\"}}'\nsleep 300\n",
+        pidfile.display()
+    );
+    let bin = script(&h.path("codex"), &body).display().to_string();
+    let item = h.item_with("hang", "", None, RetryOverrides { max_retries: Some(0), ..Default::default() }).await;
+    let config = h
+        .config("a1")
+        .with_executor(ExecutorKind::Codex)
+        .with_codex_bin(bin)
+        .with_codex_idle_timeout(std::time::Duration::from_secs(1));
+    let agent = h.start(config);
+    let w = h.wait_state(item, &[WorkItemState::Succeeded, WorkItemState::Failed]).await;
+    agent.shutdown().await;
+    assert_eq!(w.state, WorkItemState::Failed);
+    let run = &h.runs(item).await[0];
+    assert_eq!(run.failure_kind, Some(orchestrator_core::retry::FailureKind::Retryable));
+    assert!(run.error.as_deref().unwrap().contains("printed no event for 1 s"), "{:?}", run.error);
+    assert!(process_gone(read_pid(&pidfile).await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_model_refuses_as_invalid_is_not_retried() {
+    let h = Harness::new().await;
+    let bin = fake_codex(&h, "codex_invalid_request.jsonl", 1);
+    let item = h.item_with("bad model", "", None, RetryOverrides { max_retries: Some(3), ..Default::default() }).await;
+    let agent = h.start(h.config("a1").with_executor(ExecutorKind::Codex).with_codex_bin(bin));
+    let w = h.wait_state(item, &[WorkItemState::Succeeded, WorkItemState::Failed]).await;
+    agent.shutdown().await;
+    assert_eq!(w.state, WorkItemState::Failed);
+    let runs = h.runs(item).await;
+    assert_eq!(runs.len(), 1, "no retry");
+    assert_eq!(runs[0].failure_kind, Some(orchestrator_core::retry::FailureKind::Permanent));
+    assert!(runs[0].error.as_deref().unwrap().contains("400 Bad Request"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_asks_a_person_and_its_session_is_resumed_with_the_answer() {
+    let h = Harness::new().await;
+    let bare = h.bare_repo("remote");
+    h.use_repository(bare.to_str().unwrap(), None).await;
+    let ask = r#"{"status":"needs_input","summary":"I need the deploy token","questions":[{"key":"DEPLOY_TOKEN","prompt":"Which token may I deploy with?","kind":"secret","choices":[]}]}"#;
+    let bin = scripted_codex(
+        &h,
+        "codex_needs_input.jsonl",
+        Some("codex_success.jsonl"),
+        "echo \"token length ${#DEPLOY_TOKEN}\" >> deploy.log",
+        ask,
+    );
+    let item = h.item("Deploy", "Deploy the app", None).await;
+    let git_settings = orchestrator_agent::GitSettings { push: true, ..Default::default() };
+    let agent = h.start(h.config("a1").with_executor(ExecutorKind::Codex).with_codex_bin(bin).with_git(git_settings));
+    let w = h.wait_state(item, &[WorkItemState::WaitingInput, WorkItemState::Failed]).await;
+    assert_eq!(w.state, WorkItemState::WaitingInput, "{:?}", w.last_error);
+    let run_id = h.runs(item).await[0].id;
+    let questions = h
+        .orch
+        .store()
+        .info_request_list(orchestrator_core::store::InfoRequestFilter { run_id: Some(run_id), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(questions.len(), 1);
+    assert_eq!(questions[0].key, "DEPLOY_TOKEN");
+    assert_eq!(questions[0].kind, orchestrator_core::recipe::InputKind::Secret);
+    h.orch.answer_info_request(questions[0].id, "s3cr3t-token-value", "ann").await.unwrap();
+    let w = h.wait_state(item, &[WorkItemState::Succeeded, WorkItemState::Failed]).await;
+    assert_eq!(w.state, WorkItemState::Succeeded, "{:?}", w.last_error);
+    agent.shutdown().await;
+
+    // The second call resumed the first call's session, in the same checkout, with the answer as an
+    // environment variable only.
+    let args: Vec<String> = call_file(&h, 1, "args").lines().map(str::to_string).collect();
+    let at = args.iter().position(|a| a == "resume").expect("codex exec resume");
+    assert_eq!(args[at + 1], "0199a216-aaaa-7000-8000-00000000beef");
+    assert_eq!(args.last().unwrap(), "-");
+    assert_eq!(call_file(&h, 0, "pwd"), call_file(&h, 1, "pwd"));
+    let prompt = call_file(&h, 1, "stdin");
+    assert!(prompt.contains("DEPLOY_TOKEN") && !prompt.contains("s3cr3t-token-value"), "{prompt}");
+    assert!(call_file(&h, 1, "env").contains("DEPLOY_TOKEN=s3cr3t-token-value"));
+    let log = h.log_text(run_id).await;
+    assert!(!log.iter().any(|l| l.contains("s3cr3t-token-value")), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("resuming codex session")), "{log:?}");
+    // Both calls' edits are on the branch.
+    let rec = h.orch.run_result(run_id).await.unwrap().expect("a result");
+    let content = git(&bare, &["show", &format!("{}:deploy.log", rec.result.head_commit)]);
+    assert_eq!(content, "token length 0\ntoken length 18\n");
+}

@@ -35,7 +35,8 @@ async fn a_step_sees_the_allow_list_and_its_run_not_the_agents_secrets() {
     for secret in ["sk-agent-secret", "server-key-secret", "token-secret", "aws-secret"] {
         assert!(!env.contains(secret), "a step saw {secret}: {env}");
     }
-    for gone in ["OPENAI_API_KEY", "ORCH_SECRET_KEY", "ORCH_API_TOKENS", "ORCH_TOKEN", "RUST_LOG", "AWS_SECRET_ACCESS_KEY"]
+    for gone in
+        ["OPENAI_API_KEY", "ORCH_SECRET_KEY", "ORCH_API_TOKENS", "ORCH_TOKEN", "RUST_LOG", "AWS_SECRET_ACCESS_KEY"]
     {
         assert!(!names.contains(&gone), "{gone} reached the step: {names:?}");
     }
