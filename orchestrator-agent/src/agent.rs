@@ -717,7 +717,7 @@ async fn drive(
             tokio::select! {
                 p = shared.workspaces.prepare(repo, a.claimed.work_item.id) => p.map(|p| {
                     let line = format!(
-                        "workspace {}: branch {} from {} at {}",
+                        "workspace {}: branch {} ({}) at {}",
                         p.dir.display(),
                         p.checkout.branch,
                         p.origin,

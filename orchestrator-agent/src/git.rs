@@ -248,9 +248,9 @@ impl Workspaces {
                 // Another agent pushed further: move on to it when ours is behind.
                 Some(r) if git_ok(&dir, &["merge-base", "--is-ancestor", "HEAD", r]).await? => {
                     let _ = git(&dir, &["merge", "--ff-only", "--quiet", r], LOCAL).await;
-                    "the work item's worktree, fast-forwarded to the remote branch".to_string()
+                    "its worktree, fast-forwarded to the remote's copy".to_string()
                 }
-                _ => "the work item's worktree from an earlier attempt".to_string(),
+                _ => "its worktree of an earlier attempt".to_string(),
             };
         } else {
             if dir.exists() {
@@ -259,19 +259,19 @@ impl Workspaces {
             let local = rev(&mirror, &local_ref).await?;
             let start = match (&local, &remote) {
                 (Some(l), Some(r)) if git_ok(&mirror, &["merge-base", "--is-ancestor", l, r]).await? => {
-                    origin = format!("the remote branch {branch}");
+                    origin = "the remote's copy".to_string();
                     r.clone()
                 }
                 (Some(l), _) => {
-                    origin = format!("the branch {branch} of an earlier attempt on this agent");
+                    origin = "this agent's copy of an earlier attempt".to_string();
                     l.clone()
                 }
                 (None, Some(r)) => {
-                    origin = format!("the remote branch {branch}");
+                    origin = "the remote's copy".to_string();
                     r.clone()
                 }
                 (None, None) => {
-                    origin = format!("a new branch from {base}");
+                    origin = format!("new, from {base}");
                     rev(&mirror, &base_ref).await?.unwrap_or_default()
                 }
             };

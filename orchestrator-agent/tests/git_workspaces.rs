@@ -95,7 +95,7 @@ async fn a_retry_on_another_agent_continues_from_the_failed_attempts_pushed_comm
     let content = git(&bare, &["show", &format!("refs/heads/orch/{item}:progress.txt")]);
     assert_eq!(content, "first\nsecond\n");
     let log = h.log_text(runs[1].id).await;
-    assert!(log.iter().any(|l| l.contains("from the remote branch orch/")), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("(the remote's copy)")), "{log:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

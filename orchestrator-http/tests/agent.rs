@@ -356,3 +356,104 @@ async fn shutdown_ends_log_streams_and_long_polls() {
     let claimed = tokio::time::timeout(Duration::from_secs(20), poller).await.expect("the long poll ended").unwrap();
     assert!(claimed.ok(200)["assignments"].as_array().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn projects_carry_a_validated_repository() {
+    let app = open_app();
+    let p = post(
+        &app,
+        "/projects",
+        None,
+        json!({"name": "app", "repository": {"url": "https://git.example.com/team/app.git", "base_branch": "main"}}),
+    )
+    .await
+    .ok(201);
+    assert_eq!(p["repository"]["url"], "https://git.example.com/team/app.git");
+    assert_eq!(p["repository"]["base_branch"], "main");
+    let id = s(&p["id"]);
+    for bad in [json!({"url": ""}), json!({"url": "not a url"}), json!({"url": "https://u:pw@h/x.git"})] {
+        let e = post(&app, "/projects", None, json!({"name": "bad", "repository": bad})).await.err(422, "invalid");
+        assert_eq!(e["error"]["details"]["field"], "repository.url", "{e}");
+    }
+    let e = post(&app, "/projects", None, json!({"name": "bad", "repository": {"url": "/r", "extra": 1}})).await;
+    assert_eq!(e.err(400, "bad_request")["error"]["details"]["path"], "repository.extra");
+    assert_eq!(get(&app, "/projects", None).await.ok(200)["items"].as_array().unwrap().len(), 1, "nothing stored");
+    let e = patch(&app, &format!("/projects/{id}"), None, json!({"repository": {"url": "/r", "base_branch": "a..b"}}))
+        .await
+        .err(422, "invalid");
+    assert_eq!(e["error"]["details"]["field"], "repository.base_branch");
+    // A name change keeps it; `null` removes it.
+    let u = patch(&app, &format!("/projects/{id}"), None, json!({"name": "app2"})).await.ok(200);
+    assert_eq!(u["repository"]["url"], "https://git.example.com/team/app.git");
+    let u = patch(&app, &format!("/projects/{id}"), None, json!({"repository": null})).await.ok(200);
+    assert!(u["repository"].is_null(), "{u}");
+    assert!(get(&app, &format!("/projects/{id}"), None).await.ok(200)["repository"].is_null());
+}
+
+#[tokio::test]
+async fn results_diffs_releases_and_cancellations() {
+    let app = open_app();
+    let pid = project(&app, None).await;
+    let wid = queued_item(&app, None, &pid, "edit").await;
+    let (run, token) = claim_one(&app, None, Some("a1")).await;
+    get(&app, &format!("/runs/{run}/result"), None).await.err(404, "not_found");
+    get(&app, &format!("/runs/{run}/diff"), None).await.err(404, "not_found");
+    let result = json!({
+        "branch": format!("orch/{wid}"), "base_commit": "aaaa1111", "head_commit": "bbbb2222",
+        "files_changed": 1, "insertions": 2, "deletions": 0, "files": ["a.txt"], "committed": true
+    });
+    let patch_text = "diff --git a/a.txt b/a.txt\n+one\n+two\n";
+    post(
+        &app,
+        &format!("/runs/{run}/result"),
+        None,
+        json!({"token": token + 1, "result": result, "patch": patch_text}),
+    )
+    .await
+    .err(409, "lease_lost");
+    post(&app, &format!("/runs/{run}/result"), None, json!({"token": token, "result": result, "patch": patch_text}))
+        .await
+        .ok(200);
+    let r = get(&app, &format!("/runs/{run}/result"), None).await.ok(200);
+    assert_eq!((r["branch"].as_str(), r["files_changed"].as_u64()), (Some(format!("orch/{wid}").as_str()), Some(1)));
+    assert_eq!(r["patch_bytes"], patch_text.len());
+    let d = get(&app, &format!("/runs/{run}/diff"), None).await;
+    assert_eq!(d.status.as_u16(), 200);
+    assert_eq!(d.headers["content-type"], "text/x-diff; charset=utf-8");
+    assert_eq!(d.text, patch_text);
+
+    // Nothing changed yet: the long poll times out empty. After a release the run is not held any more.
+    let c =
+        post(&app, "/agents/cancellations", None, json!({"runs": [{"run_id": run, "token": token}], "timeout_ms": 50}))
+            .await
+            .ok(200);
+    assert_eq!(c["runs"], json!([]));
+    let rel = post(&app, &format!("/runs/{run}/release"), None, json!({"token": token})).await.ok(200);
+    assert_eq!(rel["state"], "waiting_input");
+    let item = get(&app, &format!("/work-items/{wid}"), None).await.ok(200);
+    assert_eq!((item["state"].as_str(), item["attempts"].as_u64()), (Some("queued"), Some(1)));
+    let c = post(
+        &app,
+        "/agents/cancellations",
+        None,
+        json!({"runs": [{"run_id": run, "token": token}], "timeout_ms": 5000}),
+    )
+    .await
+    .ok(200);
+    assert_eq!(c["runs"], json!([run]));
+
+    // The next claim resumes the same run; a cancel wakes a waiting long poll at once.
+    let (run2, token2) = claim_one(&app, None, Some("a2")).await;
+    assert_eq!(run2, run);
+    let router = app.router.clone();
+    let body = json!({"runs": [{"run_id": run2, "token": token2}], "timeout_ms": 20000});
+    let waiter = tokio::spawn(async move {
+        send(&router, request(axum::http::Method::POST, "/agents/cancellations", None, Some(&body))).await.ok(200)
+    });
+    post(&app, &format!("/runs/{run}/cancel"), None, json!({"reason": "enough"})).await.ok(200);
+    let gone = waiter.await.unwrap();
+    assert_eq!(gone["runs"], json!([run]));
+    let logs = get(&app, &format!("/runs/{run}/logs"), None).await.ok(200);
+    let lines: Vec<String> = logs["items"].as_array().unwrap().iter().map(|l| s(&l["line"])).collect();
+    assert!(lines.iter().any(|l| l.starts_with("run cancelled: enough (by ")), "{lines:?}");
+}

@@ -39,6 +39,26 @@ pub enum ProjectCmd {
         /// Free text.
         #[arg(long, default_value = "")]
         description: String,
+        /// The git repository agents work on: an absolute path, file://, https://, ssh:// or user@host:path.
+        #[arg(long = "repo")]
+        repo: Option<String>,
+        /// The branch work items start from (default: the repository's default branch).
+        #[arg(long, requires = "repo")]
+        base_branch: Option<String>,
+    },
+    /// Set (or with --none remove) a project's repository.
+    SetRepo {
+        /// Project id.
+        id: String,
+        /// The repository URL or path.
+        #[arg(required_unless_present = "none", conflicts_with = "none")]
+        repo: Option<String>,
+        /// The branch work items start from.
+        #[arg(long)]
+        base_branch: Option<String>,
+        /// Remove the repository (runs then get an empty directory).
+        #[arg(long)]
+        none: bool,
     },
     /// List projects.
     List,
@@ -201,8 +221,13 @@ pub enum RunsCmd {
         #[arg(long)]
         limit: Option<u32>,
     },
-    /// Show one run and its step events.
+    /// Show one run, its result (branch, commits, diff stats) and its step events.
     Show {
+        /// Run id.
+        id: String,
+    },
+    /// Print the run's diff (the patch of its work item's branch).
+    Diff {
         /// Run id.
         id: String,
     },
@@ -427,13 +452,42 @@ pub async fn create_recipe(c: &Client, yaml: &str, project_id: Option<&str>) -> 
     c.post("/recipes", &body).await
 }
 
+/// `url (base branch b)`, or `url (the remote's default branch)`.
+fn repo_text(r: &Value) -> String {
+    let b = s(r, "base_branch");
+    if b.is_empty() {
+        format!("{} (the remote's default branch)", s(r, "url"))
+    } else {
+        format!("{} (base branch {b})", s(r, "url"))
+    }
+}
+
 /// Runs a `project` command.
 pub async fn project(o: &ClientOpts, cmd: ProjectCmd) -> Result<(), ClientError> {
     let c = o.client()?;
     match cmd {
-        ProjectCmd::Create { name, description } => {
-            let p = c.post("/projects", &json!({"name": name, "description": description})).await?;
-            out(o, &p, |p| println!("created project {} ({})", s(p, "id"), s(p, "name")));
+        ProjectCmd::Create { name, description, repo, base_branch } => {
+            let mut body = json!({"name": name, "description": description});
+            if let Some(url) = repo {
+                body["repository"] = json!({"url": url, "base_branch": base_branch});
+            }
+            let p = c.post("/projects", &body).await?;
+            out(o, &p, |p| {
+                println!("created project {} ({})", s(p, "id"), s(p, "name"));
+                if let Some(r) = p.get("repository").filter(|r| !r.is_null()) {
+                    println!("repository: {}", repo_text(r));
+                }
+            });
+        }
+        ProjectCmd::SetRepo { id, repo, base_branch, none } => {
+            let repository = if none { Value::Null } else { json!({"url": repo, "base_branch": base_branch}) };
+            let p = c
+                .call(Method::PATCH, &format!("/projects/{}", enc(&id)), Some(&json!({"repository": repository})))
+                .await?;
+            out(o, &p, |p| match p.get("repository").filter(|r| !r.is_null()) {
+                Some(r) => println!("project {}: repository {}", s(p, "id"), repo_text(r)),
+                None => println!("project {}: no repository", s(p, "id")),
+            });
         }
         ProjectCmd::List => {
             let v = c.get("/projects?limit=1000").await?;
@@ -445,6 +499,9 @@ pub async fn project(o: &ClientOpts, cmd: ProjectCmd) -> Result<(), ClientError>
                 println!("id:          {}", s(p, "id"));
                 println!("name:        {}", s(p, "name"));
                 println!("created:     {}", time(&s(p, "created_at")));
+                if let Some(r) = p.get("repository").filter(|r| !r.is_null()) {
+                    println!("repository:  {}", repo_text(r));
+                }
                 println!("description: {}", s(p, "description"));
             });
         }
@@ -712,8 +769,13 @@ pub async fn runs(o: &ClientOpts, cmd: RunsCmd) -> Result<(), ClientError> {
         RunsCmd::Show { id } => {
             let run = c.get(&format!("/runs/{}", enc(&id))).await?;
             let steps = c.get(&format!("/runs/{}/steps", enc(&id))).await?;
+            let result = match c.get(&format!("/runs/{}/result", enc(&id))).await {
+                Ok(r) => r,
+                Err(ClientError::Api { code, .. }) if code == "not_found" => Value::Null,
+                Err(e) => return Err(e),
+            };
             if o.json {
-                print_json(&json!({"run": run, "steps": steps}));
+                print_json(&json!({"run": run, "steps": steps, "result": result}));
                 return Ok(());
             }
             for (k, f) in [
@@ -740,6 +802,24 @@ pub async fn runs(o: &ClientOpts, cmd: RunsCmd) -> Result<(), ClientError> {
             {
                 println!("{:<11} {} in, {} out", "tokens:", s(u, "input_tokens"), s(u, "output_tokens"));
             }
+            if !result.is_null() {
+                let short = |k: &str| s(&result, k).chars().take(12).collect::<String>();
+                println!(
+                    "{:<11} {} {}..{}{}",
+                    "branch:",
+                    s(&result, "branch"),
+                    short("base_commit"),
+                    short("head_commit"),
+                    if result["pushed"] == true { " (pushed)" } else { "" }
+                );
+                println!(
+                    "{:<11} {} file(s), +{} -{} (orchestrator runs diff {id})",
+                    "changes:",
+                    s(&result, "files_changed"),
+                    s(&result, "insertions"),
+                    s(&result, "deletions")
+                );
+            }
             let rows: Vec<Vec<String>> = items(&steps)
                 .iter()
                 .map(|e| vec![s(e, "seq"), s(e, "step_index"), s(e, "kind"), time(&s(e, "at")), s(e, "name")])
@@ -747,6 +827,14 @@ pub async fn runs(o: &ClientOpts, cmd: RunsCmd) -> Result<(), ClientError> {
             if !rows.is_empty() {
                 println!();
                 print!("{}", render(&["SEQ", "STEP", "EVENT", "AT", "NAME"], &rows));
+            }
+        }
+        RunsCmd::Diff { id } => {
+            let patch = c.get_text(&format!("/runs/{}/diff", enc(&id))).await?;
+            if o.json {
+                print_json(&json!({"diff": patch}));
+            } else {
+                print!("{patch}");
             }
         }
         RunsCmd::Cancel { id, reason } => {

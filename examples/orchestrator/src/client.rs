@@ -107,6 +107,15 @@ impl Client {
         self.call(Method::GET, path, None).await
     }
 
+    /// GET `path` as text (a diff); an error answer is decoded as usual.
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let resp = self.request(Method::GET, path).send().await.map_err(|e| self.transport(e))?;
+        if resp.status().is_success() {
+            return resp.text().await.map_err(|e| ClientError::Transport(format!("cannot read the answer: {e}")));
+        }
+        decode(resp).await.map(|_| String::new())
+    }
+
     /// POST `body` to `path`.
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.call(Method::POST, path, Some(body)).await

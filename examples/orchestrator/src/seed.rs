@@ -6,24 +6,61 @@ use serde_json::{json, Value};
 
 /// The sample recipe: one input (with a default, so it runs without a human) and two steps.
 pub const SAMPLE_RECIPE: &str = r#"name: greet-and-count
-description: Says hello, then writes and counts a file in the run's workspace
+description: Says hello into greeting.txt, then writes and counts a file (on the work item's branch)
 inputs:
   - name: GREETING
     prompt: "How should the agent greet?"
     default: hello
 steps:
   - name: greet
-    run: echo "$GREETING from the sample recipe"
+    run: echo "$GREETING from the sample recipe" | tee -a greeting.txt
   - name: count
     run: printf 'one\ntwo\nthree\n' > lines.txt && wc -l < lines.txt
     timeout: 60
 "#;
+
+/// Creates (once) the sample repository `orchestrator-sample.git` in the working directory: a bare
+/// repository with one commit on `main`. Returns its absolute path, or why it could not.
+pub fn sample_repository() -> Result<std::path::PathBuf, String> {
+    let cwd = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
+    let bare = cwd.join("orchestrator-sample.git");
+    if bare.join("HEAD").exists() {
+        return Ok(bare);
+    }
+    let git = |dir: &std::path::Path, args: &[&str]| -> Result<(), String> {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=orchestrator seed", "-c", "user.email=seed@localhost"])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| format!("cannot run git: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("git {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    };
+    let work = tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    std::fs::write(work.path().join("README.md"), "# Sample\n\nA repository the sample work items change.\n")
+        .map_err(|e| e.to_string())?;
+    std::fs::write(work.path().join("greeting.txt"), "greetings so far:\n").map_err(|e| e.to_string())?;
+    git(work.path(), &["init", "--quiet", "--initial-branch=main"])?;
+    git(work.path(), &["add", "."])?;
+    git(work.path(), &["commit", "--quiet", "-m", "Sample repository"])?;
+    let tmp = cwd.join(format!(".orchestrator-sample-{}.git", std::process::id()));
+    let t = tmp.to_string_lossy().into_owned();
+    git(&cwd, &["clone", "--quiet", "--bare", &work.path().to_string_lossy(), &t])?;
+    std::fs::rename(&tmp, &bare).map_err(|e| format!("cannot move the sample repository in place: {e}"))?;
+    Ok(bare)
+}
 
 /// What `seed` made (printed as JSON with `--json`).
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Seeded {
     /// The project's id.
     pub project_id: String,
+    /// The sample repository's path, when one was made.
+    pub repository: Option<String>,
     /// The vision version written.
     pub vision_version: u64,
     /// The recipe's id.
@@ -54,9 +91,16 @@ pub async fn run(o: &ClientOpts) -> Result<Seeded, ClientError> {
     let c = o.client()?;
     let mut seeded = Seeded::default();
     let name = format!("sample-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
-    let project = c
-        .post("/projects", &json!({"name": name, "description": "Sample project created by `orchestrator seed`"}))
-        .await?;
+    let mut body = json!({"name": name, "description": "Sample project created by `orchestrator seed`"});
+    match sample_repository() {
+        Ok(path) => {
+            let url = path.to_string_lossy().into_owned();
+            body["repository"] = json!({"url": url, "base_branch": "main"});
+            seeded.repository = Some(url);
+        }
+        Err(e) => eprintln!("seed: no sample repository ({e}); the sample runs in empty directories"),
+    }
+    let project = c.post("/projects", &body).await?;
     seeded.project_id = s(&project, "id");
     let pid = seeded.project_id.clone();
     let vision = c
@@ -108,6 +152,9 @@ pub async fn run(o: &ClientOpts) -> Result<Seeded, ClientError> {
         println!("{}", serde_json::to_string_pretty(&seeded).unwrap_or_default());
     } else {
         println!("seeded project {name} ({pid}) on {}", c.base());
+        if let Some(r) = &seeded.repository {
+            println!("  repository {r} (each work item works on its branch orch/<work item id>)");
+        }
         println!("  vision version {}", seeded.vision_version);
         println!("  recipe {} (greet-and-count: input GREETING, steps greet and count)", seeded.recipe_id);
         println!("  work item {first}  Greet with the sample recipe   (recipe, queued)");
@@ -144,6 +191,14 @@ pub async fn run_and_report(o: &ClientOpts) -> Result<(), ClientError> {
                 let logs = crate::client::items(&c.get(&format!("/runs/{rid}/logs?limit=1000")).await?);
                 for l in logs {
                     println!("  [{}] {}", s(&l, "stream"), s(&l, "line"));
+                }
+                if let Ok(diff) = c.get_text(&format!("/runs/{rid}/diff")).await {
+                    if !diff.trim().is_empty() {
+                        println!("  diff of run {rid} (orchestrator runs diff {rid}):");
+                        for l in diff.lines() {
+                            println!("    {l}");
+                        }
+                    }
                 }
             }
         }

@@ -163,6 +163,16 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     };
 
     let store_url = StoreUrl::parse(std::env::var("ORCH_DATABASE_URL").ok().as_deref())?;
+    // Embedded agents keep their workspaces beside the server's data (a private directory), unless
+    // AGENT_WORKSPACE_ROOT says otherwise.
+    let agent_config = match (agent_config, &store_url) {
+        (Some(c), StoreUrl::Sqlite(db)) if std::env::var_os("AGENT_WORKSPACE_ROOT").is_none() => {
+            let dir = db.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+            Some(c.with_workspace_root(dir.join("orchestrator-workspaces")))
+        }
+        (c, _) => c,
+    };
     let mut config = OrchestratorConfig::from_env().map_err(|e| e.to_string())?;
     let db_existed = matches!(&store_url, StoreUrl::Sqlite(p) if p.exists());
     let store = open_store(&store_url).await?;

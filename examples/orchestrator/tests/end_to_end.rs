@@ -588,7 +588,7 @@ async fn info_requests_are_answered_from_the_cli_and_secrets_stay_encrypted() {
 /// sample work item's outcome with its run log.
 #[tokio::test]
 async fn serve_with_seed_shows_the_sample_work_done_with_its_logs() {
-    let mut server = Server::start(&["--agents", "1", "--seed"], &[]).await;
+    let mut server = Server::start(&["--agents", "1", "--seed"], &[("AGENT_GIT_PUSH", "true")]).await;
     let out = eventually(Duration::from_secs(90), "the three sample items to be reported", || {
         let out = server.stdout();
         async move { (out.matches("): succeeded").count() == 3).then_some(out) }
@@ -599,6 +599,22 @@ async fn serve_with_seed_shows_the_sample_work_done_with_its_logs() {
     assert!(out.contains("[stdout] hello from the sample recipe"), "{out}");
     assert!(out.contains("[stdout] the greeting is done"), "{out}");
     assert!(!out.contains("failed"), "{out}");
+    // The sample project has a repository: the recipe's edits are a commit on the item's branch, pushed
+    // to the sample repository, and the run's diff is printed.
+    assert!(out.contains("repository ") && out.contains("orchestrator-sample.git"), "{out}");
+    assert!(out.contains("[system] committed 2 file(s) on orch/"), "{out}");
+    assert!(out.contains("+hello from the sample recipe") && out.contains("+++ b/lines.txt"), "{out}");
+    let branches = std::process::Command::new("git")
+        .args(["for-each-ref", "--format=%(refname:short)", "refs/heads/orch/"])
+        .current_dir(server.dir.path().join("orchestrator-sample.git"))
+        .output()
+        .unwrap();
+    let branches = String::from_utf8_lossy(&branches.stdout);
+    assert_eq!(
+        branches.lines().count(),
+        1,
+        "the greeting's branch was pushed (the others changed nothing): {branches}"
+    );
     assert!(server.terminate(Duration::from_secs(30)).success(), "{}", server.logs());
 }
 
