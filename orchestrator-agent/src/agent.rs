@@ -759,8 +759,13 @@ async fn drive(
     let plans_itself = shared.executor.plans_itself();
     let planned = if plans_itself {
         Ok(match a.recipe.as_ref().filter(|r| !r.steps.is_empty()) {
-            Some(r) => Plan { planner: "recipe".into(), steps: r.steps.clone(), fallbacks: Vec::new() },
-            None => Plan { planner: shared.executor.name().to_string(), steps: Vec::new(), fallbacks: Vec::new() },
+            Some(r) => Plan { planner: "recipe".into(), steps: r.steps.clone(), fallbacks: Vec::new(), usage: None },
+            None => Plan {
+                planner: shared.executor.name().to_string(),
+                steps: Vec::new(),
+                fallbacks: Vec::new(),
+                usage: None,
+            },
         })
     } else {
         tokio::select! {
@@ -780,6 +785,9 @@ async fn drive(
             return complete(shared, control, sink, outcome, None).await;
         }
     };
+    if let Some(u) = &plan.usage {
+        sink.planner_usage(u.clone());
+    }
     // Planners with nothing to say are normal (no recipe); failures are worth a log line.
     for f in plan.fallbacks.iter().filter(|f| f.message != "no plan") {
         sink.system(format!("planner {} fell through: {}", f.planner, f.message)).await;
@@ -799,6 +807,7 @@ async fn drive(
             "steps": plan.steps,
             "resumed": a.claimed.resumed,
             "executor_plans": plans_itself && plan.steps.is_empty(),
+            "usage": plan.usage,
             "fallbacks": plan.fallbacks.iter().map(|f| json!({"planner": f.planner, "message": f.message})).collect::<Vec<_>>(),
         }),
     })

@@ -6,6 +6,7 @@ use crate::config::AgentConfig;
 use crate::process::{run_capture, Ended};
 use async_trait::async_trait;
 use orchestrator_core::agent::{Cancellation, PlanContext, PlanError, Planner};
+use orchestrator_core::domain::Usage;
 use orchestrator_core::recipe::{parse_plan_json, StepSpec, MAX_DOCUMENT_BYTES};
 use std::time::Duration;
 
@@ -93,6 +94,10 @@ impl Planner for CommandPlanner {
         "llm-command"
     }
     async fn plan(&self, ctx: &PlanContext) -> Result<Option<Vec<StepSpec>>, PlanError> {
+        self.plan_with_usage(ctx).await.map(|(s, _)| s)
+    }
+
+    async fn plan_with_usage(&self, ctx: &PlanContext) -> Result<(Option<Vec<StepSpec>>, Option<Usage>), PlanError> {
         let name = self.name();
         let (_keep, never) = Cancellation::new();
         // Never in the agent's own directory (beside its database and key): in the run's workspace, or
@@ -138,7 +143,10 @@ impl Planner for CommandPlanner {
         if out.stdout.trim().is_empty() {
             return Err(plan_error(name, "the planner printed nothing"));
         }
-        parse_plan_json(&out.stdout).map(Some).map_err(|e| plan_error(name, format!("invalid plan: {e}")))
+        let usage = tokens_used(&out.stderr).map(|n| Usage { input_tokens: n, ..Usage::default() });
+        parse_plan_json(&out.stdout)
+            .map(|s| (Some(s), usage))
+            .map_err(|e| plan_error(name, format!("invalid plan: {e}")))
     }
 }
 
@@ -176,6 +184,10 @@ impl Planner for OpenAiPlanner {
         "openai"
     }
     async fn plan(&self, ctx: &PlanContext) -> Result<Option<Vec<StepSpec>>, PlanError> {
+        self.plan_with_usage(ctx).await.map(|(s, _)| s)
+    }
+
+    async fn plan_with_usage(&self, ctx: &PlanContext) -> Result<(Option<Vec<StepSpec>>, Option<Usage>), PlanError> {
         let name = self.name();
         let body = serde_json::json!({
             "model": self.model,
@@ -208,7 +220,14 @@ impl Planner for OpenAiPlanner {
         if content.trim().is_empty() {
             return Err(plan_error(name, "the model answered nothing"));
         }
-        parse_plan_json(content).map(Some).map_err(|e| plan_error(name, format!("invalid plan: {e}")))
+        let n = |k: &str| v.pointer(&format!("/usage/{k}")).and_then(|x| x.as_u64()).unwrap_or(0);
+        let usage = v.get("usage").map(|_| Usage {
+            input_tokens: n("prompt_tokens"),
+            cached_input_tokens: n("prompt_tokens_details/cached_tokens"),
+            output_tokens: n("completion_tokens"),
+            cost_usd: None,
+        });
+        parse_plan_json(content).map(|s| (Some(s), usage)).map_err(|e| plan_error(name, format!("invalid plan: {e}")))
     }
 }
 
@@ -335,4 +354,34 @@ fn tempfile_dir() -> std::io::Result<TempDir> {
     let p = std::env::temp_dir().join(format!("orchestrator-plan-{}", uuid::Uuid::now_v7()));
     std::fs::DirBuilder::new().mode(0o700).create(&p)?;
     Ok(TempDir(p))
+}
+
+/// The total codex prints on stderr after a non-JSON `exec` (`tokens used 1,234` or `tokens used: 1234`).
+pub fn tokens_used(stderr: &str) -> Option<u64> {
+    let lines: Vec<&str> = stderr.lines().collect();
+    for (i, l) in lines.iter().enumerate().rev() {
+        let t = l.trim().to_ascii_lowercase();
+        if let Some(rest) = t.strip_prefix("tokens used") {
+            let rest = rest.trim_start_matches(':').trim();
+            // The number is on the same line, or alone on the next one.
+            let text = if rest.is_empty() { lines.get(i + 1).map(|s| s.trim()).unwrap_or("") } else { rest };
+            let digits: String =
+                text.chars().take_while(|c| c.is_ascii_digit() || *c == ',').filter(|c| *c != ',').collect();
+            return digits.parse().ok();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::tokens_used;
+
+    #[test]
+    fn reads_codex_token_totals() {
+        assert_eq!(tokens_used("something\ntokens used 1,234\n"), Some(1234));
+        assert_eq!(tokens_used("tokens used\n5678\n"), Some(5678));
+        assert_eq!(tokens_used("tokens used: 42"), Some(42));
+        assert_eq!(tokens_used("nothing here"), None);
+    }
 }

@@ -80,6 +80,7 @@ pub(crate) struct RunSink {
     batch: usize,
     buf: tokio::sync::Mutex<Vec<NewLogLine>>,
     usage: Mutex<Option<Usage>>,
+    planner: Mutex<Option<Usage>>,
     dropped_warned: AtomicBool,
 }
 
@@ -92,6 +93,7 @@ impl RunSink {
             batch: batch.max(1),
             buf: tokio::sync::Mutex::new(Vec::new()),
             usage: Mutex::new(None),
+            planner: Mutex::new(None),
             dropped_warned: AtomicBool::new(false),
         }
     }
@@ -100,9 +102,21 @@ impl RunSink {
         &self.redactor
     }
 
-    /// The last usage reported.
+    /// The run's usage: the planner's plus the last usage the executor reported.
     pub fn take_usage(&self) -> Option<Usage> {
-        self.usage.lock().map(|u| u.clone()).unwrap_or(None)
+        let exec = self.usage.lock().map(|u| u.clone()).unwrap_or(None);
+        let plan = self.planner.lock().map(|u| u.clone()).unwrap_or(None);
+        match (plan, exec) {
+            (Some(p), Some(e)) => Some(p.plus(&e)),
+            (p, e) => p.or(e),
+        }
+    }
+
+    /// What planning cost (added to the executor's usage).
+    pub fn planner_usage(&self, u: Usage) {
+        if let Ok(mut p) = self.planner.lock() {
+            *p = Some(u);
+        }
     }
 
     fn on_error(&self, what: &str, e: &Error) {

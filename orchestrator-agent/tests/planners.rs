@@ -103,7 +103,8 @@ async fn openai_compatible_fallback_posts_a_chat_completion_and_parses_the_answe
 async fn the_agent_records_which_planner_planned_after_the_llm_command_fails() {
     let h = Harness::new().await;
     let content = "[\"echo planned-by-openai\"]";
-    let body = serde_json::json!({"choices": [{"message": {"content": content}}]});
+    let body = serde_json::json!({"choices": [{"message": {"content": content}}],
+        "usage": {"prompt_tokens": 120, "completion_tokens": 30, "prompt_tokens_details": {"cached_tokens": 100}}});
     let (url, server) = fake_http_server(vec![(200, body.to_string())]).await;
     let failing = planner_script(&h, "fails.sh", "cat >/dev/null; exit 1");
     let item = h.item("plan me", "", None).await;
@@ -124,9 +125,15 @@ async fn the_agent_records_which_planner_planned_after_the_llm_command_fails() {
     let text = h.log_text(run.id).await;
     assert!(text.contains(&"planned-by-openai".to_string()), "{text:?}");
     assert!(text.iter().any(|l| l.starts_with("planner llm-command fell through")), "{text:?}");
+    // The planner's tokens are the run's usage.
+    assert_eq!((run.usage.input_tokens, run.usage.cached_input_tokens, run.usage.output_tokens), (120, 100, 30));
 
-    // With a working LLM command, it plans.
-    let good = planner_script(&h, "good.sh", "cat >/dev/null; echo '[\"echo planned-by-llm\"]'");
+    // With a working LLM command, it plans (in the run's workspace), and its token total is recorded.
+    let good = planner_script(
+        &h,
+        "good.sh",
+        "cat >/dev/null; pwd > \"$ORCH_WORKSPACE/../planner-cwd\"; echo '[\"echo planned-by-llm\"]'; echo 'tokens used' >&2; echo '2,345' >&2",
+    );
     let item = h.item("plan me too", "", None).await;
     let agent = h.start(h.config("a2").with_llm_planning(Some(good)));
     let w = h.wait_state(item, &[WorkItemState::Succeeded, WorkItemState::Failed]).await;
@@ -136,4 +143,7 @@ async fn the_agent_records_which_planner_planned_after_the_llm_command_fails() {
     let events = h.events(run.id).await;
     assert_eq!(events.iter().find(|e| e.kind == StepEventKind::Planned).unwrap().name, "llm-command");
     assert!(h.log_text(run.id).await.contains(&"planned-by-llm".to_string()));
+    assert_eq!(run.usage.input_tokens, 2345);
+    let cwd = std::fs::read_to_string(h.path("workspaces").join("planner-cwd")).unwrap();
+    assert!(cwd.trim().ends_with(&run.id.to_string()), "the planner runs in the run's workspace: {cwd}");
 }

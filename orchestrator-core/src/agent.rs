@@ -140,6 +140,11 @@ pub trait Planner: Send + Sync {
     fn name(&self) -> &str;
     /// Plans the steps.
     async fn plan(&self, ctx: &PlanContext) -> Result<Option<Vec<StepSpec>>, PlanError>;
+    /// Plans the steps and says what the planning cost (LLM planners); the default calls
+    /// [`Planner::plan`] and reports nothing.
+    async fn plan_with_usage(&self, ctx: &PlanContext) -> Result<(Option<Vec<StepSpec>>, Option<Usage>), PlanError> {
+        self.plan(ctx).await.map(|s| (s, None))
+    }
 }
 
 /// The plan a chain produced.
@@ -151,17 +156,27 @@ pub struct Plan {
     pub steps: Vec<StepSpec>,
     /// Planners that were tried before and why they fell through.
     pub fallbacks: Vec<PlanError>,
+    /// What planning cost (the tokens of every LLM planner asked, the ones that fell through too).
+    pub usage: Option<Usage>,
 }
 
 /// Asks each planner in order and returns the first non-empty plan.
 pub async fn plan_with_chain(planners: &[Box<dyn Planner>], ctx: &PlanContext) -> Result<Plan, Vec<PlanError>> {
     let mut fallbacks = Vec::new();
+    let mut usage: Option<Usage> = None;
     for p in planners {
-        match p.plan(ctx).await {
-            Ok(Some(steps)) if !steps.is_empty() => {
-                return Ok(Plan { planner: p.name().to_string(), steps, fallbacks });
+        match p.plan_with_usage(ctx).await {
+            Ok((steps, u)) => {
+                if let Some(u) = u {
+                    usage = Some(usage.map_or(u.clone(), |t| t.plus(&u)));
+                }
+                match steps {
+                    Some(steps) if !steps.is_empty() => {
+                        return Ok(Plan { planner: p.name().to_string(), steps, fallbacks, usage });
+                    }
+                    _ => fallbacks.push(PlanError { planner: p.name().to_string(), message: "no plan".into() }),
+                }
             }
-            Ok(_) => fallbacks.push(PlanError { planner: p.name().to_string(), message: "no plan".into() }),
             Err(e) => fallbacks.push(e),
         }
     }

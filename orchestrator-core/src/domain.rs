@@ -244,6 +244,21 @@ pub struct Usage {
     pub cost_usd: Option<f64>,
 }
 
+impl Usage {
+    /// The sum of two usages (costs add when both are known).
+    pub fn plus(&self, o: &Usage) -> Usage {
+        Usage {
+            input_tokens: self.input_tokens + o.input_tokens,
+            cached_input_tokens: self.cached_input_tokens + o.cached_input_tokens,
+            output_tokens: self.output_tokens + o.output_tokens,
+            cost_usd: match (self.cost_usd, o.cost_usd) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+}
+
 /// A lease on a run: whoever holds the token may write for the run until `expires_at`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
