@@ -240,3 +240,56 @@ async fn an_agent_killed_mid_run_loses_its_lease_and_a_second_agent_completes_th
     drop(step);
     eprintln!("agent_kill: done in {:?}", begun.elapsed());
 }
+
+/// A graceful stop (SIGTERM) of an agent process with a long step hands the run back without using up an
+/// attempt: five agents in a row are stopped mid-step, and the item stays at attempt 1, queued, with one
+/// run that each next agent resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_a_long_step_without_using_an_attempt_five_times_in_a_row() {
+    let server = Server::start(&[], &[("ORCH_BACKOFF_BASE_SECONDS", "0.1"), ("ORCH_MAX_RETRIES", "2")]).await;
+    let api = Api::new(&server.url);
+    let pid_file = server.dir.path().join("step.pid");
+    let script = format!("echo $$ > {pid}; echo started; sleep 120", pid = quoted(&pid_file));
+    let yaml = format!("name: long\nsteps:\n  - name: work\n    run: {}\n", serde_json::to_string(&script).unwrap());
+    let project = api.post("/projects", json!({"name": "sigterm"})).await;
+    let pid = str_of(&project, "id").to_string();
+    let recipe = api.post("/recipes", json!({"yaml": yaml, "project_id": pid})).await;
+    let w =
+        api.post("/work-items", json!({"project_id": pid, "title": "long", "recipe_id": str_of(&recipe, "id")})).await;
+    let wid = str_of(work_item(&w), "id").to_string();
+    api.post("/scheduler/enqueue", json!({"work_item_id": wid})).await;
+    let mut first_run = None;
+    for round in 0..5 {
+        let _ = std::fs::remove_file(&pid_file);
+        let id = format!("agent-{round}");
+        let root = server.dir.path().join(format!("ws-{id}"));
+        let mut a = Proc::spawn(
+            server.dir.path(),
+            &["agent", "--server", &server.url],
+            &[
+                ("AGENT_ID", id.as_str()),
+                ("AGENT_WORKSPACE_ROOT", root.to_str().unwrap()),
+                ("AGENT_POLL_INTERVAL_MS", "200"),
+                ("AGENT_SHUTDOWN_GRACE_SECONDS", "0"),
+                ("RUST_LOG", "info"),
+            ],
+        );
+        let step_pid: u32 = eventually(Duration::from_secs(30), "the step to start", || {
+            let text = std::fs::read_to_string(&pid_file).ok();
+            async move { text.and_then(|t| t.trim().parse().ok()) }
+        })
+        .await;
+        let status = a.terminate(Duration::from_secs(30));
+        assert!(status.success(), "round {round}: {status:?}");
+        assert!(group_members(step_pid).is_empty(), "round {round}: the step outlived the graceful stop");
+        let runs = runs_of(&api, &wid).await;
+        assert_eq!(runs.len(), 1, "round {round}: {runs:?}");
+        assert_eq!(runs[0]["state"], "waiting_input", "round {round}: handed back, resumable");
+        let rid = str_of(&runs[0], "id").to_string();
+        assert_eq!(first_run.get_or_insert(rid.clone()), &rid);
+        let item = api.get(&format!("/work-items/{wid}")).await;
+        assert_eq!((item["state"].as_str(), item["attempts"].as_u64()), (Some("queued"), Some(1)), "round {round}");
+    }
+    let log = lines(&log_of(&api, first_run.as_deref().unwrap()).await);
+    assert_eq!(log.iter().filter(|l| l.contains("handed back (no attempt used)")).count(), 5, "{log:?}");
+}
