@@ -105,13 +105,21 @@ struct Fenced<'a, T: Serialize> {
 }
 
 impl HttpAgentApi {
-    /// A client for the server at `base_url` (e.g. `http://127.0.0.1:8080`), with an optional bearer token.
+    /// A client for the server at `base_url` (e.g. `http://127.0.0.1:8080`, or `https://` with the
+    /// system and web trust roots), with an optional bearer token.
     pub fn new(base_url: impl Into<String>, token: Option<String>) -> Self {
         let client = reqwest::Client::builder()
+            .use_rustls_tls()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
             .build()
             .unwrap_or_default();
+        Self::with_client(base_url, token, client)
+    }
+
+    /// Like [`HttpAgentApi::new`] with a client of the caller's (its own trust roots for a private CA,
+    /// proxies, timeouts; keep the request timeout above 45 s for the long polls).
+    pub fn with_client(base_url: impl Into<String>, token: Option<String>, client: reqwest::Client) -> Self {
         HttpAgentApi {
             client,
             base_url: base_url.into().trim_end_matches('/').to_string(),

@@ -42,7 +42,11 @@ pub async fn run(server_url: String, token: Option<String>) -> Result<(), Box<dy
         workspace_root = %config.workspace_root.display(),
         "starting agent"
     );
-    let api = Arc::new(HttpAgentApi::new(server_url, token));
+    let client = crate::tls::client_builder()?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(60))
+        .build()?;
+    let api = Arc::new(HttpAgentApi::with_client(server_url, token, client));
     let report = Agent::new(api, config).run(shutdown_signal()).await?;
     tracing::info!(
         claimed = report.claimed,

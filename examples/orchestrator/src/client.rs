@@ -70,9 +70,10 @@ impl Client {
     pub fn new(server: &str, token: Option<String>) -> Result<Client, ClientError> {
         let base = server.trim().trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(ClientError::Usage(format!("server URL `{base}` must start with http://")));
+            return Err(ClientError::Usage(format!("server URL `{base}` must start with http:// or https://")));
         }
-        let http = reqwest::Client::builder()
+        let http = crate::tls::client_builder()
+            .map_err(ClientError::Usage)?
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| ClientError::Transport(format!("cannot build the HTTP client: {e}")))?;

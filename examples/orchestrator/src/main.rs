@@ -16,6 +16,7 @@ mod seed;
 mod serve;
 mod store_url;
 mod table;
+mod tls;
 
 use clap::{Parser, Subcommand};
 use cli::ClientOpts;

@@ -25,6 +25,12 @@ pub struct ServeArgs {
     /// Run this many agents inside the server process (they use AGENT_* settings).
     #[arg(long, env = "ORCH_EMBEDDED_AGENTS", default_value_t = 0)]
     pub agents: u32,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "ORCH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "ORCH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Once listening, create the sample project (as `orchestrator seed` does) and print each sample work
     /// item's outcome and run log as it finishes (uses ORCH_TOKEN when tokens are configured).
     #[arg(long)]
@@ -162,6 +168,10 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         None
     };
 
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(crate::tls::server_config(c, k)?),
+        _ => None,
+    };
     let store_url = StoreUrl::parse(std::env::var("ORCH_DATABASE_URL").ok().as_deref())?;
     // Embedded agents keep their workspaces beside the server's data (a private directory), unless
     // AGENT_WORKSPACE_ROOT says otherwise.
@@ -267,13 +277,29 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     }
     drop(done_tx);
 
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let mut server = tokio::spawn(async move { server.await });
-    println!("orchestrator listening on http://{local}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
+        Some(config) => {
+            use axum::serve::ListenerExt;
+            // tap_io: axum gives the peer address as ConnectInfo<SocketAddr> for a tapped listener.
+            let listener = crate::tls::TlsListener::new(listener, config)
+                .map_err(|e| format!("cannot read the listening address: {e}"))?
+                .tap_io(|_| {});
+            let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(stopped(stop_rx.clone()));
+            Box::pin(std::future::IntoFuture::into_future(serve))
+        }
+        None => {
+            let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(stopped(stop_rx.clone()));
+            Box::pin(std::future::IntoFuture::into_future(serve))
+        }
+    };
+    let mut server = tokio::spawn(server);
+    println!("orchestrator listening on {scheme}://{local}");
     if args.seed {
         let opts = crate::cli::ClientOpts {
-            server: format!("http://{local}"),
+            server: format!("{scheme}://{local}"),
             token: std::env::var("ORCH_TOKEN").ok().filter(|t| !t.is_empty()),
             json: false,
         };

@@ -30,6 +30,15 @@ pub fn command(dir: &std::path::Path) -> Command {
     c
 }
 
+/// `https` when the server is started with a certificate.
+fn scheme(args: &[String]) -> &'static str {
+    if args.iter().any(|a| a == "--tls-cert") {
+        "https"
+    } else {
+        "http"
+    }
+}
+
 /// A running `orchestrator serve`.
 pub struct Server {
     child: Child,
@@ -84,7 +93,9 @@ impl Server {
         for _attempt in 0..5 {
             let port = free_port();
             match Self::try_start(dir, port, args, envs).await {
-                Ok((child, stdout, stderr)) => return (child, format!("http://127.0.0.1:{port}"), stdout, stderr),
+                Ok((child, stdout, stderr)) => {
+                    return (child, format!("{}://127.0.0.1:{port}", scheme(args)), stdout, stderr)
+                }
                 Err(e) => last_err = e,
             }
         }
@@ -133,7 +144,7 @@ impl Server {
         });
         // The server prints its URL once it listens (this also proves that the port is ours).
         let deadline = Instant::now() + Duration::from_secs(60);
-        let expected = format!("http://127.0.0.1:{port}");
+        let expected = format!("{}://127.0.0.1:{port}", scheme(args));
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) if line.contains("listening on") && line.contains(&expected) => break,
@@ -150,7 +161,8 @@ impl Server {
                 return Err(format!("no `listening on` line within 60 s: {}", stderr.lock().unwrap().join("\n")));
             }
         }
-        let client = reqwest::Client::new();
+        // Readiness only: the tests check the certificate themselves.
+        let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(r) = client.get(format!("{expected}/healthz")).send().await {
