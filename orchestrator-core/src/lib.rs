@@ -26,6 +26,7 @@ mod due;
 pub mod error;
 pub mod ids;
 pub mod memory;
+mod meter;
 pub mod notify;
 pub mod orchestrator;
 pub mod recipe;

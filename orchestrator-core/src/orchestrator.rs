@@ -137,6 +137,7 @@ pub struct Orchestrator {
     /// Fired when this process cancels or requeues a run, so agents waiting in
     /// [`AgentApi::wait_for_cancellations`] hear of it at once.
     cancels: Notifier,
+    meter: crate::meter::Meter,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -204,7 +205,63 @@ impl Orchestrator {
             config: Arc::new(config),
             due: Arc::new(DueTimes::default()),
             cancels: Notifier::new(),
+            meter: crate::meter::Meter::default(),
         }
+    }
+
+    /// Records this facade's metrics (and its clones') into `recorder` instead of the process's global
+    /// `metrics` recorder: claims (`orchestrator_runs_claimed_total`, `orchestrator_claim_requests_total`,
+    /// `orchestrator_claim_duration_seconds`), completions by outcome (`orchestrator_run_completions_total`,
+    /// `orchestrator_run_duration_seconds`), failures, retries, lost leases, releases and scheduler ticks.
+    /// Returns false when a recorder was set before (the first one stays).
+    pub fn set_metrics_recorder(&self, recorder: Arc<dyn metrics::Recorder + Send + Sync>) -> bool {
+        self.meter.set(recorder)
+    }
+
+    fn record_completions<'a>(
+        &self,
+        results: impl Iterator<Item = &'a std::result::Result<CompletionResult, StoreError>>,
+    ) {
+        for r in results.flatten() {
+            let run = &r.run;
+            let outcome = match run.state {
+                crate::state::RunState::Succeeded => "succeeded",
+                _ => "failed",
+            };
+            self.meter.count("orchestrator_run_completions_total", &[("outcome", outcome)], 1);
+            if outcome == "failed" {
+                self.meter.count("orchestrator_run_failures_total", &[], 1);
+            }
+            if r.work_item_state == WorkItemState::Retrying {
+                self.meter.count("orchestrator_retries_scheduled_total", &[], 1);
+            }
+            if let Some(end) = run.finished_at {
+                let from = run.started_at.unwrap_or(run.claimed_at);
+                let secs = (end - from).num_milliseconds().max(0) as f64 / 1000.0;
+                self.meter.observe("orchestrator_run_duration_seconds", &[("outcome", outcome)], secs);
+            }
+        }
+    }
+
+    fn record_tick(&self, report: &TickReport) {
+        self.meter.count("orchestrator_scheduler_ticks_total", &[], 1);
+        self.meter.count("orchestrator_scheduler_promoted_total", &[], report.promoted.len() as u64);
+        self.meter.count("orchestrator_lease_expiries_total", &[], report.reaped.len() as u64);
+        self.meter.count("orchestrator_info_request_expiries_total", &[], report.expired.len() as u64);
+        self.meter.count("orchestrator_run_failures_total", &[], (report.reaped.len() + report.expired.len()) as u64);
+        let retrying = report
+            .reaped
+            .iter()
+            .chain(report.expired.iter())
+            .filter(|r| r.work_item_state == WorkItemState::Retrying)
+            .count();
+        self.meter.count("orchestrator_retries_scheduled_total", &[], retrying as u64);
+    }
+
+    fn record_claim(&self, started: std::time::Instant, claimed: usize) {
+        self.meter.count("orchestrator_claim_requests_total", &[], 1);
+        self.meter.count("orchestrator_runs_claimed_total", &[], claimed as u64);
+        self.meter.observe("orchestrator_claim_duration_seconds", &[], started.elapsed().as_secs_f64());
     }
 
     /// The store.
@@ -581,10 +638,18 @@ impl Orchestrator {
     /// Promotes due retries and reaps expired leases.
     pub async fn tick(&self) -> Result<TickReport> {
         let now = self.now();
-        let report = self.store.tick(Tick { retry_defaults: self.config.retry.clone(), limit: 10_000, now }).await?;
+        let report = match self.store.tick(Tick { retry_defaults: self.config.retry.clone(), limit: 10_000, now }).await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.meter.count("orchestrator_scheduler_tick_errors_total", &[], 1);
+                return Err(e.into());
+            }
+        };
         for r in report.reaped.iter().chain(&report.expired) {
             self.due.add(r.retry_at, now);
         }
+        self.record_tick(&report);
         Ok(report)
     }
 
@@ -605,6 +670,7 @@ impl Orchestrator {
         for r in results.iter().flatten() {
             self.due.add(r.retry_at, now);
         }
+        self.record_completions(results.iter());
         Ok(results)
     }
 
@@ -624,6 +690,7 @@ impl Orchestrator {
         }
         let claim = self.claim_params(req)?;
         let now = claim.now;
+        let started = std::time::Instant::now();
         let done = self
             .store
             .runs_complete_and_claim(
@@ -633,6 +700,10 @@ impl Orchestrator {
             .await?;
         for r in done.completed.iter().flatten() {
             self.due.add(r.retry_at, now);
+        }
+        self.record_completions(done.completed.iter());
+        if let Ok(c) = &done.claimed {
+            self.record_claim(started, c.len());
         }
         let assigned = match done.claimed {
             Ok(c) => Ok(self.assign_all(c).await),
@@ -752,7 +823,9 @@ impl Orchestrator {
 impl AgentApi for Orchestrator {
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<Assignment>> {
         let claim = self.claim_params(req)?;
+        let started = std::time::Instant::now();
         let claimed = self.store.runs_claim(claim).await?;
+        self.record_claim(started, claimed.len());
         Ok(self.assign_all(claimed).await)
     }
 
@@ -827,6 +900,7 @@ impl AgentApi for Orchestrator {
                 now,
             })
             .await?;
+        self.record_completions(v.iter());
         match v.pop() {
             Some(r) => {
                 let r = r?;
@@ -839,6 +913,7 @@ impl AgentApi for Orchestrator {
 
     async fn release(&self, run_id: RunId, token: u64) -> Result<Run> {
         let run = self.store.runs_release(RunRelease { run_id, token, now: self.now() }).await?;
+        self.meter.count("orchestrator_runs_released_total", &[], 1);
         Ok(run)
     }
 

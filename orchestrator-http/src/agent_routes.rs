@@ -54,7 +54,6 @@ pub(crate) async fn claim(
         let assignments = s.orch.claim(req.clone()).await?;
         let now = Instant::now();
         if !assignments.is_empty() || now >= deadline {
-            s.metrics.record_claims(assignments.len());
             if !assignments.is_empty() {
                 tracing::info!(agent_id = %req.agent_id, claimed = assignments.len(), "claimed");
             }
@@ -63,7 +62,6 @@ pub(crate) async fn claim(
         tokio::select! {
             _ = s.orch.wait_for_work(generation, deadline - now) => {}
             _ = s.config.shutting_down() => {
-                s.metrics.record_claims(0);
                 return Ok(J(ClaimResponse { assignments: Vec::new() }));
             }
         }
@@ -150,9 +148,7 @@ pub(crate) async fn complete(
     Json(b): Json<CompleteBody>,
 ) -> ApiResult<J<CompletionBody>> {
     own_run(&s, &caller, id).await?;
-    let outcome = b.outcome.clone();
     let result = s.orch.complete(id, b.token, b.outcome, b.usage).await?;
-    s.metrics.record_completion(&outcome, &result);
     s.log_bus.notify();
     tracing::info!(run_id = %id, work_item_state = %result.work_item_state, "run completed");
     Ok(J(result.into()))

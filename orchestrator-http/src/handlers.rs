@@ -512,7 +512,6 @@ pub(crate) async fn scheduler_enqueue(
 
 pub(crate) async fn scheduler_tick(State(s): State<AppState>) -> ApiResult<J<TickReportBody>> {
     let report = s.orch.tick().await?;
-    s.metrics.record_tick(&report);
     Ok(J(report.into()))
 }
 

@@ -137,7 +137,11 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
 }
 
 /// The API over `orch` with the given counters (share them with [`spawn_background_with_metrics`]).
+///
+/// The facade records into `metrics` from now on (its claims, completions and ticks, embedded agents'
+/// too), unless it was given another recorder before.
 pub fn router_with_metrics(orch: Arc<Orchestrator>, config: HttpConfig, metrics: Arc<Metrics>) -> Router {
+    orch.set_metrics_recorder(metrics.recorder());
     let table = routes::table();
     let openapi = Arc::new(openapi::document(&table).to_string());
     let max_body = config.max_body_bytes;
@@ -176,12 +180,13 @@ pub fn spawn_background(orch: Arc<Orchestrator>, interval: Duration) -> tokio::t
     spawn_background_with_metrics(orch, interval, Metrics::global())
 }
 
-/// [`spawn_background`] recording into `metrics`.
+/// [`spawn_background`] recording into `metrics` (the facade records its ticks there).
 pub fn spawn_background_with_metrics(
     orch: Arc<Orchestrator>,
     interval: Duration,
     metrics: Arc<Metrics>,
 ) -> tokio::task::JoinHandle<()> {
+    orch.set_metrics_recorder(metrics.recorder());
     let interval = interval.max(Duration::from_millis(10));
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
@@ -190,7 +195,6 @@ pub fn spawn_background_with_metrics(
             ticker.tick().await;
             match orch.tick().await {
                 Ok(report) => {
-                    metrics.record_tick(&report);
                     if !report.promoted.is_empty() || !report.reaped.is_empty() || !report.expired.is_empty() {
                         tracing::info!(
                             promoted = report.promoted.len(),
@@ -201,7 +205,6 @@ pub fn spawn_background_with_metrics(
                     }
                 }
                 Err(e) => {
-                    metrics.record_tick_error();
                     tracing::error!(error = %e, "scheduler tick failed");
                 }
             }

@@ -1,206 +1,152 @@
-//! [`Metrics`]: counters shared by the router and the background scheduler, rendered as Prometheus text.
+//! [`Metrics`]: a Prometheus exporter (`metrics-exporter-prometheus`) for what the orchestrator records
+//! through the `metrics` crate. The [`orchestrator_core::Orchestrator`] facade records claims,
+//! completions by outcome, failures, retries, lost leases, releases, scheduler ticks, claim latency and run
+//! durations where they happen (so embedded agents' work counts too); the router adds HTTP request
+//! durations by route pattern and status; `/metrics` adds queue depths by state from the store.
 
-use orchestrator_core::domain::RunOutcome;
-use orchestrator_core::state::WorkItemState;
-use orchestrator_core::store::{CompletionResult, QueueStats, TickReport};
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use metrics::{Key, Label, Metadata, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use orchestrator_core::store::QueueStats;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// Upper bounds (seconds) of the request latency histogram buckets.
-const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+/// Upper bounds (seconds) of the histogram buckets (request latency, claim latency, run duration).
+const BUCKETS: [f64; 16] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0, 60.0, 300.0, 1800.0];
 
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    buckets: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+static METADATA: Metadata<'static> = Metadata::new("orchestrator_http", metrics::Level::INFO, Some(module_path!()));
+
+/// A recorder shared by the facade, the router and (for [`Metrics::global`]) the whole process.
+#[derive(Clone)]
+struct Shared(Arc<PrometheusRecorder>);
+
+impl Recorder for Shared {
+    fn describe_counter(&self, k: metrics::KeyName, u: Option<metrics::Unit>, d: metrics::SharedString) {
+        self.0.describe_counter(k, u, d)
+    }
+    fn describe_gauge(&self, k: metrics::KeyName, u: Option<metrics::Unit>, d: metrics::SharedString) {
+        self.0.describe_gauge(k, u, d)
+    }
+    fn describe_histogram(&self, k: metrics::KeyName, u: Option<metrics::Unit>, d: metrics::SharedString) {
+        self.0.describe_histogram(k, u, d)
+    }
+    fn register_counter(&self, key: &Key, m: &Metadata<'_>) -> metrics::Counter {
+        self.0.register_counter(key, m)
+    }
+    fn register_gauge(&self, key: &Key, m: &Metadata<'_>) -> metrics::Gauge {
+        self.0.register_gauge(key, m)
+    }
+    fn register_histogram(&self, key: &Key, m: &Metadata<'_>) -> metrics::Histogram {
+        self.0.register_histogram(key, m)
+    }
 }
 
-/// Counters of what the orchestrator did through this process, plus HTTP request counts and latencies.
-/// Share one between [`crate::router_with_metrics`] and [`crate::spawn_background_with_metrics`];
-/// [`crate::router`] and [`crate::spawn_background`] share [`Metrics::global`].
-#[derive(Debug, Default)]
+/// The exporter: one Prometheus registry and its renderer. Share one between [`crate::router_with_metrics`]
+/// and [`crate::spawn_background_with_metrics`]; [`crate::router`] and [`crate::spawn_background`] use
+/// [`Metrics::global`].
 pub struct Metrics {
-    claims: AtomicU64,
-    claim_requests: AtomicU64,
-    completions: Mutex<BTreeMap<&'static str, u64>>,
-    failures: AtomicU64,
-    retries: AtomicU64,
-    lease_expiries: AtomicU64,
-    info_deadline_expiries: AtomicU64,
-    promoted: AtomicU64,
-    ticks: AtomicU64,
-    tick_errors: AtomicU64,
-    http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
+    recorder: Shared,
+    handle: PrometheusHandle,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+fn describe(r: &Shared) {
+    use metrics::Unit;
+    let c = |n: &'static str, d: &'static str| r.describe_counter(n.into(), None, d.into());
+    c("orchestrator_runs_claimed_total", "Runs claimed by agents.");
+    c("orchestrator_claim_requests_total", "Claim calls made to the store.");
+    c("orchestrator_run_completions_total", "Run completions by outcome.");
+    c("orchestrator_run_failures_total", "Runs that failed, were lost or expired.");
+    c("orchestrator_retries_scheduled_total", "Work items scheduled for another attempt.");
+    c("orchestrator_lease_expiries_total", "Runs reaped because their lease expired.");
+    c("orchestrator_info_request_expiries_total", "Runs failed because an info request's deadline passed.");
+    c("orchestrator_runs_released_total", "Runs handed back by agents that stopped gracefully.");
+    c("orchestrator_scheduler_promoted_total", "Retrying work items promoted to queued.");
+    c("orchestrator_scheduler_ticks_total", "Scheduler ticks run.");
+    c("orchestrator_scheduler_tick_errors_total", "Scheduler ticks that failed.");
+    c("orchestrator_http_requests_total", "HTTP requests by route pattern and status.");
+    let h = |n: &'static str, d: &'static str| r.describe_histogram(n.into(), Some(Unit::Seconds), d.into());
+    h("orchestrator_claim_duration_seconds", "Time a claim call took in the store.");
+    h("orchestrator_run_duration_seconds", "Run duration from start (or claim) to completion, by outcome.");
+    h(
+        "orchestrator_http_request_duration_seconds",
+        "HTTP request latency (until the response head) by route pattern and status.",
+    );
+    let g = |n: &'static str, d: &'static str| r.describe_gauge(n.into(), None, d.into());
+    g("orchestrator_work_items", "Work items by state (queue depth).");
+    g("orchestrator_runs", "Runs by state.");
+    g("orchestrator_pending_info_requests", "Info requests waiting for an answer.");
+    g("orchestrator_pending_approvals", "Approval requests waiting for a decision.");
 }
 
 impl Metrics {
-    /// Fresh counters.
+    /// A registry of its own (not the process's global `metrics` recorder).
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        let recorder =
+            PrometheusBuilder::new().set_buckets(&BUCKETS).expect("the bucket list is not empty").build_recorder();
+        let handle = recorder.handle();
+        let recorder = Shared(Arc::new(recorder));
+        describe(&recorder);
+        Arc::new(Metrics { recorder, handle })
     }
 
-    /// The process-wide counters used by [`crate::router`] and [`crate::spawn_background`].
+    /// The process-wide registry used by [`crate::router`] and [`crate::spawn_background`]; installed as
+    /// the global `metrics` recorder when the host has none, so the host's own `metrics::counter!` calls
+    /// are exported too.
     pub fn global() -> Arc<Self> {
         static GLOBAL: OnceLock<Arc<Metrics>> = OnceLock::new();
-        GLOBAL.get_or_init(Metrics::new).clone()
+        GLOBAL
+            .get_or_init(|| {
+                let m = Metrics::new();
+                if metrics::set_global_recorder(m.recorder.clone()).is_err() {
+                    tracing::info!(
+                        "a global metrics recorder is installed already: /metrics shows the orchestrator's own"
+                    );
+                }
+                m
+            })
+            .clone()
     }
 
-    /// Records a claim call that assigned `n` runs.
-    pub fn record_claims(&self, n: usize) {
-        self.claim_requests.fetch_add(1, Ordering::Relaxed);
-        self.claims.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    /// Records a completion.
-    pub fn record_completion(&self, outcome: &RunOutcome, result: &CompletionResult) {
-        let label = match outcome {
-            RunOutcome::Succeeded { .. } => "succeeded",
-            RunOutcome::Failed { .. } => "failed",
-        };
-        *lock(&self.completions).entry(label).or_default() += 1;
-        if label == "failed" {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        if result.work_item_state == WorkItemState::Retrying {
-            self.retries.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Records what a scheduler tick did.
-    pub fn record_tick(&self, report: &TickReport) {
-        self.ticks.fetch_add(1, Ordering::Relaxed);
-        self.promoted.fetch_add(report.promoted.len() as u64, Ordering::Relaxed);
-        self.lease_expiries.fetch_add(report.reaped.len() as u64, Ordering::Relaxed);
-        self.info_deadline_expiries.fetch_add(report.expired.len() as u64, Ordering::Relaxed);
-        let lost = report.reaped.len() + report.expired.len();
-        self.failures.fetch_add(lost as u64, Ordering::Relaxed);
-        let retrying = report
-            .reaped
-            .iter()
-            .chain(report.expired.iter())
-            .filter(|r| r.work_item_state == WorkItemState::Retrying)
-            .count();
-        self.retries.fetch_add(retrying as u64, Ordering::Relaxed);
-    }
-
-    /// Records a failed scheduler tick.
-    pub fn record_tick_error(&self) {
-        self.tick_errors.fetch_add(1, Ordering::Relaxed);
+    /// The recorder to give to [`orchestrator_core::Orchestrator::set_metrics_recorder`].
+    pub fn recorder(&self) -> Arc<dyn Recorder + Send + Sync> {
+        Arc::new(self.recorder.clone())
     }
 
     /// Records one HTTP request (`route` is the route pattern, not the concrete path).
     pub fn record_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        let mut http = lock(&self.http);
-        let h = http.entry((route.to_string(), method.to_string(), status)).or_default();
-        h.count += 1;
-        h.sum += secs;
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if secs <= *le {
-                h.buckets[i] += 1;
-            }
-        }
-    }
-
-    /// Runs claimed so far.
-    pub fn claims(&self) -> u64 {
-        self.claims.load(Ordering::Relaxed)
-    }
-
-    /// Renders the Prometheus text exposition (format 0.0.4), with queue depths from `stats` when given.
-    pub fn render(&self, stats: Option<&QueueStats>) -> String {
-        let mut o = String::with_capacity(4096);
-        let family = |o: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(o, "# HELP {name} {help}");
-            let _ = writeln!(o, "# TYPE {name} {kind}");
-        };
-        if let Some(s) = stats {
-            family(&mut o, "orchestrator_work_items", "gauge", "Work items by state (queue depth).");
-            for (state, n) in &s.work_items {
-                let _ = writeln!(o, "orchestrator_work_items{{state=\"{}\"}} {n}", escape(state));
-            }
-            family(&mut o, "orchestrator_runs", "gauge", "Runs by state.");
-            for (state, n) in &s.runs {
-                let _ = writeln!(o, "orchestrator_runs{{state=\"{}\"}} {n}", escape(state));
-            }
-            family(&mut o, "orchestrator_pending_info_requests", "gauge", "Info requests waiting for an answer.");
-            let _ = writeln!(o, "orchestrator_pending_info_requests {}", s.pending_info_requests);
-            family(&mut o, "orchestrator_pending_approvals", "gauge", "Approval requests waiting for a decision.");
-            let _ = writeln!(o, "orchestrator_pending_approvals {}", s.pending_approvals);
-        }
-        let counters: [(&str, &str, &AtomicU64); 9] = [
-            ("orchestrator_runs_claimed_total", "Runs claimed by agents.", &self.claims),
-            ("orchestrator_claim_requests_total", "Claim calls answered.", &self.claim_requests),
-            ("orchestrator_run_failures_total", "Runs that failed, were lost or expired.", &self.failures),
-            ("orchestrator_retries_scheduled_total", "Work items scheduled for another attempt.", &self.retries),
-            ("orchestrator_lease_expiries_total", "Runs reaped because their lease expired.", &self.lease_expiries),
-            (
-                "orchestrator_info_request_expiries_total",
-                "Runs failed because an info request's deadline passed.",
-                &self.info_deadline_expiries,
-            ),
-            ("orchestrator_scheduler_promoted_total", "Retrying work items promoted to queued.", &self.promoted),
-            ("orchestrator_scheduler_ticks_total", "Scheduler ticks run.", &self.ticks),
-            ("orchestrator_scheduler_tick_errors_total", "Scheduler ticks that failed.", &self.tick_errors),
+        let labels = vec![
+            Label::new("method", method.to_string()),
+            Label::new("route", route.to_string()),
+            Label::new("status", status.to_string()),
         ];
-        for (name, help, v) in counters {
-            family(&mut o, name, "counter", help);
-            let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
-        }
-        family(&mut o, "orchestrator_run_completions_total", "counter", "Run completions by outcome.");
-        {
-            let c = lock(&self.completions);
-            for outcome in ["succeeded", "failed"] {
-                let _ = writeln!(
-                    o,
-                    "orchestrator_run_completions_total{{outcome=\"{outcome}\"}} {}",
-                    c.get(outcome).copied().unwrap_or(0)
-                );
+        let r = &self.recorder;
+        r.register_counter(&Key::from_parts("orchestrator_http_requests_total", labels.clone()), &METADATA)
+            .increment(1);
+        r.register_histogram(&Key::from_parts("orchestrator_http_request_duration_seconds", labels), &METADATA)
+            .record(elapsed.as_secs_f64());
+    }
+
+    /// Renders the Prometheus text exposition, with queue depths from `stats` when given.
+    pub fn render(&self, stats: Option<&QueueStats>) -> String {
+        if let Some(s) = stats {
+            let gauge = |name: &'static str, labels: Vec<Label>, v: u64| {
+                self.recorder.register_gauge(&Key::from_parts(name, labels), &METADATA).set(v as f64);
+            };
+            for (state, n) in &s.work_items {
+                gauge("orchestrator_work_items", vec![Label::new("state", state.clone())], *n);
             }
-        }
-        let http = lock(&self.http).clone();
-        family(&mut o, "orchestrator_http_requests_total", "counter", "HTTP requests by route pattern and status.");
-        for ((route, method, status), h) in &http {
-            let _ = writeln!(
-                o,
-                "orchestrator_http_requests_total{{method=\"{}\",route=\"{}\",status=\"{status}\"}} {}",
-                escape(method),
-                escape(route),
-                h.count
-            );
-        }
-        family(
-            &mut o,
-            "orchestrator_http_request_duration_seconds",
-            "histogram",
-            "HTTP request latency (until the response head) by route pattern and status.",
-        );
-        for ((route, method, status), h) in &http {
-            let labels = format!("method=\"{}\",route=\"{}\",status=\"{status}\"", escape(method), escape(route));
-            for (i, le) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    o,
-                    "orchestrator_http_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {}",
-                    h.buckets[i]
-                );
+            for (state, n) in &s.runs {
+                gauge("orchestrator_runs", vec![Label::new("state", state.clone())], *n);
             }
-            let _ =
-                writeln!(o, "orchestrator_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(o, "orchestrator_http_request_duration_seconds_sum{{{labels}}} {}", h.sum);
-            let _ = writeln!(o, "orchestrator_http_request_duration_seconds_count{{{labels}}} {}", h.count);
+            gauge("orchestrator_pending_info_requests", Vec::new(), s.pending_info_requests);
+            gauge("orchestrator_pending_approvals", Vec::new(), s.pending_approvals);
         }
-        o
+        self.handle.render()
     }
 }

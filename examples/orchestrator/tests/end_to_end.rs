@@ -280,6 +280,16 @@ async fn serve_with_an_embedded_agent_runs_the_seeded_work_to_success_with_logs(
     let second_run = api.get(&format!("/runs/{}", str_of(&second, "current_run_id"))).await;
     assert!(time(&second_run, "claimed_at") >= time(&first_finished, "finished_at"), "dependency order");
 
+    // The embedded agent's claims and completions (made in-process, not over HTTP) are in /metrics, with
+    // the claim latency and run duration histograms.
+    let m = api.text("/metrics").await;
+    assert_eq!(metric(&m, "orchestrator_run_completions_total{outcome=\"succeeded\"}"), 3.0, "{m}");
+    assert_eq!(metric(&m, "orchestrator_runs_claimed_total"), 3.0, "{m}");
+    assert_eq!(metric(&m, "orchestrator_run_duration_seconds_count{outcome=\"succeeded\"}"), 3.0, "{m}");
+    assert!(metric(&m, "orchestrator_claim_duration_seconds_count") >= 3.0, "{m}");
+    assert!(m.contains("# TYPE orchestrator_run_duration_seconds histogram"), "{m}");
+    assert!(metric(&m, "orchestrator_scheduler_ticks_total") >= 1.0, "the background ticker records too: {m}");
+
     // The CLI prints the same logs, and `logs --follow` ends by itself on a finished run.
     let out = server.cli(&["logs", &run]);
     assert!(out.status.success());

@@ -56,7 +56,8 @@ async fn the_cli_and_a_remote_agent_work_over_https_with_a_private_ca() {
     }
     // Plain HTTP to the TLS port gets no answer.
     let plain = server.url.replacen("https://", "http://", 1);
-    assert!(reqwest::get(format!("{plain}/healthz")).await.map(|r| r.status().is_success()).unwrap_or(false) == false);
+    let answered = reqwest::get(format!("{plain}/healthz")).await.map(|r| r.status().is_success());
+    assert!(!answered.unwrap_or(false), "plain HTTP was served on the TLS port");
 
     // With it, the seed goes through and a remote agent does the work over HTTPS.
     let out = server.cli_with(&["seed", "--json"], &[("ORCH_TOKEN", "ops-secret"), ca_env]);
