@@ -76,6 +76,13 @@ pub enum CryptoError {
     /// A sealed value is structurally invalid (bad encoding, wrong nonce length, ...).
     #[error("malformed sealed value: {0}")]
     Malformed(String),
+    /// A plain (unencrypted) value was given to a keyring: it carries no associated data binding it to its
+    /// owner, so once a key is configured it is refused rather than trusted.
+    #[error(
+        "the stored value is not encrypted (\"plain:\") but a secret key is configured: unencrypted values are \
+         refused because nothing binds them to their owner"
+    )]
+    Unencrypted,
 }
 
 /// A 256-bit AES key.
@@ -369,20 +376,19 @@ impl Keyring {
         Ok(SealedValue { key_id: Some(entry.id.clone()), nonce: nonce.to_vec(), ciphertext })
     }
 
-    /// Opens an encrypted value with the key named by its `key_id`; a plain
-    /// value is returned as is (`aad` is then not checked, so a caller that
-    /// requires a secret to be encrypted checks [`SealedValue::is_encrypted`]).
+    /// Opens an encrypted value with the key named by its `key_id`, checking
+    /// `aad`. A plain value is refused ([`CryptoError::Unencrypted`]): it would
+    /// open without its associated data, so anyone able to write a stored value
+    /// could substitute one (a host that still has plain values from before a
+    /// key was configured reads them without a keyring).
     ///
-    /// Errors: [`CryptoError::UnknownKeyId`] if the key is not configured,
-    /// [`CryptoError::Malformed`] if the nonce is not 12 bytes (or a plain
-    /// value has a nonce), [`CryptoError::Decrypt`] for a wrong key, tampered
-    /// data or wrong `aad`.
+    /// Errors: [`CryptoError::Unencrypted`] for a plain value,
+    /// [`CryptoError::UnknownKeyId`] if the key is not configured,
+    /// [`CryptoError::Malformed`] if the nonce is not 12 bytes,
+    /// [`CryptoError::Decrypt`] for a wrong key, tampered data or wrong `aad`.
     pub fn open(&self, sealed: &SealedValue, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let Some(key_id) = &sealed.key_id else {
-            if !sealed.nonce.is_empty() {
-                return Err(malformed("a plain value must not have a nonce"));
-            }
-            return Ok(sealed.ciphertext.clone());
+            return Err(CryptoError::Unencrypted);
         };
         let entry = self.entry(key_id).ok_or_else(|| CryptoError::UnknownKeyId(key_id.clone()))?;
         let nonce = <[u8; NONCE_LEN]>::try_from(sealed.nonce.as_slice())
@@ -551,17 +557,23 @@ mod tests {
     }
 
     #[test]
-    fn plain_values_open_as_is() {
+    fn plain_values_are_refused_with_a_keyring() {
         let ring = ring();
         let plain = SealedValue::plain(b"not secret");
         assert!(!plain.is_encrypted());
         assert!(plain.nonce.is_empty());
         assert_eq!(plain.ciphertext, b"not secret");
-        assert_eq!(ring.open(&plain, b"anything").unwrap(), b"not secret");
+        // A plain value has no associated data: with a key configured it must not open for any owner.
+        for aad in [&b"anything"[..], b"", b"req-1"] {
+            assert_eq!(ring.open(&plain, aad), Err(CryptoError::Unencrypted));
+        }
+        let decoded = SealedValue::decode(&plain.encode()).unwrap();
+        assert_eq!(ring.open(&decoded, b"req-1"), Err(CryptoError::Unencrypted));
+        assert!(CryptoError::Unencrypted.to_string().contains("not encrypted"));
 
         let mut odd = plain.clone();
         odd.nonce = vec![0; 12];
-        assert!(matches!(ring.open(&odd, b""), Err(CryptoError::Malformed(_))));
+        assert!(ring.open(&odd, b"").is_err());
     }
 
     #[test]
