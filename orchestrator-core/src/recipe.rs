@@ -410,8 +410,17 @@ fn render_path(prefix: &str, segs: &[Seg]) -> String {
     s
 }
 
-/// `[A-Za-z_][A-Za-z0-9_]*`
-fn is_env_name(s: &str) -> bool {
+/// Maximum length of an environment variable name: a recipe input's name, a
+/// step's `env` key or an info request's (question's) key, in bytes.
+pub const MAX_ENV_NAME_LEN: usize = 128;
+
+/// Whether `s` can be used as an environment variable name:
+/// `^[A-Za-z_][A-Za-z0-9_]*$`, at most [`MAX_ENV_NAME_LEN`] bytes. Recipe
+/// input names and question keys become variables of the steps' environment.
+pub fn is_env_name(s: &str) -> bool {
+    if s.len() > MAX_ENV_NAME_LEN {
+        return false;
+    }
     let mut chars = s.chars();
     match chars.next() {
         Some(c) if c.is_ascii_alphabetic() || c == '_' => {}
@@ -430,7 +439,10 @@ fn step_issues(step: &StepSpec, base: &[Seg], out: &mut Vec<Issue>) {
                 out,
                 base,
                 &[key("env"), key(name)],
-                format!("invalid environment variable name {name:?}: expected [A-Za-z_][A-Za-z0-9_]*"),
+                format!(
+                    "invalid environment variable name {name:?}: expected [A-Za-z_][A-Za-z0-9_]*, at most \
+                     {MAX_ENV_NAME_LEN} characters"
+                ),
             );
         }
     }
@@ -493,7 +505,10 @@ fn recipe_issues(spec: &RecipeSpec) -> Vec<Issue> {
                 &mut out,
                 &base,
                 &[key("name")],
-                format!("invalid input name {:?}: expected [A-Za-z_][A-Za-z0-9_]*", input.name),
+                format!(
+                    "invalid input name {:?}: expected [A-Za-z_][A-Za-z0-9_]*, at most {MAX_ENV_NAME_LEN} characters",
+                    input.name
+                ),
             );
         } else if let Some(first) = seen.get(input.name.as_str()) {
             push_issue(
