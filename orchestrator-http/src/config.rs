@@ -166,7 +166,29 @@ impl HttpConfig {
                 })?;
             c.request_timeout = Duration::from_secs(n);
         }
+        c.validate()?;
         Ok(c)
+    }
+
+    /// Checks combinations of settings that are unsafe together: `ORCH_CORS_ORIGINS=*` without
+    /// `ORCH_API_TOKENS` would let any web page drive the API as an admin. [`HttpConfig::from_env`] calls
+    /// it; a host building the configuration with setters should call it before serving (the router
+    /// ignores the `*` origin while authentication is off either way).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.auth_enabled() && self.cors_origins.iter().any(|o| o == "*") {
+            return Err(cfg_err(
+                "ORCH_CORS_ORIGINS",
+                "`*` (any origin) is refused while authentication is off (ORCH_API_TOKENS is not set): any web \
+                 page could then call the API as an admin. Set ORCH_API_TOKENS, or list the allowed origins in \
+                 ORCH_CORS_ORIGINS",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the wildcard origin is in effect: `*` is listed and authentication is on.
+    pub(crate) fn any_origin(&self) -> bool {
+        self.auth_enabled() && self.cors_origins.iter().any(|o| o == "*")
     }
 
     fn add_token_entry(&mut self, entry: &str) -> Result<(), ConfigError> {
@@ -303,7 +325,7 @@ impl HttpConfig {
     }
 
     pub(crate) fn origin_allowed(&self, origin: &str) -> bool {
-        self.cors_origins.iter().any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+        self.any_origin() || self.cors_origins.iter().any(|o| o != "*" && o.eq_ignore_ascii_case(origin))
     }
 }
 
@@ -337,6 +359,23 @@ mod tests {
         assert_eq!(c.max_body_bytes(), 2048);
         assert_eq!(c.request_timeout(), Duration::from_secs(5));
         assert!(!format!("{c:?}").contains("tok-a"));
+    }
+
+    #[test]
+    fn any_origin_without_tokens_is_refused() {
+        let e = from(&[("ORCH_CORS_ORIGINS", "https://a.example, *")]).unwrap_err();
+        assert_eq!(e.variable, "ORCH_CORS_ORIGINS");
+        let text = e.to_string();
+        assert!(text.contains("ORCH_CORS_ORIGINS") && text.contains("ORCH_API_TOKENS"), "{text}");
+        // With tokens, or with listed origins, it is accepted.
+        let c = from(&[("ORCH_CORS_ORIGINS", "*"), ("ORCH_API_TOKENS", "a:admin:0123456789abcdef")]).unwrap();
+        assert!(c.origin_allowed("https://any.example"));
+        let c = from(&[("ORCH_CORS_ORIGINS", "https://a.example")]).unwrap();
+        assert!(c.origin_allowed("https://a.example") && !c.origin_allowed("https://b.example"));
+        // Built with setters, the wildcard is not in effect while authentication is off.
+        let c = HttpConfig::new().with_cors_origins(["*"]);
+        assert!(c.validate().is_err());
+        assert!(!c.origin_allowed("https://evil.example"));
     }
 
     #[test]

@@ -112,14 +112,21 @@ pub fn openapi_document() -> serde_json::Value {
     openapi::document(&routes::table())
 }
 
-fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
-    if origins.is_empty() {
-        return None;
+fn cors_layer(config: &HttpConfig) -> Option<CorsLayer> {
+    let origins = config.cors_origins();
+    if origins.iter().any(|o| o == "*") && !config.auth_enabled() {
+        tracing::error!(
+            "ORCH_CORS_ORIGINS lists `*` while authentication is off (no ORCH_API_TOKENS): the wildcard is ignored"
+        );
     }
-    let allow = if origins.iter().any(|o| o == "*") {
+    let listed: Vec<HeaderValue> =
+        origins.iter().filter(|o| o.as_str() != "*").filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    let allow = if config.any_origin() {
         AllowOrigin::any()
+    } else if listed.is_empty() {
+        return None;
     } else {
-        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        AllowOrigin::list(listed)
     };
     Some(
         CorsLayer::new()
@@ -142,7 +149,7 @@ pub fn router_with_metrics(orch: Arc<Orchestrator>, config: HttpConfig, metrics:
     let openapi = Arc::new(openapi::document(&table).to_string());
     let max_body = config.max_body_bytes;
     let timeout = config.request_timeout;
-    let cors = cors_layer(&config.cors_origins);
+    let cors = cors_layer(&config);
     let state = AppState {
         orch,
         limiter: config.rate_limit_per_min.map(|n| Arc::new(rate_limit::RateLimiter::new(n))),
