@@ -12,7 +12,8 @@
 //! let app = axum::Router::new().nest("/api", router_with_metrics(orch.clone(), config, metrics.clone()));
 //! let _ticker = spawn_background_with_metrics(orch, std::time::Duration::from_secs(5), metrics);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:18080").await?;
-//! // ConnectInfo lets the rate limiter tell clients without a token apart by address.
+//! // ConnectInfo gives the peer address: without tokens only loopback peers are served, and the rate
+//! // limiter tells clients without a token apart by address.
 //! axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
 //! # Ok(()) }
 //! ```
@@ -27,9 +28,11 @@
 //!
 //! ## Auth
 //! `ORCH_API_TOKENS=name:role:token,...` (or `name:role:sha256:<hex>`). With no token configured every
-//! request is an admin: bind to loopback only then; requests whose `Host` is not a loopback name
-//! (`localhost`, `127.0.0.0/8`, `[::1]`) are refused (403) so a web page cannot reach the server through
-//! DNS rebinding. Roles: `admin` ⊇ `operator` ⊇ `viewer`; `agent` calls
+//! request is an admin, so the router itself serves only loopback peers: a request whose peer address
+//! (axum's `ConnectInfo<SocketAddr>`: serve with `into_make_service_with_connect_info::<SocketAddr>()`)
+//! is not loopback, or whose peer address is unknown, is refused (403); and requests whose `Host` is not a
+//! loopback name (`localhost`, `127.0.0.0/8`, `[::1]`) are refused (403) so a web page cannot reach the
+//! server through DNS rebinding. Public routes are served to anyone. Roles: `admin` ⊇ `operator` ⊇ `viewer`; `agent` calls
 //! the agent routes on runs it holds (`run.agent_id` = the token name) and reads. `/healthz`, `/readyz`,
 //! `/metrics` and `/openapi.json` are public. Writes carrying an `Origin` header that CORS does not allow
 //! are refused (403), so a web page cannot drive a local server.

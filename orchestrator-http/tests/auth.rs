@@ -220,3 +220,27 @@ async fn without_tokens_only_loopback_host_names_are_served() {
         .unwrap();
     send(&app.router, r).await.ok(200);
 }
+
+#[tokio::test]
+async fn without_tokens_a_non_loopback_peer_is_refused_whatever_its_host() {
+    use axum::extract::connect_info::MockConnectInfo;
+    use std::net::SocketAddr;
+    let dir = tempfile::tempdir().unwrap();
+    let orch = std::sync::Arc::new(orchestrator_core::Orchestrator::new(
+        sqlite_store(dir.path()),
+        OrchestratorConfig::default(),
+    ));
+    let bare = orchestrator_http::router(orch, HttpConfig::new());
+    let from = |peer: &str| bare.clone().layer(MockConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+    let with_host = || Request::builder().uri("/projects").header("host", "localhost").body(Body::empty()).unwrap();
+    for peer in ["10.1.2.3:5555", "[2001:db8::1]:5555", "[::ffff:10.0.0.1]:5555"] {
+        let v = send(&from(peer), with_host()).await.err(403, "forbidden");
+        assert!(v["error"]["message"].as_str().unwrap().contains("only loopback peers"), "{v}");
+    }
+    for peer in ["127.0.0.1:5555", "[::1]:5555", "[::ffff:127.0.0.1]:5555"] {
+        send(&from(peer), with_host()).await.ok(200);
+    }
+    // No peer address at all: refused, saying how to serve the router.
+    let v = send(&bare, with_host()).await.err(403, "forbidden");
+    assert!(v["error"]["message"].as_str().unwrap().contains("connect_info"), "{v}");
+}
