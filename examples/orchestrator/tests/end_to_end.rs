@@ -41,6 +41,9 @@ fn item_id_of(a: &Value) -> String {
     a.pointer("/work_item/id").and_then(Value::as_str).unwrap_or_else(|| panic!("no work item in {a}")).to_string()
 }
 
+
+/// The key given to servers on PostgreSQL (which never create one).
+const PG_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_walks_the_whole_flow_over_http_and_stops_cleanly_on_sigterm() {
     let server = Server::start(&[], &[]).await;
@@ -51,7 +54,7 @@ async fn serve_walks_the_whole_flow_over_http_and_stops_cleanly_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_on_postgresql_walks_the_whole_flow_over_http() {
     let db = common::PgDb::create();
-    let server = Server::start(&[], &[("ORCH_DATABASE_URL", &db.url)]).await;
+    let server = Server::start(&[], &[("ORCH_DATABASE_URL", &db.url), ("ORCH_SECRET_KEY", PG_KEY)]).await;
     assert!(server.logs().contains("PostgreSQL"), "{}", server.logs());
     assert!(!server.dir.path().join("orchestrator.db").exists());
     walk_the_flow(server).await;
@@ -608,6 +611,7 @@ async fn serve_with_seed_on_postgresql_shows_the_sample_work_done() {
     let db = common::PgDb::create();
     let env = [
         ("ORCH_DATABASE_URL", db.url.as_str()),
+        ("ORCH_SECRET_KEY", PG_KEY),
         ("ORCH_PG_SCHEMA", "sample_jobs"),
         ("ORCH_PG_NOTIFY_INTERVAL_MS", "0"),
     ];
@@ -631,10 +635,28 @@ async fn serve_refuses_bad_postgresql_options_before_connecting() {
     let out = common::command(dir.path())
         .args(["serve"])
         .env("ORCH_DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .env("ORCH_SECRET_KEY", PG_KEY)
         .env("ORCH_PG_MAX_CONNECTIONS", "zero")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ORCH_PG_MAX_CONNECTIONS") && err.contains("zero"), "{err}");
+}
+
+/// On PostgreSQL no key is made up: without ORCH_SECRET_KEY `serve` stops at once (before connecting)
+/// and says how to set one.
+#[tokio::test]
+async fn serve_on_postgresql_without_a_key_says_how_to_set_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::command(dir.path())
+        .args(["serve"])
+        .env("ORCH_DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .env_remove("ORCH_SECRET_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ORCH_SECRET_KEY") && err.contains("/dev/urandom"), "{err}");
+    assert!(!dir.path().join("orchestrator.key").exists(), "no key file was created");
 }
