@@ -79,6 +79,7 @@ pub struct HttpConfig {
     pub(crate) tokens: HashMap<[u8; 32], Principal>,
     pub(crate) max_body_bytes: usize,
     pub(crate) request_timeout: Duration,
+    pub(crate) max_streams_per_caller: usize,
     pub(crate) shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
@@ -92,6 +93,7 @@ impl fmt::Debug for HttpConfig {
             .field("tokens", &names)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("request_timeout", &self.request_timeout)
+            .field("max_streams_per_caller", &self.max_streams_per_caller)
             .finish()
     }
 }
@@ -104,6 +106,7 @@ impl Default for HttpConfig {
             tokens: HashMap::new(),
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
             request_timeout: Duration::from_secs(Self::DEFAULT_TIMEOUT_SECONDS),
+            max_streams_per_caller: Self::DEFAULT_MAX_STREAMS_PER_CALLER,
             shutdown: None,
         }
     }
@@ -118,14 +121,16 @@ impl HttpConfig {
     pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
     /// Default request timeout in seconds.
     pub const DEFAULT_TIMEOUT_SECONDS: u64 = 30;
+    /// Default cap on the log streams and long polls one caller holds at once.
+    pub const DEFAULT_MAX_STREAMS_PER_CALLER: usize = 16;
 
     /// Defaults: no CORS origin, no rate limit, no token (auth disabled), 1 MiB bodies, 30 s timeout.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Reads `ORCH_CORS_ORIGINS`, `ORCH_RATE_LIMIT_PER_MIN`, `ORCH_API_TOKENS`, `ORCH_MAX_BODY_BYTES` and
-    /// `ORCH_REQUEST_TIMEOUT_SECONDS` from the process environment.
+    /// Reads `ORCH_CORS_ORIGINS`, `ORCH_RATE_LIMIT_PER_MIN`, `ORCH_API_TOKENS`, `ORCH_MAX_BODY_BYTES`,
+    /// `ORCH_REQUEST_TIMEOUT_SECONDS` and `ORCH_MAX_STREAMS_PER_CALLER` from the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -165,6 +170,12 @@ impl HttpConfig {
                     cfg_err("ORCH_REQUEST_TIMEOUT_SECONDS", "expected whole seconds between 1 and 3600")
                 })?;
             c.request_timeout = Duration::from_secs(n);
+        }
+        if let Some(v) = lookup("ORCH_MAX_STREAMS_PER_CALLER").filter(|v| !v.trim().is_empty()) {
+            let n: usize = v.trim().parse().ok().filter(|n| (1..=100_000).contains(n)).ok_or_else(|| {
+                cfg_err("ORCH_MAX_STREAMS_PER_CALLER", "expected a whole number between 1 and 100000")
+            })?;
+            c.max_streams_per_caller = n;
         }
         c.validate()?;
         Ok(c)
@@ -266,6 +277,18 @@ impl HttpConfig {
         self
     }
 
+    /// Caps the log streams (SSE) and long polls (claims with `wait_ms`, `/agents/work?seen=`) one caller
+    /// (token name, else peer address) holds at once; one more answers 429 with `Retry-After`.
+    pub fn with_max_streams_per_caller(mut self, max: usize) -> Self {
+        self.max_streams_per_caller = max.max(1);
+        self
+    }
+
+    /// The cap on concurrent log streams and long polls per caller.
+    pub fn max_streams_per_caller(&self) -> usize {
+        self.max_streams_per_caller
+    }
+
     /// Ends log streams (SSE) and long polls once `signal` turns true, so a graceful shutdown of the server
     /// is not held up by followers (pass the same signal as `axum::serve(..).with_graceful_shutdown`).
     pub fn with_shutdown(mut self, signal: tokio::sync::watch::Receiver<bool>) -> Self {
@@ -348,8 +371,10 @@ mod tests {
             ("ORCH_API_TOKENS", &format!("alice:admin:tok-a, bot:agent:sha256:{hashed}")),
             ("ORCH_MAX_BODY_BYTES", "2048"),
             ("ORCH_REQUEST_TIMEOUT_SECONDS", "5"),
+            ("ORCH_MAX_STREAMS_PER_CALLER", "3"),
         ])
         .unwrap();
+        assert_eq!(c.max_streams_per_caller(), 3);
         assert_eq!(c.cors_origins(), ["https://a.example", "https://b.example"]);
         assert_eq!(c.rate_limit_per_min(), Some(60));
         assert!(c.auth_enabled());
@@ -385,6 +410,7 @@ mod tests {
         assert!(c.cors_origins().is_empty());
         assert_eq!(c.max_body_bytes(), 1024 * 1024);
         assert_eq!(c.request_timeout(), Duration::from_secs(30));
+        assert_eq!(c.max_streams_per_caller(), 16);
         for bad in [
             ("ORCH_API_TOKENS", "alice:root:x"),
             ("ORCH_API_TOKENS", "alice:admin"),
@@ -393,6 +419,7 @@ mod tests {
             ("ORCH_RATE_LIMIT_PER_MIN", "0"),
             ("ORCH_MAX_BODY_BYTES", "ten"),
             ("ORCH_REQUEST_TIMEOUT_SECONDS", "0"),
+            ("ORCH_MAX_STREAMS_PER_CALLER", "0"),
         ] {
             let e = from(&[bad]).unwrap_err();
             assert_eq!(e.variable, bad.0);

@@ -71,6 +71,7 @@ mod openapi;
 mod rate_limit;
 mod routes;
 mod sse;
+mod streams;
 
 pub use config::{ConfigError, HttpConfig, Principal, Role};
 pub use error::ApiError;
@@ -95,8 +96,10 @@ pub(crate) struct AppState {
     pub config: Arc<HttpConfig>,
     pub metrics: Arc<Metrics>,
     pub limiter: Option<Arc<rate_limit::RateLimiter>>,
-    /// Wakes log followers when lines are appended through this router.
-    pub log_bus: orchestrator_core::Notifier,
+    /// Wakes a run's log followers when lines are appended to it (or it completes) through this router.
+    pub log_bus: Arc<streams::RunNotifier>,
+    /// Log streams and long polls held per caller.
+    pub streams: Arc<streams::StreamLimiter>,
     pub openapi: Arc<String>,
 }
 
@@ -156,9 +159,10 @@ pub fn router_with_metrics(orch: Arc<Orchestrator>, config: HttpConfig, metrics:
     let state = AppState {
         orch,
         limiter: config.rate_limit_per_min.map(|n| Arc::new(rate_limit::RateLimiter::new(n))),
+        streams: streams::StreamLimiter::new(config.max_streams_per_caller),
         config: Arc::new(config),
         metrics: metrics.clone(),
-        log_bus: orchestrator_core::Notifier::new(),
+        log_bus: Arc::new(streams::RunNotifier::default()),
         openapi,
     };
     let mut r: Router<AppState> = Router::new();

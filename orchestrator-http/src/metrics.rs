@@ -34,6 +34,8 @@ pub struct Metrics {
     promoted: AtomicU64,
     ticks: AtomicU64,
     tick_errors: AtomicU64,
+    log_wakeups: AtomicU64,
+    streams_refused: AtomicU64,
     http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
 }
 
@@ -100,6 +102,16 @@ impl Metrics {
         self.tick_errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records a log follower woken by its run (not by its polling fallback).
+    pub fn record_log_wakeup(&self) {
+        self.log_wakeups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a log stream or long poll refused by the per-caller cap.
+    pub fn record_stream_refused(&self) {
+        self.streams_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Records one HTTP request (`route` is the route pattern, not the concrete path).
     pub fn record_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
@@ -140,7 +152,7 @@ impl Metrics {
             family(&mut o, "orchestrator_pending_approvals", "gauge", "Approval requests waiting for a decision.");
             let _ = writeln!(o, "orchestrator_pending_approvals {}", s.pending_approvals);
         }
-        let counters: [(&str, &str, &AtomicU64); 9] = [
+        let counters: [(&str, &str, &AtomicU64); 11] = [
             ("orchestrator_runs_claimed_total", "Runs claimed by agents.", &self.claims),
             ("orchestrator_claim_requests_total", "Claim calls answered.", &self.claim_requests),
             ("orchestrator_run_failures_total", "Runs that failed, were lost or expired.", &self.failures),
@@ -154,6 +166,16 @@ impl Metrics {
             ("orchestrator_scheduler_promoted_total", "Retrying work items promoted to queued.", &self.promoted),
             ("orchestrator_scheduler_ticks_total", "Scheduler ticks run.", &self.ticks),
             ("orchestrator_scheduler_tick_errors_total", "Scheduler ticks that failed.", &self.tick_errors),
+            (
+                "orchestrator_log_follower_wakeups_total",
+                "Log followers (SSE) woken by an append to or the completion of the run they follow.",
+                &self.log_wakeups,
+            ),
+            (
+                "orchestrator_http_streams_refused_total",
+                "Log streams and long polls refused because the caller held ORCH_MAX_STREAMS_PER_CALLER already.",
+                &self.streams_refused,
+            ),
         ];
         for (name, help, v) in counters {
             family(&mut o, name, "counter", help);

@@ -23,6 +23,11 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+/// Who the caller is for per-client limits (rate limit, concurrent streams): `token:<name>` with
+/// authentication on, else `ip:<peer address>` (`shared` when the peer address is unknown).
+#[derive(Debug, Clone)]
+pub(crate) struct CallerKey(pub String);
+
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -246,14 +251,14 @@ pub(crate) async fn guard(State((state, access)): State<(AppState, Access)>, mut
             Err(()) => Err("malformed Authorization header; expected `Bearer <token>`"),
         }
     };
+    let key = match &auth {
+        Ok(Some(p)) if cfg.auth_enabled() => format!("token:{}", p.name),
+        _ => match peer_addr(&req) {
+            Some(addr) => format!("ip:{}", addr.ip()),
+            None => "shared".to_string(),
+        },
+    };
     if let Some(limiter) = &state.limiter {
-        let key = match &auth {
-            Ok(Some(p)) if cfg.auth_enabled() => format!("token:{}", p.name),
-            _ => match peer_addr(&req) {
-                Some(addr) => format!("ip:{}", addr.ip()),
-                None => "shared".to_string(),
-            },
-        };
         if let Err(wait) = limiter.check(&key, Instant::now()) {
             tracing::warn!(client = %key, "rate limited");
             return ApiError::rate_limited(wait).into_response();
@@ -269,6 +274,7 @@ pub(crate) async fn guard(State((state, access)): State<(AppState, Access)>, mut
     }
     tracing::debug!(principal = %principal.name, role = %principal.role, "authenticated");
     req.extensions_mut().insert(principal);
+    req.extensions_mut().insert(CallerKey(key));
     next.run(req).await
 }
 
