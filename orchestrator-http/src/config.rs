@@ -80,6 +80,7 @@ pub struct HttpConfig {
     pub(crate) max_body_bytes: usize,
     pub(crate) request_timeout: Duration,
     pub(crate) max_streams_per_caller: usize,
+    pub(crate) allow_self_approval: bool,
     pub(crate) shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
@@ -94,6 +95,7 @@ impl fmt::Debug for HttpConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("request_timeout", &self.request_timeout)
             .field("max_streams_per_caller", &self.max_streams_per_caller)
+            .field("allow_self_approval", &self.allow_self_approval)
             .finish()
     }
 }
@@ -107,6 +109,7 @@ impl Default for HttpConfig {
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
             request_timeout: Duration::from_secs(Self::DEFAULT_TIMEOUT_SECONDS),
             max_streams_per_caller: Self::DEFAULT_MAX_STREAMS_PER_CALLER,
+            allow_self_approval: false,
             shutdown: None,
         }
     }
@@ -130,7 +133,8 @@ impl HttpConfig {
     }
 
     /// Reads `ORCH_CORS_ORIGINS`, `ORCH_RATE_LIMIT_PER_MIN`, `ORCH_API_TOKENS`, `ORCH_MAX_BODY_BYTES`,
-    /// `ORCH_REQUEST_TIMEOUT_SECONDS` and `ORCH_MAX_STREAMS_PER_CALLER` from the process environment.
+    /// `ORCH_REQUEST_TIMEOUT_SECONDS`, `ORCH_MAX_STREAMS_PER_CALLER` and `ORCH_ALLOW_SELF_APPROVAL` from the
+    /// process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -176,6 +180,13 @@ impl HttpConfig {
                 cfg_err("ORCH_MAX_STREAMS_PER_CALLER", "expected a whole number between 1 and 100000")
             })?;
             c.max_streams_per_caller = n;
+        }
+        if let Some(v) = lookup("ORCH_ALLOW_SELF_APPROVAL").filter(|v| !v.trim().is_empty()) {
+            c.allow_self_approval = match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => return Err(cfg_err("ORCH_ALLOW_SELF_APPROVAL", "expected true or false")),
+            };
         }
         c.validate()?;
         Ok(c)
@@ -289,6 +300,19 @@ impl HttpConfig {
         self.max_streams_per_caller
     }
 
+    /// Whether a token may approve what it proposed (a requirements draft) or created, edited or submitted
+    /// (a work item, as seen by this router) while approvals are required. Default `false`: another token
+    /// must approve (403 otherwise). Without tokens there is no identity to compare and nothing is checked.
+    pub fn with_allow_self_approval(mut self, allow: bool) -> Self {
+        self.allow_self_approval = allow;
+        self
+    }
+
+    /// See [`HttpConfig::with_allow_self_approval`].
+    pub fn allow_self_approval(&self) -> bool {
+        self.allow_self_approval
+    }
+
     /// Ends log streams (SSE) and long polls once `signal` turns true, so a graceful shutdown of the server
     /// is not held up by followers (pass the same signal as `axum::serve(..).with_graceful_shutdown`).
     pub fn with_shutdown(mut self, signal: tokio::sync::watch::Receiver<bool>) -> Self {
@@ -372,8 +396,10 @@ mod tests {
             ("ORCH_MAX_BODY_BYTES", "2048"),
             ("ORCH_REQUEST_TIMEOUT_SECONDS", "5"),
             ("ORCH_MAX_STREAMS_PER_CALLER", "3"),
+            ("ORCH_ALLOW_SELF_APPROVAL", "true"),
         ])
         .unwrap();
+        assert!(c.allow_self_approval());
         assert_eq!(c.max_streams_per_caller(), 3);
         assert_eq!(c.cors_origins(), ["https://a.example", "https://b.example"]);
         assert_eq!(c.rate_limit_per_min(), Some(60));
@@ -411,6 +437,7 @@ mod tests {
         assert_eq!(c.max_body_bytes(), 1024 * 1024);
         assert_eq!(c.request_timeout(), Duration::from_secs(30));
         assert_eq!(c.max_streams_per_caller(), 16);
+        assert!(!c.allow_self_approval());
         for bad in [
             ("ORCH_API_TOKENS", "alice:root:x"),
             ("ORCH_API_TOKENS", "alice:admin"),
@@ -420,6 +447,7 @@ mod tests {
             ("ORCH_MAX_BODY_BYTES", "ten"),
             ("ORCH_REQUEST_TIMEOUT_SECONDS", "0"),
             ("ORCH_MAX_STREAMS_PER_CALLER", "0"),
+            ("ORCH_ALLOW_SELF_APPROVAL", "maybe"),
         ] {
             let e = from(&[bad]).unwrap_err();
             assert_eq!(e.variable, bad.0);

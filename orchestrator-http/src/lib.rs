@@ -35,7 +35,9 @@
 //! server through DNS rebinding. Public routes are served to anyone. Roles: `admin` ⊇ `operator` ⊇ `viewer`; `agent` calls
 //! the agent routes on runs it holds (`run.agent_id` = the token name) and reads. `/healthz`, `/readyz`,
 //! `/metrics` and `/openapi.json` are public. Writes carrying an `Origin` header that CORS does not allow
-//! are refused (403), so a web page cannot drive a local server.
+//! are refused (403), so a web page cannot drive a local server. With tokens, audit names (`author`, `by`,
+//! `answered_by`) are the token's name, and under `ORCH_REQUIRE_APPROVAL` a token may not approve what it
+//! proposed, or created, changed or submitted through this router ([`HttpConfig::with_allow_self_approval`]).
 //!
 //! ## Errors
 //! Every failure answers `{"error": {"code", "message", "request_id", "details"}}`:
@@ -60,6 +62,7 @@
 #![forbid(unsafe_code)]
 
 mod agent_routes;
+mod authors;
 pub mod config;
 pub mod dto;
 pub mod error;
@@ -100,6 +103,8 @@ pub(crate) struct AppState {
     pub log_bus: Arc<streams::RunNotifier>,
     /// Log streams and long polls held per caller.
     pub streams: Arc<streams::StreamLimiter>,
+    /// Who created or changed each work item through this router (self-approval check).
+    pub authors: Arc<authors::Authors>,
     pub openapi: Arc<String>,
 }
 
@@ -163,6 +168,7 @@ pub fn router_with_metrics(orch: Arc<Orchestrator>, config: HttpConfig, metrics:
         config: Arc::new(config),
         metrics: metrics.clone(),
         log_bus: Arc::new(streams::RunNotifier::default()),
+        authors: Arc::new(authors::Authors::default()),
         openapi,
     };
     let mut r: Router<AppState> = Router::new();
