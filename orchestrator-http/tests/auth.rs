@@ -280,9 +280,7 @@ async fn audit_names_come_from_the_token_and_self_approval_is_refused() {
     // A work item created by ops waits for someone else.
     let w = post(&app, "/work-items", Some(OPERATOR), json!({"project_id": pid, "title": "w"})).await.ok(201);
     let a = s(&w["approval"]["id"]);
-    post(&app, &format!("/approvals/{a}/approve"), Some(OPERATOR), json!({"by": "root"}))
-        .await
-        .err(403, "forbidden");
+    post(&app, &format!("/approvals/{a}/approve"), Some(OPERATOR), json!({"by": "root"})).await.err(403, "forbidden");
     // Rejecting one's own work is fine.
     let no = post_empty(&app, &format!("/approvals/{a}/reject"), Some(OPERATOR)).await.ok(200);
     assert_eq!(no["approval"]["decided_by"], "ops");
@@ -310,10 +308,14 @@ async fn audit_names_come_from_the_token_and_self_approval_is_refused() {
     .await
     .ok(200);
     let qid = s(&q["info_requests"][0]["id"]);
-    let answered =
-        post(&app, &format!("/info-requests/{qid}/answer"), Some(OPERATOR), json!({"value": "v", "answered_by": "ceo"}))
-            .await
-            .ok(200);
+    let answered = post(
+        &app,
+        &format!("/info-requests/{qid}/answer"),
+        Some(OPERATOR),
+        json!({"value": "v", "answered_by": "ceo"}),
+    )
+    .await
+    .ok(200);
     assert_eq!(answered["info_request"]["answered_by"], "ops");
 
     // Allowed by configuration: ops approves its own work item.

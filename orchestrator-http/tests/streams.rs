@@ -42,7 +42,13 @@ async fn serve(http: HttpConfig) -> Server {
 }
 
 /// Sends a request; answers (status, Retry-After, body as JSON or Null).
-async fn call(addr: SocketAddr, method: Method, path: &str, token: &str, body: Option<Value>) -> (u16, Option<String>, Value) {
+async fn call(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Option<String>, Value) {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
@@ -120,7 +126,8 @@ async fn metric(addr: SocketAddr, name: &str) -> u64 {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
-    let req = Request::builder().uri("/metrics").header("host", addr.to_string()).body(Full::new(Bytes::new())).unwrap();
+    let req =
+        Request::builder().uri("/metrics").header("host", addr.to_string()).body(Full::new(Bytes::new())).unwrap();
     let resp = sender.send_request(req).await.unwrap();
     let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     text.lines()

@@ -41,7 +41,6 @@ fn item_id_of(a: &Value) -> String {
     a.pointer("/work_item/id").and_then(Value::as_str).unwrap_or_else(|| panic!("no work item in {a}")).to_string()
 }
 
-
 /// The key given to servers on PostgreSQL (which never create one).
 const PG_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
