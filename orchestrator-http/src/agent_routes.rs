@@ -51,11 +51,7 @@ pub(crate) async fn claim(
         ClaimRequest { agent_id, capabilities: b.capabilities, max: b.max, lease_ttl_seconds: b.lease_ttl_seconds };
     let wait = Duration::from_millis(b.wait_ms.unwrap_or(0)).min(MAX_WAIT);
     // A long poll counts against the caller's concurrent streams while it waits.
-    let _permit = if wait.is_zero() {
-        None
-    } else {
-        Some(s.streams.acquire(&key.0).inspect_err(|_| s.metrics.record_stream_refused())?)
-    };
+    let _permit = if wait.is_zero() { None } else { Some(s.streams.acquire(&key.0)?) };
     let deadline = Instant::now() + wait;
     loop {
         let generation = s.orch.work_generation().await;
@@ -93,7 +89,7 @@ pub(crate) async fn work(
     let woken = match q.seen {
         None => false,
         Some(seen) => {
-            let _permit = s.streams.acquire(&key.0).inspect_err(|_| s.metrics.record_stream_refused())?;
+            let _permit = s.streams.acquire(&key.0)?;
             let t = Duration::from_millis(q.timeout_ms.unwrap_or(MAX_WAIT.as_millis() as u64)).min(MAX_WAIT);
             tokio::select! {
                 woken = s.orch.wait_for_work(seen, t) => woken,

@@ -164,7 +164,7 @@ pub fn router_with_metrics(orch: Arc<Orchestrator>, config: HttpConfig, metrics:
     let state = AppState {
         orch,
         limiter: config.rate_limit_per_min.map(|n| Arc::new(rate_limit::RateLimiter::new(n))),
-        streams: streams::StreamLimiter::new(config.max_streams_per_caller),
+        streams: streams::StreamLimiter::new(config.max_streams_per_caller, metrics.clone()),
         config: Arc::new(config),
         metrics: metrics.clone(),
         log_bus: Arc::new(streams::RunNotifier::default()),

@@ -36,6 +36,7 @@ pub struct Metrics {
     tick_errors: AtomicU64,
     log_wakeups: AtomicU64,
     streams_refused: AtomicU64,
+    streams_active: AtomicU64,
     http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
 }
 
@@ -112,6 +113,15 @@ impl Metrics {
         self.streams_refused.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records a log stream or long poll starting (`true`) or ending (`false`).
+    pub(crate) fn record_stream_held(&self, held: bool) {
+        if held {
+            self.streams_active.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = self.streams_active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
     /// Records one HTTP request (`route` is the route pattern, not the concrete path).
     pub fn record_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
@@ -181,6 +191,13 @@ impl Metrics {
             family(&mut o, name, "counter", help);
             let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
         }
+        family(
+            &mut o,
+            "orchestrator_http_streams_active",
+            "gauge",
+            "Log streams (SSE) and long polls being served now.",
+        );
+        let _ = writeln!(o, "orchestrator_http_streams_active {}", self.streams_active.load(Ordering::Relaxed));
         family(&mut o, "orchestrator_run_completions_total", "counter", "Run completions by outcome.");
         {
             let c = lock(&self.completions);

@@ -121,7 +121,7 @@ pub(crate) async fn stream_logs(
     Query(q): Query<StreamQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    let permit = s.streams.acquire(&caller.0).inspect_err(|_| s.metrics.record_stream_refused())?;
+    let permit = s.streams.acquire(&caller.0)?;
     s.orch.store().run_get(id).await?;
     let after = match headers.get("last-event-id") {
         Some(v) => v

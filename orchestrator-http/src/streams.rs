@@ -3,6 +3,7 @@
 //! ([`StreamLimiter`], `ORCH_MAX_STREAMS_PER_CALLER`).
 
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use orchestrator_core::ids::RunId;
 use orchestrator_core::Notifier;
 use std::collections::HashMap;
@@ -79,14 +80,15 @@ impl Drop for RunSubscription {
 pub(crate) struct StreamLimiter {
     max: usize,
     held: Mutex<HashMap<String, usize>>,
+    metrics: Arc<Metrics>,
 }
 
 /// How long a refused caller is told to wait.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 impl StreamLimiter {
-    pub(crate) fn new(max: usize) -> Arc<Self> {
-        Arc::new(StreamLimiter { max, held: Mutex::new(HashMap::new()) })
+    pub(crate) fn new(max: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(StreamLimiter { max, held: Mutex::new(HashMap::new()), metrics })
     }
 
     /// A permit for one more stream or long poll of `caller` (released when dropped), or a 429.
@@ -101,9 +103,11 @@ impl StreamLimiter {
                 "at most {max} log streams and long polls at once per caller (ORCH_MAX_STREAMS_PER_CALLER); close \
                  one or retry later"
             );
+            self.metrics.record_stream_refused();
             return Err(e);
         }
         *n += 1;
+        self.metrics.record_stream_held(true);
         Ok(StreamPermit { limiter: self.clone(), caller: caller.to_string() })
     }
 
@@ -123,6 +127,7 @@ pub(crate) struct StreamPermit {
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
+        self.limiter.metrics.record_stream_held(false);
         let mut held = lock(&self.limiter.held);
         if let Some(n) = held.get_mut(&self.caller) {
             *n = n.saturating_sub(1);
@@ -155,14 +160,17 @@ mod tests {
 
     #[test]
     fn permits_are_capped_per_caller_and_released() {
-        let l = StreamLimiter::new(2);
+        let metrics = Metrics::new();
+        let l = StreamLimiter::new(2, metrics.clone());
         let p1 = l.acquire("token:a").unwrap();
         let _p2 = l.acquire("token:a").unwrap();
         let e = l.acquire("token:a").unwrap_err();
         assert_eq!(e.status.as_u16(), 429);
         let _other = l.acquire("token:b").unwrap();
         assert_eq!(l.active(), 3);
+        assert!(metrics.render(None).contains("orchestrator_http_streams_active 3"));
         drop(p1);
+        assert!(metrics.render(None).contains("orchestrator_http_streams_active 2"));
         let _p3 = l.acquire("token:a").unwrap();
     }
 }
