@@ -32,8 +32,12 @@ const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 /// Maximum length of a key id.
 const MAX_KEY_ID_LEN: usize = 64;
-/// Id given to a key configured without one.
-const DEFAULT_KEY_ID: &str = "k1";
+/// The id every key configured without one was given before ids were derived
+/// from the key itself: values sealed under it stay readable (see
+/// [`Keyring::from_key`]).
+pub const LEGACY_KEY_ID: &str = "k1";
+/// Hex characters of a key's fingerprint used as its id.
+const FINGERPRINT_HEX_LEN: usize = 8;
 
 /// What a key must look like; used in every key parsing error.
 const KEY_FORMAT_HINT: &str = "expected 64 hex characters or the base64 encoding \
@@ -76,6 +80,13 @@ pub enum CryptoError {
     /// A sealed value is structurally invalid (bad encoding, wrong nonce length, ...).
     #[error("malformed sealed value: {0}")]
     Malformed(String),
+    /// A plain (unencrypted) value was given to a keyring: it carries no associated data binding it to its
+    /// owner, so once a key is configured it is refused rather than trusted.
+    #[error(
+        "the stored value is not encrypted (\"plain:\") but a secret key is configured: unencrypted values are \
+         refused because nothing binds them to their owner"
+    )]
+    Unencrypted,
 }
 
 /// A 256-bit AES key.
@@ -111,6 +122,16 @@ impl SecretKey {
     /// generated key is written to a key file in; [`SecretKey::parse`] reads it back.
     pub fn to_base64(&self) -> String {
         STANDARD.encode(self.0)
+    }
+
+    /// The key's fingerprint: the first 8 hex characters of the SHA-256 of its
+    /// bytes. It is the id of a key configured without one, so servers that
+    /// hold different keys seal under different ids. It reveals nothing usable
+    /// about the key.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(self.0);
+        hex::encode(&digest[..FINGERPRINT_HEX_LEN / 2])
     }
 
     /// The AES-256-GCM cipher for this key.
@@ -266,7 +287,15 @@ fn malformed(msg: &str) -> CryptoError {
 #[derive(Clone)]
 struct KeyEntry {
     id: String,
+    /// [`SecretKey::fingerprint`]: values sealed under it open with this key whatever its id here.
+    fingerprint: String,
     cipher: Aes256Gcm,
+}
+
+impl KeyEntry {
+    fn new(id: &str, key: &SecretKey) -> KeyEntry {
+        KeyEntry { id: id.to_owned(), fingerprint: key.fingerprint(), cipher: key.cipher() }
+    }
 }
 
 /// The active key (used to seal) plus older keys (used only to open).
@@ -284,22 +313,30 @@ impl Keyring {
     /// Key ids are 1..=64 characters of `[A-Za-z0-9_.-]`.
     pub fn new(active_key_id: &str, key: SecretKey) -> Result<Keyring, CryptoError> {
         validate_key_id(active_key_id)?;
-        Ok(Keyring { keys: vec![KeyEntry { id: active_key_id.to_owned(), cipher: key.cipher() }] })
+        Ok(Keyring { keys: vec![KeyEntry::new(active_key_id, &key)] })
+    }
+
+    /// A keyring for one key configured without an id: the active id is the
+    /// key's [`SecretKey::fingerprint`], and the same key also opens values
+    /// sealed under [`LEGACY_KEY_ID`] (`"k1"`, the id such a key had before).
+    pub fn from_key(key: SecretKey) -> Keyring {
+        Keyring { keys: vec![KeyEntry::new(&key.fingerprint(), &key), KeyEntry::new(LEGACY_KEY_ID, &key)] }
     }
 
     /// Adds an older key, used only to open values sealed under it. A
     /// duplicate id is an error.
     pub fn with_old_key(mut self, key_id: &str, key: SecretKey) -> Result<Keyring, CryptoError> {
         validate_key_id(key_id)?;
-        if self.entry(key_id).is_some() {
+        if self.keys.iter().any(|entry| entry.id == key_id) {
             return Err(CryptoError::InvalidKeyId(format!("duplicate key id {key_id:?}")));
         }
-        self.keys.push(KeyEntry { id: key_id.to_owned(), cipher: key.cipher() });
+        self.keys.push(KeyEntry::new(key_id, &key));
         Ok(self)
     }
 
     /// Parses key configuration (`ORCH_SECRET_KEY`): either a single key
-    /// (given the id `"k1"`), or a comma-separated list `"id:key,id:key"`
+    /// (its id is its fingerprint, and it also opens values sealed under
+    /// `"k1"`: see [`Keyring::from_key`]), or a comma-separated list `"id:key,id:key"`
     /// whose FIRST entry is the active key and the others are old keys.
     ///
     /// Keys are in any format [`SecretKey::parse`] accepts, so a `"hex:"` or
@@ -317,7 +354,7 @@ impl Keyring {
         let entries: Vec<&str> = s.split(',').map(str::trim).collect();
         if let [single] = entries.as_slice() {
             if is_bare_key(single) {
-                return Keyring::new(DEFAULT_KEY_ID, SecretKey::parse(single)?);
+                return Ok(Keyring::from_key(SecretKey::parse(single)?));
             }
         }
         let mut keyring: Option<Keyring> = None;
@@ -369,20 +406,20 @@ impl Keyring {
         Ok(SealedValue { key_id: Some(entry.id.clone()), nonce: nonce.to_vec(), ciphertext })
     }
 
-    /// Opens an encrypted value with the key named by its `key_id`; a plain
-    /// value is returned as is (`aad` is then not checked, so a caller that
-    /// requires a secret to be encrypted checks [`SealedValue::is_encrypted`]).
+    /// Opens an encrypted value with the key named by its `key_id` (an id of
+    /// this keyring, or the fingerprint of one of its keys), checking
+    /// `aad`. A plain value is refused ([`CryptoError::Unencrypted`]): it would
+    /// open without its associated data, so anyone able to write a stored value
+    /// could substitute one (a host that still has plain values from before a
+    /// key was configured reads them without a keyring).
     ///
-    /// Errors: [`CryptoError::UnknownKeyId`] if the key is not configured,
-    /// [`CryptoError::Malformed`] if the nonce is not 12 bytes (or a plain
-    /// value has a nonce), [`CryptoError::Decrypt`] for a wrong key, tampered
-    /// data or wrong `aad`.
+    /// Errors: [`CryptoError::Unencrypted`] for a plain value,
+    /// [`CryptoError::UnknownKeyId`] if the key is not configured,
+    /// [`CryptoError::Malformed`] if the nonce is not 12 bytes,
+    /// [`CryptoError::Decrypt`] for a wrong key, tampered data or wrong `aad`.
     pub fn open(&self, sealed: &SealedValue, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let Some(key_id) = &sealed.key_id else {
-            if !sealed.nonce.is_empty() {
-                return Err(malformed("a plain value must not have a nonce"));
-            }
-            return Ok(sealed.ciphertext.clone());
+            return Err(CryptoError::Unencrypted);
         };
         let entry = self.entry(key_id).ok_or_else(|| CryptoError::UnknownKeyId(key_id.clone()))?;
         let nonce = <[u8; NONCE_LEN]>::try_from(sealed.nonce.as_slice())
@@ -394,8 +431,13 @@ impl Keyring {
     }
 
     /// The key with the given id.
+    /// The key with the given id, else the key whose fingerprint it is (a value sealed while that key
+    /// was configured alone, now listed under a chosen id).
     fn entry(&self, key_id: &str) -> Option<&KeyEntry> {
-        self.keys.iter().find(|entry| entry.id == key_id)
+        self.keys
+            .iter()
+            .find(|entry| entry.id == key_id)
+            .or_else(|| self.keys.iter().find(|entry| entry.fingerprint == key_id))
     }
 }
 
@@ -542,6 +584,32 @@ mod tests {
     }
 
     #[test]
+    fn a_key_without_id_is_named_by_its_fingerprint_and_still_reads_k1() {
+        use sha2::{Digest, Sha256};
+        let a = SecretKey::generate();
+        let b = SecretKey::generate();
+        let expected = hex::encode(&Sha256::digest(a.0)[..4]);
+        assert_eq!(a.fingerprint(), expected);
+        assert_eq!(a.fingerprint().len(), 8);
+        // Two servers with different generated keys seal under different ids.
+        let ring_a = Keyring::from_config(&a.to_base64()).unwrap();
+        let ring_b = Keyring::from_config(&b.to_base64()).unwrap();
+        assert_eq!(ring_a.active_key_id(), expected);
+        assert_ne!(ring_a.active_key_id(), ring_b.active_key_id());
+        let sealed = ring_a.seal(b"answer", b"req").unwrap();
+        assert_eq!(sealed.key_id.as_deref(), Some(expected.as_str()));
+        assert_eq!(ring_b.open(&sealed, b"req"), Err(CryptoError::UnknownKeyId(expected.clone())));
+        // Values sealed before, under "k1" with the same key, still open.
+        let legacy = Keyring::new(LEGACY_KEY_ID, a.clone()).unwrap().seal(b"old", b"req").unwrap();
+        assert_eq!(ring_a.open(&legacy, b"req").unwrap(), b"old");
+        assert_eq!(ring_b.open(&legacy, b"req"), Err(CryptoError::Decrypt));
+        // Listed later under a chosen id, the key still opens what it sealed under its fingerprint.
+        let listed = Keyring::from_config(&format!("k2:{},old:{}", b.to_base64(), a.to_base64())).unwrap();
+        assert_eq!(listed.open(&sealed, b"req").unwrap(), b"answer");
+        assert!(!format!("{ring_a:?}").contains(&a.to_base64()));
+    }
+
+    #[test]
     fn unknown_key_id_is_reported() {
         let ring = ring();
         let mut sealed = ring.seal(b"secret", b"aad").unwrap();
@@ -551,17 +619,23 @@ mod tests {
     }
 
     #[test]
-    fn plain_values_open_as_is() {
+    fn plain_values_are_refused_with_a_keyring() {
         let ring = ring();
         let plain = SealedValue::plain(b"not secret");
         assert!(!plain.is_encrypted());
         assert!(plain.nonce.is_empty());
         assert_eq!(plain.ciphertext, b"not secret");
-        assert_eq!(ring.open(&plain, b"anything").unwrap(), b"not secret");
+        // A plain value has no associated data: with a key configured it must not open for any owner.
+        for aad in [&b"anything"[..], b"", b"req-1"] {
+            assert_eq!(ring.open(&plain, aad), Err(CryptoError::Unencrypted));
+        }
+        let decoded = SealedValue::decode(&plain.encode()).unwrap();
+        assert_eq!(ring.open(&decoded, b"req-1"), Err(CryptoError::Unencrypted));
+        assert!(CryptoError::Unencrypted.to_string().contains("not encrypted"));
 
         let mut odd = plain.clone();
         odd.nonce = vec![0; 12];
-        assert!(matches!(ring.open(&odd, b""), Err(CryptoError::Malformed(_))));
+        assert!(ring.open(&odd, b"").is_err());
     }
 
     #[test]
@@ -668,9 +742,9 @@ mod tests {
             [HEX_KEY.to_owned(), format!("hex:{HEX_KEY}"), b64.clone(), format!("base64:{b64}"), format!("  {b64}\n")]
         {
             let ring = Keyring::from_config(&config).unwrap();
-            assert_eq!(ring.active_key_id(), "k1");
+            assert_eq!(ring.active_key_id(), SecretKey(key_bytes()).fingerprint());
             let sealed = ring.seal(b"v", b"a").unwrap();
-            let direct = Keyring::new("k1", SecretKey(key_bytes())).unwrap();
+            let direct = Keyring::from_key(SecretKey(key_bytes()));
             assert_eq!(direct.open(&sealed, b"a").unwrap(), b"v");
         }
     }

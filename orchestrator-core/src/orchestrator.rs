@@ -174,6 +174,17 @@ fn check_questions(qs: &[NewInfoRequest]) -> Result<()> {
     }
     for (i, q) in qs.iter().enumerate() {
         check_text(&format!("questions[{i}].key"), &q.key, 200, true)?;
+        // The agent exposes each answer as an environment variable named after its key.
+        if !crate::recipe::is_env_name(&q.key) {
+            return Err(Error::invalid(
+                format!("questions[{i}].key"),
+                format!(
+                    "`{}` is not an environment variable name: expected [A-Za-z_][A-Za-z0-9_]*, at most {} characters",
+                    q.key.chars().take(60).collect::<String>(),
+                    crate::recipe::MAX_ENV_NAME_LEN
+                ),
+            ));
+        }
         if qs[..i].iter().any(|p| p.key == q.key) {
             return Err(Error::invalid(format!("questions[{i}].key"), format!("duplicate key `{}`", q.key)));
         }

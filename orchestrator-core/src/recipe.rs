@@ -38,6 +38,16 @@ use serde::{Deserialize, Serialize};
 
 /// Maximum size, in bytes, of a recipe document or of a planner answer.
 pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
+/// Maximum number of bytes of text (scalars, keys included) in a recipe once
+/// its aliases are expanded: a document without aliases never has more text
+/// than its own size, so this is the same bound as [`MAX_DOCUMENT_BYTES`].
+/// Each use of an alias (`*name`) repeats the whole anchored node, so a small
+/// document could otherwise expand to gigabytes.
+pub const MAX_EXPANDED_BYTES: usize = MAX_DOCUMENT_BYTES;
+/// Maximum number of nodes (scalars, sequences, mappings) in a recipe once its
+/// aliases are expanded; no document within [`MAX_DOCUMENT_BYTES`] has this
+/// many without aliases.
+pub const MAX_EXPANDED_NODES: usize = MAX_DOCUMENT_BYTES;
 /// Maximum length of a recipe name, in characters.
 pub const MAX_NAME_CHARS: usize = 200;
 /// Maximum number of steps in a recipe or a plan.
@@ -400,8 +410,17 @@ fn render_path(prefix: &str, segs: &[Seg]) -> String {
     s
 }
 
-/// `[A-Za-z_][A-Za-z0-9_]*`
-fn is_env_name(s: &str) -> bool {
+/// Maximum length of an environment variable name: a recipe input's name, a
+/// step's `env` key or an info request's (question's) key, in bytes.
+pub const MAX_ENV_NAME_LEN: usize = 128;
+
+/// Whether `s` can be used as an environment variable name:
+/// `^[A-Za-z_][A-Za-z0-9_]*$`, at most [`MAX_ENV_NAME_LEN`] bytes. Recipe
+/// input names and question keys become variables of the steps' environment.
+pub fn is_env_name(s: &str) -> bool {
+    if s.len() > MAX_ENV_NAME_LEN {
+        return false;
+    }
     let mut chars = s.chars();
     match chars.next() {
         Some(c) if c.is_ascii_alphabetic() || c == '_' => {}
@@ -420,7 +439,10 @@ fn step_issues(step: &StepSpec, base: &[Seg], out: &mut Vec<Issue>) {
                 out,
                 base,
                 &[key("env"), key(name)],
-                format!("invalid environment variable name {name:?}: expected [A-Za-z_][A-Za-z0-9_]*"),
+                format!(
+                    "invalid environment variable name {name:?}: expected [A-Za-z_][A-Za-z0-9_]*, at most \
+                     {MAX_ENV_NAME_LEN} characters"
+                ),
             );
         }
     }
@@ -483,7 +505,10 @@ fn recipe_issues(spec: &RecipeSpec) -> Vec<Issue> {
                 &mut out,
                 &base,
                 &[key("name")],
-                format!("invalid input name {:?}: expected [A-Za-z_][A-Za-z0-9_]*", input.name),
+                format!(
+                    "invalid input name {:?}: expected [A-Za-z_][A-Za-z0-9_]*, at most {MAX_ENV_NAME_LEN} characters",
+                    input.name
+                ),
             );
         } else if let Some(first) = seen.get(input.name.as_str()) {
             push_issue(
@@ -613,6 +638,13 @@ pub fn parse_recipe(yaml: &str) -> Result<RecipeSpec, RecipeErrors> {
         Err(e) => return Err(RecipeErrors::one(syntax_error(&e))),
     }
 
+    // Aliases: bound the expanded size before building anything from it.
+    let mut budget = ExpansionBudget::default();
+    let seed = ExpansionSeed { budget: &mut budget };
+    if let Err(e) = seed.deserialize(serde_yaml_ng::Deserializer::from_str(yaml)) {
+        return Err(RecipeErrors::one(expansion_error(&e)));
+    }
+
     let spec: RecipeSpec = match serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(yaml)) {
         Ok(spec) => spec,
         Err(e) => return Err(RecipeErrors::one(yaml_schema_error(&e))),
@@ -669,6 +701,140 @@ fn bracket_depth_error(yaml: &str) -> Option<RecipeError> {
         }
     }
     None
+}
+
+// ---------------------------------------------------------------------------
+// Alias expansion bound
+// ---------------------------------------------------------------------------
+
+/// What the document has used so far of [`MAX_EXPANDED_BYTES`] and
+/// [`MAX_EXPANDED_NODES`], counting every node reached through an alias again.
+#[derive(Default)]
+struct ExpansionBudget {
+    bytes: usize,
+    nodes: usize,
+}
+
+/// Prefix of the error [`ExpansionSeed`] stops with (the YAML error adds the position).
+const EXPANSION_MESSAGE: &str = "the recipe is too large once its aliases are expanded";
+
+impl ExpansionBudget {
+    fn node<E: de::Error>(&mut self, text_bytes: usize) -> Result<(), E> {
+        self.nodes += 1;
+        self.bytes = self.bytes.saturating_add(text_bytes);
+        if self.bytes > MAX_EXPANDED_BYTES {
+            return Err(E::custom(format!(
+                "{EXPANSION_MESSAGE}: more than {MAX_EXPANDED_BYTES} bytes of text (each use of an alias \
+                 `*name` repeats the anchored node)"
+            )));
+        }
+        if self.nodes > MAX_EXPANDED_NODES {
+            return Err(E::custom(format!(
+                "{EXPANSION_MESSAGE}: more than {MAX_EXPANDED_NODES} nodes (each use of an alias `*name` \
+                 repeats the anchored node)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Walks the whole document as the real deserialization will see it (aliases
+/// expanded) without copying any text, and stops as soon as the expanded
+/// document exceeds the budget: the work is bounded by the budget, not by the
+/// expansion.
+struct ExpansionSeed<'b> {
+    budget: &'b mut ExpansionBudget,
+}
+
+impl<'de> DeserializeSeed<'de> for ExpansionSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ExpansionSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML node")
+    }
+
+    fn visit_bool<E: de::Error>(self, _v: bool) -> Result<(), E> {
+        self.budget.node(0)
+    }
+
+    fn visit_i64<E: de::Error>(self, _v: i64) -> Result<(), E> {
+        self.budget.node(0)
+    }
+
+    fn visit_u64<E: de::Error>(self, _v: u64) -> Result<(), E> {
+        self.budget.node(0)
+    }
+
+    fn visit_i128<E: de::Error>(self, _v: i128) -> Result<(), E> {
+        self.budget.node(0)
+    }
+
+    fn visit_u128<E: de::Error>(self, _v: u128) -> Result<(), E> {
+        self.budget.node(0)
+    }
+
+    fn visit_f64<E: de::Error>(self, _v: f64) -> Result<(), E> {
+        self.budget.node(0)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.budget.node(v.len())
+    }
+
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<(), E> {
+        self.budget.node(v.len())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.budget.node(0)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        self.budget.node(0)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        // A tagged node (`!tag value`): the tag, then the value.
+        let (tag, variant) = data.variant::<String>()?;
+        self.budget.node(tag.len())?;
+        variant.newtype_variant_seed(ExpansionSeed { budget: self.budget })
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.budget.node(0)?;
+        while seq.next_element_seed(ExpansionSeed { budget: &mut *self.budget })?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.budget.node(0)?;
+        while map.next_key_seed(ExpansionSeed { budget: &mut *self.budget })?.is_some() {
+            map.next_value_seed(ExpansionSeed { budget: &mut *self.budget })?;
+        }
+        Ok(())
+    }
+}
+
+/// The error of the expansion pass: over budget (with the position where the
+/// budget ran out), or whatever the YAML parser said.
+fn expansion_error(e: &serde_yaml_ng::Error) -> RecipeError {
+    let mut error = syntax_error(e);
+    if let Some(at) = error.message.find(EXPANSION_MESSAGE) {
+        error.message = error.message[at..].to_string();
+    }
+    error
 }
 
 fn is_end_of_stream(e: &serde_yaml_ng::Error) -> bool {
@@ -1418,6 +1584,44 @@ steps:
         // Valid variants.
         parse_recipe("name: x\nsteps: [a]\ninputs:\n  - {name: _a1, kind: text, default: d}\n  - {name: B, kind: choice, choices: [b]}\n")
             .unwrap();
+    }
+
+    /// `name`, then `steps:` with one 240 KB string anchored and `aliases` uses of it.
+    fn aliased_steps(aliases: usize) -> String {
+        let mut yaml = format!("name: amplified\nsteps:\n  - &big \"echo {}\"\n", "a".repeat(240 * 1024));
+        yaml.push_str(&"  - *big\n".repeat(aliases));
+        yaml
+    }
+
+    #[test]
+    fn alias_amplification_is_refused_before_expanding() {
+        // 252 KB of YAML whose 240 KB string is referenced by 999 aliases: 240 MB once expanded.
+        let yaml = aliased_steps(999);
+        assert!(yaml.len() <= MAX_DOCUMENT_BYTES, "{}", yaml.len());
+        let started = std::time::Instant::now();
+        let errors = parse_recipe(&yaml).unwrap_err();
+        assert_eq!(errors.0.len(), 1, "{errors:?}");
+        let e = &errors.0[0];
+        assert!(e.message.starts_with(EXPANSION_MESSAGE), "{}", e.message);
+        assert!(e.message.contains(&MAX_EXPANDED_BYTES.to_string()), "{}", e.message);
+        assert!(e.line.is_some(), "{e:?}");
+        assert!(e.message.len() < 500, "the error does not repeat the document");
+        // Bounded work: far less than expanding 240 MB would take (generous for a slow, busy machine).
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+
+        // Two levels of small nodes: 2,000 aliases of a 2,000-element list (4 million nodes).
+        let level1 = vec!["x"; 2000].join(", ");
+        let level2 = vec!["*a"; 2000].join(", ");
+        let yaml = format!("name: n\nsteps: [echo]\ndescription: &a [{level1}]\ninputs: [{level2}]\n");
+        assert!(yaml.len() < 16 * 1024);
+        let e = &parse_recipe(&yaml).unwrap_err().0[0];
+        assert!(e.message.starts_with(EXPANSION_MESSAGE), "{}", e.message);
+
+        // A few aliases within the bounds are fine.
+        let ok = "name: n\nsteps:\n  - &s {run: make, env: {A: b}}\n  - *s\n  - *s\n";
+        assert_eq!(parse_recipe(ok).unwrap().steps.len(), 3);
+        let ok = "name: n\nsteps:\n  - &s echo hi\n  - *s\n";
+        assert_eq!(parse_recipe(ok).unwrap().steps.len(), 2);
     }
 
     #[test]

@@ -5,8 +5,9 @@ use crate::dto::*;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, Json, Path, Query};
 use crate::handlers::J;
+use crate::middleware::CallerKey;
 use crate::AppState;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use orchestrator_core::agent::{AgentApi, ClaimRequest};
 use orchestrator_core::domain::{Lease, Run};
 use orchestrator_core::ids::RunId;
@@ -32,6 +33,7 @@ async fn own_run(s: &AppState, caller: &Caller, run_id: RunId) -> ApiResult<()> 
 pub(crate) async fn claim(
     State(s): State<AppState>,
     caller: Caller,
+    Extension(key): Extension<CallerKey>,
     Json(b): Json<ClaimBody>,
 ) -> ApiResult<J<ClaimResponse>> {
     let agent_id = match (b.agent_id, caller.is_agent()) {
@@ -48,6 +50,8 @@ pub(crate) async fn claim(
     let req =
         ClaimRequest { agent_id, capabilities: b.capabilities, max: b.max, lease_ttl_seconds: b.lease_ttl_seconds };
     let wait = Duration::from_millis(b.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    // A long poll counts against the caller's concurrent streams while it waits.
+    let _permit = if wait.is_zero() { None } else { Some(s.streams.acquire(&key.0)?) };
     let deadline = Instant::now() + wait;
     loop {
         let generation = s.orch.work_generation().await;
@@ -75,10 +79,15 @@ pub(crate) struct WorkQuery {
     timeout_ms: Option<u64>,
 }
 
-pub(crate) async fn work(State(s): State<AppState>, Query(q): Query<WorkQuery>) -> J<WorkGeneration> {
+pub(crate) async fn work(
+    State(s): State<AppState>,
+    Extension(key): Extension<CallerKey>,
+    Query(q): Query<WorkQuery>,
+) -> ApiResult<J<WorkGeneration>> {
     let woken = match q.seen {
         None => false,
         Some(seen) => {
+            let _permit = s.streams.acquire(&key.0)?;
             let t = Duration::from_millis(q.timeout_ms.unwrap_or(MAX_WAIT.as_millis() as u64)).min(MAX_WAIT);
             tokio::select! {
                 woken = s.orch.wait_for_work(seen, t) => woken,
@@ -86,7 +95,7 @@ pub(crate) async fn work(State(s): State<AppState>, Query(q): Query<WorkQuery>) 
             }
         }
     };
-    J(WorkGeneration { generation: s.orch.work_generation().await, woken })
+    Ok(J(WorkGeneration { generation: s.orch.work_generation().await, woken }))
 }
 
 pub(crate) async fn heartbeat(
@@ -117,7 +126,7 @@ pub(crate) async fn append_logs(
 ) -> ApiResult<J<LogsAppended>> {
     own_run(&s, &caller, id).await?;
     let last_seq = s.orch.append_logs(id, b.token, b.lines).await?;
-    s.log_bus.notify();
+    s.log_bus.notify(id);
     Ok(J(LogsAppended { last_seq }))
 }
 
@@ -149,7 +158,7 @@ pub(crate) async fn complete(
 ) -> ApiResult<J<CompletionBody>> {
     own_run(&s, &caller, id).await?;
     let result = s.orch.complete(id, b.token, b.outcome, b.usage).await?;
-    s.log_bus.notify();
+    s.log_bus.notify(id);
     tracing::info!(run_id = %id, work_item_state = %result.work_item_state, "run completed");
     Ok(J(result.into()))
 }
@@ -162,7 +171,7 @@ pub(crate) async fn release(
 ) -> ApiResult<J<Run>> {
     own_run(&s, &caller, id).await?;
     let run = s.orch.release(id, b.token).await?;
-    s.log_bus.notify();
+    s.log_bus.notify(id);
     tracing::info!(run_id = %id, "run released");
     Ok(J(run))
 }

@@ -79,6 +79,8 @@ pub struct HttpConfig {
     pub(crate) tokens: HashMap<[u8; 32], Principal>,
     pub(crate) max_body_bytes: usize,
     pub(crate) request_timeout: Duration,
+    pub(crate) max_streams_per_caller: usize,
+    pub(crate) allow_self_approval: bool,
     pub(crate) shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
@@ -92,6 +94,8 @@ impl fmt::Debug for HttpConfig {
             .field("tokens", &names)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("request_timeout", &self.request_timeout)
+            .field("max_streams_per_caller", &self.max_streams_per_caller)
+            .field("allow_self_approval", &self.allow_self_approval)
             .finish()
     }
 }
@@ -104,6 +108,8 @@ impl Default for HttpConfig {
             tokens: HashMap::new(),
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
             request_timeout: Duration::from_secs(Self::DEFAULT_TIMEOUT_SECONDS),
+            max_streams_per_caller: Self::DEFAULT_MAX_STREAMS_PER_CALLER,
+            allow_self_approval: false,
             shutdown: None,
         }
     }
@@ -118,14 +124,17 @@ impl HttpConfig {
     pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
     /// Default request timeout in seconds.
     pub const DEFAULT_TIMEOUT_SECONDS: u64 = 30;
+    /// Default cap on the log streams and long polls one caller holds at once.
+    pub const DEFAULT_MAX_STREAMS_PER_CALLER: usize = 16;
 
     /// Defaults: no CORS origin, no rate limit, no token (auth disabled), 1 MiB bodies, 30 s timeout.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Reads `ORCH_CORS_ORIGINS`, `ORCH_RATE_LIMIT_PER_MIN`, `ORCH_API_TOKENS`, `ORCH_MAX_BODY_BYTES` and
-    /// `ORCH_REQUEST_TIMEOUT_SECONDS` from the process environment.
+    /// Reads `ORCH_CORS_ORIGINS`, `ORCH_RATE_LIMIT_PER_MIN`, `ORCH_API_TOKENS`, `ORCH_MAX_BODY_BYTES`,
+    /// `ORCH_REQUEST_TIMEOUT_SECONDS`, `ORCH_MAX_STREAMS_PER_CALLER` and `ORCH_ALLOW_SELF_APPROVAL` from the
+    /// process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -166,7 +175,42 @@ impl HttpConfig {
                 })?;
             c.request_timeout = Duration::from_secs(n);
         }
+        if let Some(v) = lookup("ORCH_MAX_STREAMS_PER_CALLER").filter(|v| !v.trim().is_empty()) {
+            let n: usize = v.trim().parse().ok().filter(|n| (1..=100_000).contains(n)).ok_or_else(|| {
+                cfg_err("ORCH_MAX_STREAMS_PER_CALLER", "expected a whole number between 1 and 100000")
+            })?;
+            c.max_streams_per_caller = n;
+        }
+        if let Some(v) = lookup("ORCH_ALLOW_SELF_APPROVAL").filter(|v| !v.trim().is_empty()) {
+            c.allow_self_approval = match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => return Err(cfg_err("ORCH_ALLOW_SELF_APPROVAL", "expected true or false")),
+            };
+        }
+        c.validate()?;
         Ok(c)
+    }
+
+    /// Checks combinations of settings that are unsafe together: `ORCH_CORS_ORIGINS=*` without
+    /// `ORCH_API_TOKENS` would let any web page drive the API as an admin. [`HttpConfig::from_env`] calls
+    /// it; a host building the configuration with setters should call it before serving (the router
+    /// ignores the `*` origin while authentication is off either way).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.auth_enabled() && self.cors_origins.iter().any(|o| o == "*") {
+            return Err(cfg_err(
+                "ORCH_CORS_ORIGINS",
+                "`*` (any origin) is refused while authentication is off (ORCH_API_TOKENS is not set): any web \
+                 page could then call the API as an admin. Set ORCH_API_TOKENS, or list the allowed origins in \
+                 ORCH_CORS_ORIGINS",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the wildcard origin is in effect: `*` is listed and authentication is on.
+    pub(crate) fn any_origin(&self) -> bool {
+        self.auth_enabled() && self.cors_origins.iter().any(|o| o == "*")
     }
 
     fn add_token_entry(&mut self, entry: &str) -> Result<(), ConfigError> {
@@ -244,6 +288,31 @@ impl HttpConfig {
         self
     }
 
+    /// Caps the log streams (SSE) and long polls (claims with `wait_ms`, `/agents/work?seen=`) one caller
+    /// (token name, else peer address) holds at once; one more answers 429 with `Retry-After`.
+    pub fn with_max_streams_per_caller(mut self, max: usize) -> Self {
+        self.max_streams_per_caller = max.max(1);
+        self
+    }
+
+    /// The cap on concurrent log streams and long polls per caller.
+    pub fn max_streams_per_caller(&self) -> usize {
+        self.max_streams_per_caller
+    }
+
+    /// Whether a token may approve what it proposed (a requirements draft) or created, edited or submitted
+    /// (a work item, as seen by this router) while approvals are required. Default `false`: another token
+    /// must approve (403 otherwise). Without tokens there is no identity to compare and nothing is checked.
+    pub fn with_allow_self_approval(mut self, allow: bool) -> Self {
+        self.allow_self_approval = allow;
+        self
+    }
+
+    /// See [`HttpConfig::with_allow_self_approval`].
+    pub fn allow_self_approval(&self) -> bool {
+        self.allow_self_approval
+    }
+
     /// Ends log streams (SSE) and long polls once `signal` turns true, so a graceful shutdown of the server
     /// is not held up by followers (pass the same signal as `axum::serve(..).with_graceful_shutdown`).
     pub fn with_shutdown(mut self, signal: tokio::sync::watch::Receiver<bool>) -> Self {
@@ -303,7 +372,7 @@ impl HttpConfig {
     }
 
     pub(crate) fn origin_allowed(&self, origin: &str) -> bool {
-        self.cors_origins.iter().any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+        self.any_origin() || self.cors_origins.iter().any(|o| o != "*" && o.eq_ignore_ascii_case(origin))
     }
 }
 
@@ -326,8 +395,12 @@ mod tests {
             ("ORCH_API_TOKENS", &format!("alice:admin:tok-a, bot:agent:sha256:{hashed}")),
             ("ORCH_MAX_BODY_BYTES", "2048"),
             ("ORCH_REQUEST_TIMEOUT_SECONDS", "5"),
+            ("ORCH_MAX_STREAMS_PER_CALLER", "3"),
+            ("ORCH_ALLOW_SELF_APPROVAL", "true"),
         ])
         .unwrap();
+        assert!(c.allow_self_approval());
+        assert_eq!(c.max_streams_per_caller(), 3);
         assert_eq!(c.cors_origins(), ["https://a.example", "https://b.example"]);
         assert_eq!(c.rate_limit_per_min(), Some(60));
         assert!(c.auth_enabled());
@@ -340,12 +413,31 @@ mod tests {
     }
 
     #[test]
+    fn any_origin_without_tokens_is_refused() {
+        let e = from(&[("ORCH_CORS_ORIGINS", "https://a.example, *")]).unwrap_err();
+        assert_eq!(e.variable, "ORCH_CORS_ORIGINS");
+        let text = e.to_string();
+        assert!(text.contains("ORCH_CORS_ORIGINS") && text.contains("ORCH_API_TOKENS"), "{text}");
+        // With tokens, or with listed origins, it is accepted.
+        let c = from(&[("ORCH_CORS_ORIGINS", "*"), ("ORCH_API_TOKENS", "a:admin:0123456789abcdef")]).unwrap();
+        assert!(c.origin_allowed("https://any.example"));
+        let c = from(&[("ORCH_CORS_ORIGINS", "https://a.example")]).unwrap();
+        assert!(c.origin_allowed("https://a.example") && !c.origin_allowed("https://b.example"));
+        // Built with setters, the wildcard is not in effect while authentication is off.
+        let c = HttpConfig::new().with_cors_origins(["*"]);
+        assert!(c.validate().is_err());
+        assert!(!c.origin_allowed("https://evil.example"));
+    }
+
+    #[test]
     fn defaults_and_errors() {
         let c = from(&[]).unwrap();
         assert!(!c.auth_enabled());
         assert!(c.cors_origins().is_empty());
         assert_eq!(c.max_body_bytes(), 1024 * 1024);
         assert_eq!(c.request_timeout(), Duration::from_secs(30));
+        assert_eq!(c.max_streams_per_caller(), 16);
+        assert!(!c.allow_self_approval());
         for bad in [
             ("ORCH_API_TOKENS", "alice:root:x"),
             ("ORCH_API_TOKENS", "alice:admin"),
@@ -354,6 +446,8 @@ mod tests {
             ("ORCH_RATE_LIMIT_PER_MIN", "0"),
             ("ORCH_MAX_BODY_BYTES", "ten"),
             ("ORCH_REQUEST_TIMEOUT_SECONDS", "0"),
+            ("ORCH_MAX_STREAMS_PER_CALLER", "0"),
+            ("ORCH_ALLOW_SELF_APPROVAL", "maybe"),
         ] {
             let e = from(&[bad]).unwrap_err();
             assert_eq!(e.variable, bad.0);

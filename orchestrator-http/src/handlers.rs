@@ -40,9 +40,56 @@ fn parse_state<T: FromStr + std::fmt::Display>(field: &str, v: &str, all: &[T]) 
     })
 }
 
-/// The name recorded as who did something: the body's value, else the caller's token name.
-fn who(given: Option<String>, caller: &Caller) -> String {
+/// The name recorded as who did something (`by`, `answered_by`, `author`). With tokens it is the token's
+/// name, whatever the body says (the body cannot speak for someone else); without tokens, the body's value,
+/// else `anonymous`.
+fn who(s: &AppState, given: Option<String>, caller: &Caller) -> String {
+    if s.config.auth_enabled() {
+        if let Some(g) = given.as_deref().filter(|g| !g.trim().is_empty() && *g != caller.0.name) {
+            tracing::debug!(principal = %caller.0.name, given = %g, "audit name from the body ignored: the token's name is recorded");
+        }
+        return caller.0.name.clone();
+    }
     given.filter(|s| !s.trim().is_empty()).unwrap_or_else(|| caller.0.name.clone())
+}
+
+/// Whether approvals are checked against their author: tokens on, approvals required, self-approval off.
+fn self_approval_checked(s: &AppState) -> bool {
+    s.config.auth_enabled() && s.orch.config().require_approval && !s.config.allow_self_approval()
+}
+
+fn self_approval_refused(caller: &Caller, what: &str) -> ApiError {
+    tracing::warn!(principal = %caller.0.name, "self-approval refused");
+    ApiError::forbidden(format!(
+        "`{}` {what}, so another token must approve it (ORCH_ALLOW_SELF_APPROVAL=true allows approving one's own \
+         work)",
+        caller.0.name
+    ))
+}
+
+/// Refuses `caller` approving a draft it proposed (see [`self_approval_checked`]).
+async fn check_draft_approver(s: &AppState, caller: &Caller, id: DraftId) -> ApiResult<()> {
+    if self_approval_checked(s) {
+        let draft = s.orch.store().draft_get(id).await?;
+        if draft.proposed_by.as_deref() == Some(caller.0.name.as_str()) {
+            return Err(self_approval_refused(caller, "proposed these requirements"));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses `caller` approving what it proposed or created, changed or submitted through this router.
+async fn check_approver(s: &AppState, caller: &Caller, id: ApprovalId) -> ApiResult<()> {
+    if !self_approval_checked(s) {
+        return Ok(());
+    }
+    match s.orch.store().approval_get(id).await?.subject {
+        ApprovalSubject::RequirementsDraft(d) => check_draft_approver(s, caller, d).await,
+        ApprovalSubject::WorkItem(w) if s.authors.is_author(w, &caller.0.name) => {
+            Err(self_approval_refused(caller, "created, changed or submitted this work item"))
+        }
+        ApprovalSubject::WorkItem(_) => Ok(()),
+    }
 }
 
 // ---- health, metrics, openapi ----
@@ -155,7 +202,7 @@ pub(crate) async fn vision_put(
     Path(id): Path<ProjectId>,
     Json(b): Json<PutVision>,
 ) -> ApiResult<J<Vision>> {
-    Ok(J(s.orch.put_vision(id, &b.text, Some(who(b.author, &caller))).await?))
+    Ok(J(s.orch.put_vision(id, &b.text, Some(who(&s, b.author, &caller))).await?))
 }
 
 // ---- requirements ----
@@ -172,7 +219,7 @@ pub(crate) async fn requirements_propose(
         None => format!("{} requirements", b.requirements.len()),
     };
     let (draft, approval) =
-        s.orch.propose_requirements(id, &title, b.requirements, Some(who(b.author, &caller))).await?;
+        s.orch.propose_requirements(id, &title, b.requirements, Some(who(&s, b.author, &caller))).await?;
     Ok((StatusCode::CREATED, J(DraftCreated { draft, approval })))
 }
 
@@ -201,7 +248,10 @@ async fn decide_draft(
     d: Decision,
     b: DecideBody,
 ) -> ApiResult<J<DecisionResult>> {
-    Ok(J(s.orch.decide_draft(id, d, &who(b.by, &caller), b.reason).await?.into()))
+    if d == Decision::Approve {
+        check_draft_approver(&s, &caller, id).await?;
+    }
+    Ok(J(s.orch.decide_draft(id, d, &who(&s, b.by, &caller), b.reason).await?.into()))
 }
 
 pub(crate) async fn requirements_approve(
@@ -225,7 +275,7 @@ pub(crate) async fn requirements_reject(
 // ---- work items ----
 
 /// `POST /work-items`: one `CreateWorkItem`, or `{"items": [CreateWorkItem, ...]}`.
-pub(crate) async fn work_item_create(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
+pub(crate) async fn work_item_create(State(s): State<AppState>, caller: Caller, req: Request) -> ApiResult<Response> {
     check_json_type(req.headers())?;
     let bytes = body_bytes(req, &s).await?;
     let value: serde_json::Value = parse_json(&bytes)?;
@@ -240,12 +290,18 @@ pub(crate) async fn work_item_create(State(s): State<AppState>, req: Request) ->
             return Err(ApiError::invalid("items", format!("between 1 and {} items", Page::MAX_LIMIT)));
         }
         let created = s.orch.create_work_items(b.items).await?;
+        for c in created.iter().filter(|c| c.created) {
+            s.authors.record(c.work_item.id, &caller.0.name);
+        }
         let status = if created.iter().any(|c| c.created) { StatusCode::CREATED } else { StatusCode::OK };
         let body = WorkItemsCreated { items: created.into_iter().map(Into::into).collect() };
         Ok((status, J(body)).into_response())
     } else {
         let c: CreateWorkItem = parse_json(&bytes)?;
         let created = s.orch.create_work_item(c).await?;
+        if created.created {
+            s.authors.record(created.work_item.id, &caller.0.name);
+        }
         let status = if created.created { StatusCode::CREATED } else { StatusCode::OK };
         Ok((status, J(WorkItemCreatedBody::from(created))).into_response())
     }
@@ -284,17 +340,23 @@ pub(crate) async fn work_item_get(State(s): State<AppState>, Path(id): Path<Work
 
 pub(crate) async fn work_item_update(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<WorkItemId>,
     Json(b): Json<UpdateWorkItem>,
 ) -> ApiResult<J<WorkItemChangedBody>> {
-    Ok(J(s.orch.update_work_item(id, b).await?.into()))
+    let changed = s.orch.update_work_item(id, b).await?;
+    s.authors.record(id, &caller.0.name);
+    Ok(J(changed.into()))
 }
 
 pub(crate) async fn work_item_submit(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<WorkItemId>,
 ) -> ApiResult<J<WorkItemChangedBody>> {
-    Ok(J(s.orch.submit_work_item(id).await?.into()))
+    let changed = s.orch.submit_work_item(id).await?;
+    s.authors.record(id, &caller.0.name);
+    Ok(J(changed.into()))
 }
 
 /// A cancellation's reason, saying who asked (the run's log shows it).
@@ -310,7 +372,9 @@ pub(crate) async fn work_item_cancel(
     OptionalJson(b): OptionalJson<CancelBody>,
 ) -> ApiResult<J<WorkItem>> {
     let item = s.orch.cancel_work_item(id, Some(cancel_reason(b.reason, &caller))).await?;
-    s.log_bus.notify();
+    if let Some(run) = item.current_run_id {
+        s.log_bus.notify(run);
+    }
     Ok(J(item))
 }
 
@@ -332,10 +396,13 @@ pub(crate) async fn work_item_requeue(
 
 pub(crate) async fn work_item_recipe(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<WorkItemId>,
     Json(b): Json<AttachRecipe>,
 ) -> ApiResult<J<WorkItemChangedBody>> {
-    Ok(J(s.orch.attach_recipe(id, b.recipe_id).await?.into()))
+    let changed = s.orch.attach_recipe(id, b.recipe_id).await?;
+    s.authors.record(id, &caller.0.name);
+    Ok(J(changed.into()))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -466,7 +533,8 @@ pub(crate) async fn approval_approve(
     Path(id): Path<ApprovalId>,
     OptionalJson(b): OptionalJson<DecideBody>,
 ) -> ApiResult<J<DecisionResult>> {
-    Ok(J(s.orch.decide_approval(id, Decision::Approve, &who(b.by, &caller), b.reason).await?.into()))
+    check_approver(&s, &caller, id).await?;
+    Ok(J(s.orch.decide_approval(id, Decision::Approve, &who(&s, b.by, &caller), b.reason).await?.into()))
 }
 
 pub(crate) async fn approval_reject(
@@ -475,7 +543,7 @@ pub(crate) async fn approval_reject(
     Path(id): Path<ApprovalId>,
     OptionalJson(b): OptionalJson<DecideBody>,
 ) -> ApiResult<J<DecisionResult>> {
-    Ok(J(s.orch.decide_approval(id, Decision::Reject, &who(b.by, &caller), b.reason).await?.into()))
+    Ok(J(s.orch.decide_approval(id, Decision::Reject, &who(&s, b.by, &caller), b.reason).await?.into()))
 }
 
 // ---- scheduler ----
@@ -549,7 +617,7 @@ pub(crate) async fn run_cancel(
     OptionalJson(b): OptionalJson<CancelBody>,
 ) -> ApiResult<J<Run>> {
     let run = s.orch.cancel_run(id, Some(cancel_reason(b.reason, &caller))).await?;
-    s.log_bus.notify();
+    s.log_bus.notify(id);
     Ok(J(run))
 }
 
@@ -732,7 +800,7 @@ pub(crate) async fn info_answer(
     Path(id): Path<InfoRequestId>,
     Json(b): Json<AnswerBody>,
 ) -> ApiResult<J<InfoAnsweredBody>> {
-    let by = who(b.answered_by, &caller);
+    let by = who(&s, b.answered_by, &caller);
     let done = s.orch.answer_info_request(id, &b.value, &by).await?;
     let reveal = may_read_answers(&s, &caller, done.request.run_id).await?;
     Ok(J(InfoAnsweredBody { info_request: view(&s, done.request, reveal)?, resumed: done.resumed }))

@@ -12,7 +12,8 @@
 //! let app = axum::Router::new().nest("/api", router_with_metrics(orch.clone(), config, metrics.clone()));
 //! let _ticker = spawn_background_with_metrics(orch, std::time::Duration::from_secs(5), metrics);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:18080").await?;
-//! // ConnectInfo lets the rate limiter tell clients without a token apart by address.
+//! // ConnectInfo gives the peer address: without tokens only loopback peers are served, and the rate
+//! // limiter tells clients without a token apart by address.
 //! axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
 //! # Ok(()) }
 //! ```
@@ -27,12 +28,16 @@
 //!
 //! ## Auth
 //! `ORCH_API_TOKENS=name:role:token,...` (or `name:role:sha256:<hex>`). With no token configured every
-//! request is an admin: bind to loopback only then; requests whose `Host` is not a loopback name
-//! (`localhost`, `127.0.0.0/8`, `[::1]`) are refused (403) so a web page cannot reach the server through
-//! DNS rebinding. Roles: `admin` ⊇ `operator` ⊇ `viewer`; `agent` calls
+//! request is an admin, so the router itself serves only loopback peers: a request whose peer address
+//! (axum's `ConnectInfo<SocketAddr>`: serve with `into_make_service_with_connect_info::<SocketAddr>()`)
+//! is not loopback, or whose peer address is unknown, is refused (403); and requests whose `Host` is not a
+//! loopback name (`localhost`, `127.0.0.0/8`, `[::1]`) are refused (403) so a web page cannot reach the
+//! server through DNS rebinding. Public routes are served to anyone. Roles: `admin` ⊇ `operator` ⊇ `viewer`; `agent` calls
 //! the agent routes on runs it holds (`run.agent_id` = the token name) and reads. `/healthz`, `/readyz`,
 //! `/metrics` and `/openapi.json` are public. Writes carrying an `Origin` header that CORS does not allow
-//! are refused (403), so a web page cannot drive a local server.
+//! are refused (403), so a web page cannot drive a local server. With tokens, audit names (`author`, `by`,
+//! `answered_by`) are the token's name, and under `ORCH_REQUIRE_APPROVAL` a token may not approve what it
+//! proposed, or created, changed or submitted through this router ([`HttpConfig::with_allow_self_approval`]).
 //!
 //! ## Errors
 //! Every failure answers `{"error": {"code", "message", "request_id", "details"}}`:
@@ -57,6 +62,7 @@
 #![forbid(unsafe_code)]
 
 mod agent_routes;
+mod authors;
 pub mod config;
 pub mod dto;
 pub mod error;
@@ -68,6 +74,7 @@ mod openapi;
 mod rate_limit;
 mod routes;
 mod sse;
+mod streams;
 
 pub use config::{ConfigError, HttpConfig, Principal, Role};
 pub use error::ApiError;
@@ -92,8 +99,12 @@ pub(crate) struct AppState {
     pub config: Arc<HttpConfig>,
     pub metrics: Arc<Metrics>,
     pub limiter: Option<Arc<rate_limit::RateLimiter>>,
-    /// Wakes log followers when lines are appended through this router.
-    pub log_bus: orchestrator_core::Notifier,
+    /// Wakes a run's log followers when lines are appended to it (or it completes) through this router.
+    pub log_bus: Arc<streams::RunNotifier>,
+    /// Log streams and long polls held per caller.
+    pub streams: Arc<streams::StreamLimiter>,
+    /// Who created or changed each work item through this router (self-approval check).
+    pub authors: Arc<authors::Authors>,
     pub openapi: Arc<String>,
 }
 
@@ -112,14 +123,21 @@ pub fn openapi_document() -> serde_json::Value {
     openapi::document(&routes::table())
 }
 
-fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
-    if origins.is_empty() {
-        return None;
+fn cors_layer(config: &HttpConfig) -> Option<CorsLayer> {
+    let origins = config.cors_origins();
+    if origins.iter().any(|o| o == "*") && !config.auth_enabled() {
+        tracing::error!(
+            "ORCH_CORS_ORIGINS lists `*` while authentication is off (no ORCH_API_TOKENS): the wildcard is ignored"
+        );
     }
-    let allow = if origins.iter().any(|o| o == "*") {
+    let listed: Vec<HeaderValue> =
+        origins.iter().filter(|o| o.as_str() != "*").filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    let allow = if config.any_origin() {
         AllowOrigin::any()
+    } else if listed.is_empty() {
+        return None;
     } else {
-        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        AllowOrigin::list(listed)
     };
     Some(
         CorsLayer::new()
@@ -146,13 +164,15 @@ pub fn router_with_metrics(orch: Arc<Orchestrator>, config: HttpConfig, metrics:
     let openapi = Arc::new(openapi::document(&table).to_string());
     let max_body = config.max_body_bytes;
     let timeout = config.request_timeout;
-    let cors = cors_layer(&config.cors_origins);
+    let cors = cors_layer(&config);
     let state = AppState {
         orch,
         limiter: config.rate_limit_per_min.map(|n| Arc::new(rate_limit::RateLimiter::new(n))),
+        streams: streams::StreamLimiter::new(config.max_streams_per_caller, metrics.clone()),
         config: Arc::new(config),
         metrics: metrics.clone(),
-        log_bus: orchestrator_core::Notifier::new(),
+        log_bus: Arc::new(streams::RunNotifier::default()),
+        authors: Arc::new(authors::Authors::default()),
         openapi,
     };
     let mut r: Router<AppState> = Router::new();

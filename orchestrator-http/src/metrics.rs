@@ -70,6 +70,11 @@ fn describe(r: &Shared) {
     c("orchestrator_scheduler_ticks_total", "Scheduler ticks run.");
     c("orchestrator_scheduler_tick_errors_total", "Scheduler ticks that failed.");
     c("orchestrator_http_requests_total", "HTTP requests by route pattern and status.");
+    c("orchestrator_log_follower_wakeups_total", "Log followers woken by their run (not by the polling fallback).");
+    c(
+        "orchestrator_http_streams_refused_total",
+        "Log streams and long polls refused because the caller held ORCH_MAX_STREAMS_PER_CALLER already.",
+    );
     let h = |n: &'static str, d: &'static str| r.describe_histogram(n.into(), Some(Unit::Seconds), d.into());
     h("orchestrator_claim_duration_seconds", "Time a claim call took in the store.");
     h("orchestrator_run_duration_seconds", "Run duration from start (or claim) to completion, by outcome.");
@@ -82,6 +87,7 @@ fn describe(r: &Shared) {
     g("orchestrator_runs", "Runs by state.");
     g("orchestrator_pending_info_requests", "Info requests waiting for an answer.");
     g("orchestrator_pending_approvals", "Approval requests waiting for a decision.");
+    g("orchestrator_http_streams_active", "Log streams (SSE) and long polls being served now.");
 }
 
 impl Metrics {
@@ -92,6 +98,8 @@ impl Metrics {
         let handle = recorder.handle();
         let recorder = Shared(Arc::new(recorder));
         describe(&recorder);
+        // Shown from the start (0), not only once a stream was served.
+        recorder.register_gauge(&Key::from_static_name("orchestrator_http_streams_active"), &METADATA).set(0.0);
         Arc::new(Metrics { recorder, handle })
     }
 
@@ -116,6 +124,30 @@ impl Metrics {
     /// The recorder to give to [`orchestrator_core::Orchestrator::set_metrics_recorder`].
     pub fn recorder(&self) -> Arc<dyn Recorder + Send + Sync> {
         Arc::new(self.recorder.clone())
+    }
+
+    fn counter(&self, name: &'static str) -> metrics::Counter {
+        self.recorder.register_counter(&Key::from_static_name(name), &METADATA)
+    }
+
+    /// Records a log follower woken by its run (not by its polling fallback).
+    pub fn record_log_wakeup(&self) {
+        self.counter("orchestrator_log_follower_wakeups_total").increment(1);
+    }
+
+    /// Records a log stream or long poll refused by the per-caller cap.
+    pub fn record_stream_refused(&self) {
+        self.counter("orchestrator_http_streams_refused_total").increment(1);
+    }
+
+    /// Records a log stream or long poll starting (`true`) or ending (`false`).
+    pub(crate) fn record_stream_held(&self, held: bool) {
+        let g = self.recorder.register_gauge(&Key::from_static_name("orchestrator_http_streams_active"), &METADATA);
+        if held {
+            g.increment(1.0);
+        } else {
+            g.decrement(1.0);
+        }
     }
 
     /// Records one HTTP request (`route` is the route pattern, not the concrete path).

@@ -6,6 +6,7 @@ use crate::error::{ApiError, RenderedError};
 use crate::metrics::Metrics;
 use crate::AppState;
 use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
@@ -21,6 +22,11 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 /// The request id of the current request (in request extensions).
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
+
+/// Who the caller is for per-client limits (rate limit, concurrent streams): `token:<name>` with
+/// authentication on, else `ip:<peer address>` (`shared` when the peer address is unknown).
+#[derive(Debug, Clone)]
+pub(crate) struct CallerKey(pub String);
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +151,62 @@ fn is_loopback_host(host: &str) -> bool {
     name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The peer address of the connection: axum's `ConnectInfo<SocketAddr>` (serve with
+/// `into_make_service_with_connect_info::<SocketAddr>()`), or a `MockConnectInfo` layer in tests.
+pub(crate) fn peer_addr(req: &Request) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+        .or_else(|| req.extensions().get::<MockConnectInfo<SocketAddr>>().map(|m| m.0))
+}
+
+/// Whether the peer is this machine (`127.0.0.0/8`, `::1`, or `::ffff:127.x.y.z`).
+fn is_loopback_peer(addr: &SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
+/// Without tokens every caller is an admin: only a loopback peer, naming a loopback host, is served.
+fn refuse_without_auth(req: &Request) -> Option<Response> {
+    match peer_addr(req) {
+        None => {
+            return Some(
+                ApiError::forbidden(
+                    "authentication is off (ORCH_API_TOKENS is not set) and the peer address is unknown, so the \
+                     request is refused: serve the router with \
+                     into_make_service_with_connect_info::<SocketAddr>(), or configure tokens",
+                )
+                .into_response(),
+            )
+        }
+        Some(peer) if !is_loopback_peer(&peer) => {
+            tracing::warn!(peer = %peer, "refused a non-loopback peer: authentication is off");
+            return Some(
+                ApiError::forbidden(format!(
+                    "authentication is off (ORCH_API_TOKENS is not set), so only loopback peers are served; {} is \
+                     not one",
+                    peer.ip()
+                ))
+                .with_details(serde_json::json!({"peer": peer.ip().to_string()}))
+                .into_response(),
+            );
+        }
+        Some(_) => {}
+    }
+    if let Some(host) = req.headers().get(header::HOST) {
+        let h = host.to_str().unwrap_or("");
+        if !is_loopback_host(h) {
+            return Some(
+                ApiError::forbidden(
+                    "authentication is off, so only loopback host names are served (set ORCH_API_TOKENS)",
+                )
+                .with_details(serde_json::json!({"host": h}))
+                .into_response(),
+            );
+        }
+    }
+    None
+}
+
 fn bearer(req: &Request) -> Result<Option<&str>, ()> {
     let Some(v) = req.headers().get(header::AUTHORIZATION) else {
         return Ok(None);
@@ -176,15 +238,8 @@ pub(crate) async fn guard(State((state, access)): State<(AppState, Access)>, mut
         return next.run(req).await;
     }
     if !cfg.auth_enabled() {
-        if let Some(host) = req.headers().get(header::HOST) {
-            let h = host.to_str().unwrap_or("");
-            if !is_loopback_host(h) {
-                return ApiError::forbidden(
-                    "authentication is off, so only loopback host names are served (set ORCH_API_TOKENS)",
-                )
-                .with_details(serde_json::json!({"host": h}))
-                .into_response();
-            }
+        if let Some(refused) = refuse_without_auth(&req) {
+            return refused;
         }
     }
     let auth: Result<Option<Principal>, &'static str> = if !cfg.auth_enabled() {
@@ -196,14 +251,14 @@ pub(crate) async fn guard(State((state, access)): State<(AppState, Access)>, mut
             Err(()) => Err("malformed Authorization header; expected `Bearer <token>`"),
         }
     };
+    let key = match &auth {
+        Ok(Some(p)) if cfg.auth_enabled() => format!("token:{}", p.name),
+        _ => match peer_addr(&req) {
+            Some(addr) => format!("ip:{}", addr.ip()),
+            None => "shared".to_string(),
+        },
+    };
     if let Some(limiter) = &state.limiter {
-        let key = match &auth {
-            Ok(Some(p)) if cfg.auth_enabled() => format!("token:{}", p.name),
-            _ => match req.extensions().get::<ConnectInfo<SocketAddr>>() {
-                Some(ConnectInfo(addr)) => format!("ip:{}", addr.ip()),
-                None => "shared".to_string(),
-            },
-        };
         if let Err(wait) = limiter.check(&key, Instant::now()) {
             tracing::warn!(client = %key, "rate limited");
             return ApiError::rate_limited(wait).into_response();
@@ -219,12 +274,23 @@ pub(crate) async fn guard(State((state, access)): State<(AppState, Access)>, mut
     }
     tracing::debug!(principal = %principal.name, role = %principal.role, "authenticated");
     req.extensions_mut().insert(principal);
+    req.extensions_mut().insert(CallerKey(key));
     next.run(req).await
 }
 
 #[cfg(test)]
 mod tests {
-    use super::is_loopback_host;
+    use super::{is_loopback_host, is_loopback_peer};
+
+    #[test]
+    fn loopback_peers() {
+        for a in ["127.0.0.1:1", "127.8.9.10:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
+            assert!(is_loopback_peer(&a.parse().unwrap()), "{a}");
+        }
+        for a in ["10.0.0.1:1", "192.0.2.2:1", "[::2]:1", "[::ffff:10.0.0.1]:1", "0.0.0.0:1"] {
+            assert!(!is_loopback_peer(&a.parse().unwrap()), "{a}");
+        }
+    }
 
     #[test]
     fn loopback_hosts() {

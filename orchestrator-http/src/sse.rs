@@ -4,8 +4,11 @@
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Path, Query};
+use crate::metrics::Metrics;
+use crate::middleware::CallerKey;
+use crate::streams::{RunSubscription, StreamPermit};
 use crate::{AppState, HttpConfig};
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::stream::{self, Stream};
@@ -19,7 +22,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How often a follower re-reads when no append through this router woke it (appends by in-process agents).
+/// How often a follower re-reads when no append through this router woke it (appends by in-process agents,
+/// or through another server).
 const POLL: Duration = Duration::from_secs(1);
 const BATCH: u32 = 500;
 
@@ -32,7 +36,11 @@ pub(crate) struct StreamQuery {
 struct Follow {
     orch: Arc<Orchestrator>,
     config: Arc<HttpConfig>,
-    bus: orchestrator_core::Notifier,
+    metrics: Arc<Metrics>,
+    /// This run's wake-ups (appends to other runs do not wake this follower).
+    bus: RunSubscription,
+    /// Counts against the caller's `ORCH_MAX_STREAMS_PER_CALLER` until the stream is dropped.
+    _permit: StreamPermit,
     run_id: RunId,
     after: u64,
     pending: VecDeque<LogEntry>,
@@ -85,7 +93,11 @@ impl Follow {
                 Ok(run) if run.state.is_terminal() => self.finished = Some(run.state),
                 Ok(_) => {
                     tokio::select! {
-                        _ = self.bus.wait_changed(generation, POLL) => {}
+                        woken = self.bus.wait_changed(generation, POLL) => {
+                            if woken {
+                                self.metrics.record_log_wakeup();
+                            }
+                        }
                         _ = self.config.shutting_down() => {
                             self.done = true;
                             return None;
@@ -104,10 +116,12 @@ impl Follow {
 
 pub(crate) async fn stream_logs(
     State(s): State<AppState>,
+    Extension(caller): Extension<CallerKey>,
     Path(id): Path<RunId>,
     Query(q): Query<StreamQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let permit = s.streams.acquire(&caller.0)?;
     s.orch.store().run_get(id).await?;
     let after = match headers.get("last-event-id") {
         Some(v) => v
@@ -120,7 +134,9 @@ pub(crate) async fn stream_logs(
     let follow = Follow {
         orch: s.orch.clone(),
         config: s.config.clone(),
-        bus: s.log_bus.clone(),
+        metrics: s.metrics.clone(),
+        bus: s.log_bus.subscribe(id),
+        _permit: permit,
         run_id: id,
         after,
         pending: VecDeque::new(),

@@ -287,7 +287,7 @@ async fn background_ticker_reaps_expired_leases_into_metrics() {
         Arc::new(Orchestrator::with_clock(sqlite_store(dir.path()), OrchestratorConfig::default(), clock.clone()));
     let metrics = Metrics::new();
     let app = App {
-        router: router_with_metrics(orch.clone(), HttpConfig::new(), metrics.clone()),
+        router: local(router_with_metrics(orch.clone(), HttpConfig::new(), metrics.clone())),
         orch: orch.clone(),
         metrics: metrics.clone(),
         dir,

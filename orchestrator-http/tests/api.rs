@@ -255,3 +255,21 @@ async fn approvals_under_the_policy() {
         .ok(201);
     assert_eq!(d["approval"]["state"], "pending");
 }
+
+/// A 252 KB recipe whose 240 KB string is used by 999 aliases (240 MB expanded): validating or storing it
+/// answers a short 422 instead of the expansion.
+#[tokio::test]
+async fn recipe_alias_amplification_is_a_422() {
+    let app = open_app();
+    let mut yaml = format!("name: amplified\nsteps:\n  - &big \"echo {}\"\n", "a".repeat(240 * 1024));
+    yaml.push_str(&"  - *big\n".repeat(999));
+    for path in ["/recipes/validate", "/recipes"] {
+        let v = post(&app, path, None, json!({ "yaml": yaml })).await;
+        assert!(v.text.len() < 4096, "{path}: answered {} bytes", v.text.len());
+        let body = v.err(422, "invalid");
+        let message = body["error"]["details"]["errors"][0]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("aliases are expanded"), "{path}: {message}");
+    }
+    let page = get(&app, "/recipes", None).await.ok(200);
+    assert_eq!(page["items"].as_array().unwrap().len(), 0, "nothing stored");
+}

@@ -220,3 +220,108 @@ async fn without_tokens_only_loopback_host_names_are_served() {
         .unwrap();
     send(&app.router, r).await.ok(200);
 }
+
+#[tokio::test]
+async fn without_tokens_a_non_loopback_peer_is_refused_whatever_its_host() {
+    use axum::extract::connect_info::MockConnectInfo;
+    use std::net::SocketAddr;
+    let dir = tempfile::tempdir().unwrap();
+    let orch = std::sync::Arc::new(orchestrator_core::Orchestrator::new(
+        sqlite_store(dir.path()),
+        OrchestratorConfig::default(),
+    ));
+    let bare = orchestrator_http::router(orch, HttpConfig::new());
+    let from = |peer: &str| bare.clone().layer(MockConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+    let with_host = || Request::builder().uri("/projects").header("host", "localhost").body(Body::empty()).unwrap();
+    for peer in ["10.1.2.3:5555", "[2001:db8::1]:5555", "[::ffff:10.0.0.1]:5555"] {
+        let v = send(&from(peer), with_host()).await.err(403, "forbidden");
+        assert!(v["error"]["message"].as_str().unwrap().contains("only loopback peers"), "{v}");
+    }
+    for peer in ["127.0.0.1:5555", "[::1]:5555", "[::ffff:127.0.0.1]:5555"] {
+        send(&from(peer), with_host()).await.ok(200);
+    }
+    // No peer address at all: refused, saying how to serve the router.
+    let v = send(&bare, with_host()).await.err(403, "forbidden");
+    assert!(v["error"]["message"].as_str().unwrap().contains("connect_info"), "{v}");
+}
+
+/// With tokens, audit names are the token's name whatever the body says, and under ORCH_REQUIRE_APPROVAL a
+/// token cannot approve what it proposed, created, changed or submitted (unless self-approval is allowed).
+#[tokio::test]
+async fn audit_names_come_from_the_token_and_self_approval_is_refused() {
+    let policy = || OrchestratorConfig { require_approval: true, ..Default::default() };
+    let app = app_with(policy(), tokens());
+    let pid = project(&app, Some(OPERATOR)).await;
+
+    // Vision author and requirements proposer: the token's name, not the body's.
+    let v = put(&app, &format!("/projects/{pid}/vision"), Some(OPERATOR), json!({"text": "v", "author": "ceo"}))
+        .await
+        .ok(200);
+    assert_eq!(v["author"], "ops");
+    let d = post(
+        &app,
+        &format!("/projects/{pid}/requirements"),
+        Some(OPERATOR),
+        json!({"requirements": [{"title": "r"}], "author": "someone-else"}),
+    )
+    .await
+    .ok(201);
+    assert_eq!(d["draft"]["proposed_by"], "ops");
+    let draft = s(&d["draft"]["id"]);
+    let e = post(&app, &format!("/requirements/{draft}/approve"), Some(OPERATOR), json!({"by": "lead"})).await;
+    let body = e.err(403, "forbidden");
+    assert!(body["error"]["message"].as_str().unwrap().contains("ORCH_ALLOW_SELF_APPROVAL"), "{body}");
+    // Through the approval route too.
+    let a = s(&d["approval"]["id"]);
+    post_empty(&app, &format!("/approvals/{a}/approve"), Some(OPERATOR)).await.err(403, "forbidden");
+    let ok = post(&app, &format!("/requirements/{draft}/approve"), Some(ADMIN), json!({"by": "ops"})).await.ok(200);
+    assert_eq!(ok["approval"]["decided_by"], "root", "the body's `by` is not recorded");
+
+    // A work item created by ops waits for someone else.
+    let w = post(&app, "/work-items", Some(OPERATOR), json!({"project_id": pid, "title": "w"})).await.ok(201);
+    let a = s(&w["approval"]["id"]);
+    post(&app, &format!("/approvals/{a}/approve"), Some(OPERATOR), json!({"by": "root"})).await.err(403, "forbidden");
+    // Rejecting one's own work is fine.
+    let no = post_empty(&app, &format!("/approvals/{a}/reject"), Some(OPERATOR)).await.ok(200);
+    assert_eq!(no["approval"]["decided_by"], "ops");
+    // Created by root, changed by ops: ops may not approve the change; root may not either.
+    let w = post(&app, "/work-items", Some(ADMIN), json!({"project_id": pid, "title": "x"})).await.ok(201);
+    let wid = s(&w["work_item"]["id"]);
+    let changed = patch(&app, &format!("/work-items/{wid}"), Some(OPERATOR), json!({"title": "x2"})).await.ok(200);
+    let a = s(&changed["approval"]["id"]);
+    post_empty(&app, &format!("/approvals/{a}/approve"), Some(OPERATOR)).await.err(403, "forbidden");
+    post_empty(&app, &format!("/approvals/{a}/approve"), Some(ADMIN)).await.err(403, "forbidden");
+
+    // Info-request answers record the token's name.
+    let w = post(&app, "/work-items", Some(ADMIN), json!({"project_id": pid, "title": "asks"})).await.ok(201);
+    let a = s(&w["approval"]["id"]);
+    post_empty(&app, &format!("/approvals/{a}/approve"), Some(OPERATOR)).await.ok(200);
+    let wid = s(&w["work_item"]["id"]);
+    post(&app, "/scheduler/enqueue", Some(OPERATOR), json!({"work_item_id": wid})).await.ok(200);
+    let (run, token) = claim_one(&app, Some(AGENT1), None).await;
+    let q = post(
+        &app,
+        &format!("/runs/{run}/info-requests"),
+        Some(AGENT1),
+        json!({"token": token, "questions": [{"key": "K", "prompt": "p"}]}),
+    )
+    .await
+    .ok(200);
+    let qid = s(&q["info_requests"][0]["id"]);
+    let answered = post(
+        &app,
+        &format!("/info-requests/{qid}/answer"),
+        Some(OPERATOR),
+        json!({"value": "v", "answered_by": "ceo"}),
+    )
+    .await
+    .ok(200);
+    assert_eq!(answered["info_request"]["answered_by"], "ops");
+
+    // Allowed by configuration: ops approves its own work item.
+    let app = app_with(policy(), tokens().with_allow_self_approval(true));
+    let pid = project(&app, Some(OPERATOR)).await;
+    let w = post(&app, "/work-items", Some(OPERATOR), json!({"project_id": pid, "title": "w"})).await.ok(201);
+    let a = s(&w["approval"]["id"]);
+    post_empty(&app, &format!("/approvals/{a}/approve"), Some(OPERATOR)).await.ok(200);
+}

@@ -191,8 +191,8 @@ async fn internal_errors_never_show_internals() {
     let with_key = |k| OrchestratorConfig { keyring: Some(Keyring::new("k1", k).unwrap()), ..Default::default() };
     let first = Arc::new(Orchestrator::new(store.clone(), with_key(SecretKey::generate())));
     let second = Arc::new(Orchestrator::new(store, with_key(SecretKey::generate())));
-    let a = orchestrator_http::router_with_metrics(first, HttpConfig::new(), orchestrator_http::Metrics::new());
-    let b = orchestrator_http::router_with_metrics(second, HttpConfig::new(), orchestrator_http::Metrics::new());
+    let a = local(orchestrator_http::router_with_metrics(first, HttpConfig::new(), orchestrator_http::Metrics::new()));
+    let b = local(orchestrator_http::router_with_metrics(second, HttpConfig::new(), orchestrator_http::Metrics::new()));
     let call = |r: &axum::Router, m: Method, p: &str, body: Option<serde_json::Value>| {
         let r = r.clone();
         let req = request(m, p, None, body.as_ref());

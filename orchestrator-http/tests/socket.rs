@@ -165,3 +165,79 @@ async fn unauthenticated_clients_are_rate_limited_by_address() {
     assert_eq!(r.json(404)["error"]["code"], "not_found");
     srv.task.abort();
 }
+
+/// A non-loopback address of this machine, if it has one (the local end of a route to a private address;
+/// a UDP "connect" sends nothing).
+fn non_loopback_local_ip() -> Option<std::net::IpAddr> {
+    for target in ["192.0.2.1:9", "10.0.0.1:9", "172.16.0.1:9", "192.168.0.1:9"] {
+        let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else { continue };
+        if sock.connect(target).is_err() {
+            continue;
+        }
+        if let Ok(local) = sock.local_addr() {
+            let ip = local.ip();
+            if !ip.is_loopback() && !ip.is_unspecified() {
+                return Some(ip);
+            }
+        }
+    }
+    None
+}
+
+/// GET `path` over a connection to `to`, with the given `Host` header (a client chooses it freely).
+async fn get_with_host(to: SocketAddr, host: &str, path: &str) -> Reply {
+    let stream = TcpStream::connect(to).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder().uri(path).header("host", host).body(Full::new(Bytes::new())).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req)).await.unwrap().unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes =
+        tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect()).await.unwrap().unwrap().to_bytes();
+    Reply { status, headers, body: String::from_utf8_lossy(&bytes).into_owned() }
+}
+
+/// Without tokens the router itself serves only loopback peers, whatever `Host` the client sends, and
+/// refuses to guess when it is not told the peer address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tokens_only_loopback_peers_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let orch = Arc::new(Orchestrator::new(sqlite_store(dir.path()), OrchestratorConfig::default()));
+    let app = router_with_metrics(orch, orchestrator_http::HttpConfig::new(), Metrics::new());
+
+    // Listening on every address, as a host embedding the library might.
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = app.clone();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, served.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
+    });
+    let loopback = SocketAddr::from(([127, 0, 0, 1], port));
+    let host = format!("localhost:{port}");
+    get_with_host(loopback, &host, "/projects").await.json(200);
+    match non_loopback_local_ip() {
+        Some(ip) => {
+            let r = get_with_host(SocketAddr::new(ip, port), &host, "/projects").await;
+            let v = r.json(403);
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(message.contains("only loopback peers") && message.contains("ORCH_API_TOKENS"), "{message}");
+            assert_eq!(v["error"]["details"]["peer"], ip.to_string());
+            // Public routes stay open (health checks come from anywhere).
+            get_with_host(SocketAddr::new(ip, port), &host, "/healthz").await.json(200);
+        }
+        None => eprintln!("no non-loopback address on this machine: only the loopback side is checked here"),
+    }
+    task.abort();
+
+    // Served without connect info, the router cannot tell the peer: it refuses.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service()).await.unwrap();
+    });
+    let v = get_with_host(addr, &host, "/projects").await.json(403);
+    assert!(v["error"]["message"].as_str().unwrap().contains("into_make_service_with_connect_info"), "{v}");
+    get_with_host(addr, &host, "/healthz").await.json(200);
+    task.abort();
+}

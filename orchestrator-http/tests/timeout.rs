@@ -211,7 +211,7 @@ async fn slow_requests_time_out_with_503() {
     let store = Arc::new(SlowPing { inner: MemoryStore::new(), delay: Duration::from_secs(3600) });
     let orch = Arc::new(Orchestrator::new(store, OrchestratorConfig::default()));
     let http = HttpConfig::new().with_request_timeout(Duration::from_secs(2));
-    let router = router_with_metrics(orch, http, Metrics::new());
+    let router = local(router_with_metrics(orch, http, Metrics::new()));
     let started = tokio::time::Instant::now();
     let r = send(&router, request(axum::http::Method::GET, "/readyz", None, None)).await;
     let e = r.err(503, "unavailable");

@@ -56,40 +56,105 @@ pub fn background_interval(value: Option<&str>, _embedded_agents: u32) -> Result
     }
 }
 
-/// Reads the key file, or creates it (mode 0600) with a new random key. Returns the keyring and whether the
+/// Reads a key file written by [`load_or_create_key`] (or by hand: any `ORCH_SECRET_KEY` value). A file
+/// that its group or other users may access is refused: it holds the key to every secret answer.
+pub fn read_key_file(path: &Path) -> Result<Keyring, ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "the secret key file {} is accessible to other users (mode {mode:o}); it is refused until only its \
+             owner may read it: run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+    Keyring::from_config(text.trim()).map_err(|e| format!("key file {}: {e}", path.display()))
+}
+
+/// Reads the key file, or creates it with a new random key: written to a temporary file (mode 0600) in the
+/// same directory, flushed, then moved into place atomically without replacing a file another process made
+/// meanwhile (theirs is used then). Returns the keyring (the key's id is its fingerprint) and whether the
 /// file was created.
 pub fn load_or_create_key(path: &Path) -> Result<(Keyring, bool), ServeError> {
     use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let read = |path: &Path| -> Result<Keyring, ServeError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
-        if let Ok(meta) = std::fs::metadata(path) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(
-                    path = %path.display(),
-                    "the secret key file is readable by other users; run `chmod 600 {}`",
-                    path.display()
-                );
-            }
-        }
-        Keyring::from_config(text.trim()).map_err(|e| format!("key file {}: {e}", path.display()))
-    };
+    use std::os::unix::fs::PermissionsExt;
     if path.exists() {
-        return read(path).map(|k| (k, false));
+        return read_key_file(path).map(|k| (k, false));
     }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let cannot = |e: &dyn std::fmt::Display| format!("cannot create key file {}: {e}", path.display());
     let key = SecretKey::generate();
-    let mut file = match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-        Ok(f) => f,
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".orchestrator.key.")
+        .suffix(".tmp")
+        .permissions(std::fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(|e| cannot(&e))?;
+    tmp.write_all(format!("{}\n", key.to_base64()).as_bytes())
+        .and_then(|_| tmp.as_file().sync_all())
+        .map_err(|e| cannot(&e))?;
+    match tmp.persist_noclobber(path) {
+        Ok(_) => {
+            // Make the new directory entry durable too (best effort).
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok((Keyring::from_key(key), true))
+        }
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return read(path).map(|k| (k, false)),
-        Err(e) => return Err(format!("cannot create key file {}: {e}", path.display())),
-    };
-    file.write_all(format!("{}\n", key.to_base64()).as_bytes())
-        .and_then(|_| file.sync_all())
-        .map_err(|e| format!("cannot write key file {}: {e}", path.display()))?;
-    let keyring = Keyring::new("k1", key).map_err(|e| e.to_string())?;
-    Ok((keyring, true))
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => read_key_file(path).map(|k| (k, false)),
+        Err(e) => Err(cannot(&e.error)),
+    }
+}
+
+/// The keyring when `ORCH_SECRET_KEY` is not set: the key file beside the SQLite database (created when
+/// missing). For PostgreSQL no key is created: every server sharing the database needs the same key, so
+/// it must be given (an existing key file in the working directory is still read).
+pub fn keyring_without_env(url: &StoreUrl, key_file: &Path, db_existed: bool) -> Result<Keyring, ServeError> {
+    if let StoreUrl::Postgres(_) = url {
+        if !key_file.exists() {
+            return Err(format!(
+                "ORCH_SECRET_KEY is not set: on PostgreSQL no key is created on the fly, since every server \
+                 sharing the database must encrypt info-request answers with the same key. Generate one once \
+                 (e.g. `head -c 32 /dev/urandom | base64`) and give every server the same value in \
+                 ORCH_SECRET_KEY (a secret of your deployment); or put it in {} (mode 0600)",
+                key_file.display()
+            ));
+        }
+        let keyring = read_key_file(key_file)?;
+        tracing::warn!(
+            "ORCH_SECRET_KEY is not set: using the secret key in {}; every server on this database needs the \
+             same key, so prefer setting ORCH_SECRET_KEY",
+            key_file.display()
+        );
+        return Ok(keyring);
+    }
+    let (keyring, created) = load_or_create_key(key_file)?;
+    if created {
+        tracing::info!(
+            "ORCH_SECRET_KEY is not set: created a new secret key in {} (mode 0600, id {}) to encrypt info-request \
+             answers; keep it with the database (answers cannot be read without it)",
+            key_file.display(),
+            keyring.active_key_id()
+        );
+        if db_existed {
+            tracing::warn!(
+                "the database existed before this new key: answers encrypted earlier (with another key) \
+                 cannot be read; if you have the old key, put it back in {} or list it in ORCH_SECRET_KEY",
+                key_file.display()
+            );
+        }
+    } else {
+        tracing::info!(
+            "ORCH_SECRET_KEY is not set: using the secret key in {} (id {}) to encrypt info-request answers",
+            key_file.display(),
+            keyring.active_key_id()
+        );
+    }
+    Ok(keyring)
 }
 
 /// Resolves `bind` and refuses a non-loopback address when authentication is off.
@@ -185,34 +250,14 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     };
     let mut config = OrchestratorConfig::from_env().map_err(|e| e.to_string())?;
     let db_existed = matches!(&store_url, StoreUrl::Sqlite(p) if p.exists());
-    let store = open_store(&store_url).await?;
-    tracing::info!("store: {}", store_url.display());
+    // The key comes first, so a missing one is reported before connecting to anything.
     if config.keyring.is_some() {
         tracing::info!("info-request answers are encrypted with the key(s) in ORCH_SECRET_KEY");
     } else {
-        let key_file = store_url.key_file();
-        let (keyring, created) = load_or_create_key(&key_file)?;
-        if created {
-            tracing::info!(
-                "ORCH_SECRET_KEY is not set: created a new secret key in {} (mode 0600) to encrypt info-request \
-                 answers; keep it with the database (answers cannot be read without it)",
-                key_file.display()
-            );
-            if db_existed {
-                tracing::warn!(
-                    "the database existed before this new key: answers encrypted earlier (with another key) \
-                     cannot be read; if you have the old key, put it back in {} or list it in ORCH_SECRET_KEY",
-                    key_file.display()
-                );
-            }
-        } else {
-            tracing::info!(
-                "ORCH_SECRET_KEY is not set: using the secret key in {} to encrypt info-request answers",
-                key_file.display()
-            );
-        }
-        config.keyring = Some(keyring);
+        config.keyring = Some(keyring_without_env(&store_url, &store_url.key_file(), db_existed)?);
     }
+    let store = open_store(&store_url).await?;
+    tracing::info!("store: {}", store_url.display());
     let orch = Arc::new(Orchestrator::new(store, config));
 
     let listener =
@@ -411,6 +456,52 @@ mod tests {
         std::fs::write(&path, "not a key").unwrap();
         let e = load_or_create_key(&path).unwrap_err();
         assert!(e.contains("key file") && !e.contains("not a key"), "{e}");
+    }
+
+    #[test]
+    fn generated_keys_are_named_by_fingerprint_written_atomically_and_kept_private() {
+        use orchestrator_core::crypto::SecretKey;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orchestrator.key");
+        let (ring, created) = load_or_create_key(&path).unwrap();
+        assert!(created);
+        // The id is the key's fingerprint, not a fixed "k1".
+        let text = std::fs::read_to_string(&path).unwrap();
+        let key = SecretKey::parse(text.trim()).unwrap();
+        assert_eq!(ring.active_key_id(), key.fingerprint());
+        assert_ne!(ring.active_key_id(), "k1");
+        let other_dir = tempfile::tempdir().unwrap();
+        let (other, _) = load_or_create_key(&other_dir.path().join("orchestrator.key")).unwrap();
+        assert_ne!(other.active_key_id(), ring.active_key_id(), "two generated keys, two ids");
+        // Only the key file is left in the directory (the temporary file was moved into place).
+        let names: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert_eq!(names, ["orchestrator.key"]);
+        // A key file others may read is refused, with the fix in the message.
+        for mode in [0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = load_or_create_key(&path).unwrap_err();
+            assert!(e.contains("chmod 600") && e.contains("accessible to other users"), "{mode:o}: {e}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(load_or_create_key(&path).unwrap().0.active_key_id(), ring.active_key_id());
+    }
+
+    #[test]
+    fn postgresql_needs_a_given_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("orchestrator.key");
+        let pg = StoreUrl::Postgres("postgres://postgres@127.0.0.1:5432/postgres".into());
+        let e = keyring_without_env(&pg, &key_file, false).unwrap_err();
+        assert!(e.contains("ORCH_SECRET_KEY") && e.contains("head -c 32 /dev/urandom | base64"), "{e}");
+        assert!(!key_file.exists(), "no key is created for PostgreSQL");
+        // SQLite: created beside the database.
+        let sqlite = StoreUrl::Sqlite(dir.path().join("o.db"));
+        let ring = keyring_without_env(&sqlite, &key_file, false).unwrap();
+        assert!(key_file.exists());
+        // An existing key file is still read for PostgreSQL.
+        assert_eq!(keyring_without_env(&pg, &key_file, false).unwrap().active_key_id(), ring.active_key_id());
     }
 
     #[tokio::test]

@@ -41,25 +41,28 @@ fn item_id_of(a: &Value) -> String {
     a.pointer("/work_item/id").and_then(Value::as_str).unwrap_or_else(|| panic!("no work item in {a}")).to_string()
 }
 
+/// The key given to servers on PostgreSQL (which never create one).
+const PG_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_walks_the_whole_flow_over_http_and_stops_cleanly_on_sigterm() {
     let server = Server::start(&[], &[]).await;
     assert!(server.dir.path().join("orchestrator.db").exists());
-    walk_the_flow(server).await;
+    walk_the_flow(server, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_on_postgresql_walks_the_whole_flow_over_http() {
     let db = common::PgDb::create();
-    let server = Server::start(&[], &[("ORCH_DATABASE_URL", &db.url)]).await;
+    let server = Server::start(&[], &[("ORCH_DATABASE_URL", &db.url), ("ORCH_SECRET_KEY", PG_KEY)]).await;
     assert!(server.logs().contains("PostgreSQL"), "{}", server.logs());
     assert!(!server.dir.path().join("orchestrator.db").exists());
-    walk_the_flow(server).await;
+    walk_the_flow(server, false).await;
 }
 
 /// Project, vision, requirements, approval, work items with a dependency, enqueue, an agent's claim /
 /// heartbeat / logs / complete over the agent routes, the dependent released, metrics, SIGTERM.
-async fn walk_the_flow(mut server: Server) {
+/// `key_file`: the server made its key file (SQLite without `ORCH_SECRET_KEY`); else it was given the key.
+async fn walk_the_flow(mut server: Server, key_file: bool) {
     let api = Api::new(&server.url);
 
     // Health, readiness, the OpenAPI document.
@@ -69,12 +72,14 @@ async fn walk_the_flow(mut server: Server) {
 
     // The key file was created beside the database, private.
     let key = server.dir.path().join("orchestrator.key");
-    {
+    if key_file {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&key).expect("key file").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        assert!(server.logs().contains("orchestrator.key"), "the key file is announced:\n{}", server.logs());
+    } else {
+        assert!(!key.exists(), "no key file when the key is given");
     }
-    assert!(server.logs().contains("orchestrator.key"), "the key file is announced:\n{}", server.logs());
 
     // Project and vision.
     let project = api.post("/projects", json!({"name": "e2e", "description": "end to end"})).await;
@@ -228,12 +233,14 @@ async fn walk_the_flow(mut server: Server) {
     let status = server.terminate(Duration::from_secs(20));
     assert!(status.success(), "exit status {status}; logs:\n{}", server.logs());
     // A restart on the same database sees the data and reuses the key file.
-    let key_before = std::fs::read(&key).unwrap();
+    let key_before = std::fs::read(&key).ok();
     server.restart().await;
     let api = Api::new(&server.url);
     assert_eq!(str_of(&api.get(&format!("/work-items/{test}")).await, "state"), "succeeded");
-    assert_eq!(std::fs::read(&key).unwrap(), key_before);
-    assert!(server.logs().contains("using the secret key in"), "{}", server.logs());
+    assert_eq!(std::fs::read(&key).ok(), key_before);
+    if key_file {
+        assert!(server.logs().contains("using the secret key in"), "{}", server.logs());
+    }
     let status = server.terminate(Duration::from_secs(20));
     assert!(status.success(), "exit status {status}");
 }
@@ -601,7 +608,12 @@ async fn serve_with_seed_shows_the_sample_work_done_with_its_logs() {
     let mut server = Server::start(&["--agents", "1", "--seed"], &[("AGENT_GIT_PUSH", "true")]).await;
     let out = eventually(Duration::from_secs(90), "the three sample items to be reported", || {
         let out = server.stdout();
-        async move { (out.matches("): succeeded").count() == 3).then_some(out) }
+        // Each item's log is printed after its outcome line: wait for the last item's too.
+        let done = out.matches("): succeeded").count() == 3
+            && out.contains("[stdout] the greeting is done")
+            && out.contains("[stdout] hello from the sample recipe")
+            && out.contains("+++ b/lines.txt");
+        async move { done.then_some(out) }
     })
     .await;
     assert!(out.contains("seeded project sample-"), "{out}");
@@ -634,18 +646,25 @@ async fn serve_with_seed_on_postgresql_shows_the_sample_work_done() {
     let db = common::PgDb::create();
     let env = [
         ("ORCH_DATABASE_URL", db.url.as_str()),
+        ("ORCH_SECRET_KEY", PG_KEY),
         ("ORCH_PG_SCHEMA", "sample_jobs"),
         ("ORCH_PG_NOTIFY_INTERVAL_MS", "0"),
     ];
     let mut server = Server::start(&["--agents", "1", "--seed"], &env).await;
     let out = eventually(Duration::from_secs(90), "the three sample items to be reported", || {
         let out = server.stdout();
-        async move { (out.matches("): succeeded").count() == 3).then_some(out) }
+        // Each item's log is printed after its outcome line: wait for the last item's too.
+        let done = out.matches("): succeeded").count() == 3
+            && out.contains("[stdout] the greeting is done")
+            && out.contains("[stdout] hello from the sample recipe")
+            && out.contains("+++ b/lines.txt");
+        async move { done.then_some(out) }
     })
     .await;
     assert!(out.contains("[stdout] hello from the sample recipe"), "{out}");
     assert!(out.contains("[stdout] the greeting is done"), "{out}");
-    assert!(server.terminate(Duration::from_secs(30)).success(), "{}", server.logs());
+    let status = server.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", server.logs());
     // The store lives in the schema ORCH_PG_SCHEMA named.
     let done = db.query("SELECT count(*) FROM sample_jobs.work_items WHERE state = 'succeeded'");
     assert_eq!(done.trim(), "3");
@@ -657,10 +676,28 @@ async fn serve_refuses_bad_postgresql_options_before_connecting() {
     let out = common::command(dir.path())
         .args(["serve"])
         .env("ORCH_DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .env("ORCH_SECRET_KEY", PG_KEY)
         .env("ORCH_PG_MAX_CONNECTIONS", "zero")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ORCH_PG_MAX_CONNECTIONS") && err.contains("zero"), "{err}");
+}
+
+/// On PostgreSQL no key is made up: without ORCH_SECRET_KEY `serve` stops at once (before connecting)
+/// and says how to set one.
+#[tokio::test]
+async fn serve_on_postgresql_without_a_key_says_how_to_set_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::command(dir.path())
+        .args(["serve"])
+        .env("ORCH_DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .env_remove("ORCH_SECRET_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ORCH_SECRET_KEY") && err.contains("/dev/urandom"), "{err}");
+    assert!(!dir.path().join("orchestrator.key").exists(), "no key file was created");
 }

@@ -913,7 +913,8 @@ pub async fn flow_info_request_round_trip(store: Arc<dyn Store>) {
 }
 
 /// Without a keyring a secret answer is refused with `EncryptionKeyMissing` (the request stays pending,
-/// nothing stored), while a text answer is stored plain and readable through `reveal_answer`.
+/// nothing stored), while a text answer is stored plain and readable through `reveal_answer` — but not
+/// through a facade that has a keyring (plain values are refused once a key is configured).
 pub async fn flow_info_secret_needs_keyring(store: Arc<dyn Store>) {
     let h = Harness::new(store);
     let a = claimed(&h, "no key").await;
@@ -942,8 +943,9 @@ pub async fn flow_info_secret_needs_keyring(store: Arc<dyn Store>) {
     let sealed_secret = h.store.info_request_get(qs[0].id).await.unwrap();
     assert!(matches!(h.orch.reveal_answer(&sealed_secret), Err(Error::EncryptionKeyMissing)));
     assert_eq!(keyed.orch.reveal_answer(&sealed_secret).unwrap().as_deref(), Some("hunter2"));
-    // The keyed facade still reads the plain text answer.
-    assert_eq!(keyed.orch.reveal_answer(&stored).unwrap().as_deref(), Some("plain note"));
+    // The keyed facade refuses the plain text answer: it carries no associated data binding it to its row.
+    let e = keyed.orch.reveal_answer(&stored).unwrap_err();
+    assert!(matches!(e, Error::Crypto(crate::crypto::CryptoError::Unencrypted)), "{e:?}");
 }
 
 /// Choice questions accept only one of their choices (`Invalid` otherwise, request left pending);

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
@@ -9,6 +10,7 @@ use orchestrator_core::{Orchestrator, OrchestratorConfig, Store};
 use orchestrator_http::{router_with_metrics, HttpConfig, Metrics, Role};
 use orchestrator_sqlite::{SqliteOptions, SqliteStore};
 use serde_json::{json, Value};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tower::ServiceExt;
 
@@ -29,12 +31,21 @@ pub fn sqlite_store(dir: &std::path::Path) -> Arc<dyn Store> {
     Arc::new(SqliteStore::open(dir.join("db"), SqliteOptions::default()).expect("open sqlite"))
 }
 
+/// The peer address `local` gives requests sent without a socket.
+pub const LOCAL_PEER: ([u8; 4], u16) = ([127, 0, 0, 1], 40_000);
+
+/// `router` as if every request came from a loopback peer (a real server passes the peer address with
+/// `into_make_service_with_connect_info`; without tokens the router serves loopback peers only).
+pub fn local(router: Router) -> Router {
+    router.layer(MockConnectInfo(SocketAddr::from(LOCAL_PEER)))
+}
+
 /// An app over a fresh SQLite file with `orch_config` and `http`.
 pub fn app_with(orch_config: OrchestratorConfig, http: HttpConfig) -> App {
     let dir = tempfile::tempdir().expect("tempdir");
     let orch = Arc::new(Orchestrator::new(sqlite_store(dir.path()), orch_config));
     let metrics = Metrics::new();
-    let router = router_with_metrics(orch.clone(), http, metrics.clone());
+    let router = local(router_with_metrics(orch.clone(), http, metrics.clone()));
     App { router, orch, metrics, dir }
 }
 
