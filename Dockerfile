@@ -25,8 +25,8 @@ ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates git openssh-client \
     && rm -rf /var/lib/apt/lists/* \
-    && groupadd --system --gid 10001 orchestrator \
-    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/orchestrator --create-home \
+    && groupadd --gid 10001 orchestrator \
+    && useradd --uid 10001 --gid 10001 --home-dir /var/lib/orchestrator --create-home \
         --shell /usr/sbin/nologin orchestrator \
     && chmod 0750 /var/lib/orchestrator
 WORKDIR /var/lib/orchestrator
