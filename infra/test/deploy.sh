@@ -106,11 +106,10 @@ phase "validate infra/k8s against Kubernetes $k8s_version"
 # The compose file refers to these; podman-compose reads them (and nothing from a .env beside it wins).
 export ORCHESTRATOR_IMAGE=$server_image POSTGRES_IMAGE=$postgres_image BASE_IMAGE=$base_image
 export ORCH_PUBLISH=127.0.0.1:$port
-export POSTGRES_PASSWORD=test-pg-$RANDOM$RANDOM
-export ORCH_ADMIN_TOKEN=test-admin-$RANDOM$RANDOM ORCH_OPERATOR_TOKEN=test-operator-$RANDOM$RANDOM
-export ORCH_AGENT_TOKEN=test-agent-$RANDOM$RANDOM
-ORCH_SECRET_KEY=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
-export ORCH_SECRET_KEY
+random_hex() { od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'; }
+POSTGRES_PASSWORD=$(random_hex 16) ORCH_ADMIN_TOKEN=$(random_hex 16) ORCH_OPERATOR_TOKEN=$(random_hex 16)
+ORCH_AGENT_TOKEN=$(random_hex 16) ORCH_SECRET_KEY=$(random_hex 32)
+export POSTGRES_PASSWORD ORCH_ADMIN_TOKEN ORCH_OPERATOR_TOKEN ORCH_AGENT_TOKEN ORCH_SECRET_KEY
 export RUST_LOG=info
 
 teardown() { # removes whatever this test made (containers, volumes, network, images); never fails
