@@ -150,8 +150,9 @@ trap 'exit 130' INT TERM
 phase "base image (mmdebstrap, cached in $cache)"
 rootfs=$cache/debian-bookworm-minbase.tar
 if [ ! -s "$rootfs" ] || [ -n "$(find "$rootfs" -mtime +"$max_age" 2>/dev/null)" ]; then
-  mmdebstrap --variant=minbase --quiet bookworm "$rootfs.tmp"
-  mv "$rootfs.tmp" "$rootfs"
+  rm -rf "$rootfs" "$cache/rootfs.tmp.tar"
+  mmdebstrap --variant=minbase --format=tar --quiet bookworm "$cache/rootfs.tmp.tar"
+  mv "$cache/rootfs.tmp.tar" "$rootfs"
 else
   echo "deploy test: reusing $rootfs"
 fi
