@@ -58,7 +58,7 @@ const SERVE_HELP: &str = "Settings (environment or a .env file):
                            the server only listens on loopback
   ORCH_SCHEDULER_BACKGROUND_INTERVAL
                            seconds between background ticks (promote due retries, reap expired
-                           leases); default 1 with --agents, else off; 0 turns it off
+                           leases); default 1; 0 turns it off
   AGENT_*                  settings of the embedded agents (AGENT_CONCURRENCY, AGENT_WORKSPACE_ROOT, ...)
   RUST_LOG                 log filter (default info)
 Ctrl-C or SIGTERM stops it gracefully: embedded agents finish their steps within
