@@ -285,7 +285,17 @@ impl Agent {
                         let n = assignments.len();
                         for a in assignments {
                             report.claimed += 1;
-                            tasks.spawn(run_one(shared.clone(), a));
+                            // One trace per run: its calls to the server and the server's handling of
+                            // them are children of this span.
+                            let span = tracing::info_span!(
+                                "run",
+                                run_id = %a.run_id(),
+                                work_item_id = %a.claimed.work_item.id,
+                                attempt = a.claimed.run.attempt,
+                                resumed = a.claimed.resumed,
+                                agent_id = %shared.config.agent_id,
+                            );
+                            tasks.spawn(tracing::Instrument::instrument(run_one(shared.clone(), a), span));
                         }
                         if n > 0 {
                             Wait::Again
@@ -599,8 +609,12 @@ async fn complete(
         return RunEnd::Lost;
     }
     let succeeded = matches!(outcome, RunOutcome::Succeeded { .. });
-    let r = with_retry(control, || shared.api.complete(control.run_id, control.token, outcome.clone(), usage.clone()))
-        .await;
+    let span = tracing::info_span!("complete", succeeded);
+    let r = tracing::Instrument::instrument(
+        with_retry(control, || shared.api.complete(control.run_id, control.token, outcome.clone(), usage.clone())),
+        span,
+    )
+    .await;
     match r {
         Ok(res) => {
             tracing::info!(run_id = %control.run_id, state = ?res.run.state, work_item_state = ?res.work_item_state, "run completed");
@@ -768,8 +782,10 @@ async fn drive(
             },
         })
     } else {
+        let planning =
+            tracing::Instrument::instrument(plan_with_chain(&shared.planners, &ctx), tracing::info_span!("plan"));
         tokio::select! {
-            p = plan_with_chain(&shared.planners, &ctx) => p,
+            p = planning => p,
             _ = cancel.cancelled() => return stopped(shared, control, sink).await,
         }
     };
@@ -842,7 +858,11 @@ async fn drive(
         scratch: scratch.to_path_buf(),
         cancel: cancel.clone(),
     };
-    let outcome = shared.executor.execute(ectx, sink.as_ref() as &dyn ExecutionSink).await;
+    let outcome = tracing::Instrument::instrument(
+        shared.executor.execute(ectx, sink.as_ref() as &dyn ExecutionSink),
+        tracing::info_span!("execute", executor = shared.executor.name()),
+    )
+    .await;
     sink.flush().await;
     let usage = sink.take_usage();
     if control.lost() {

@@ -137,6 +137,17 @@ impl HttpAgentApi {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
+        // The call is part of the current span's trace (a run's calls are one trace with the server's
+        // handling of them): W3C `traceparent`, with the propagator the host installed.
+        let req = {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let cx = tracing::Span::current().context();
+            let mut headers = reqwest::header::HeaderMap::new();
+            opentelemetry::global::get_text_map_propagator(|p| {
+                p.inject_context(&cx, &mut opentelemetry_http::HeaderInjector(&mut headers))
+            });
+            req.headers(headers)
+        };
         let resp = req.send().await.map_err(|e| unavailable(format!("request failed: {e}")))?;
         let status = resp.status();
         let body = resp.text().await.map_err(|e| unavailable(format!("cannot read the answer: {e}")))?;

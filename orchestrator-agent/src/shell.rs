@@ -155,8 +155,12 @@ impl Executor for ShellExecutor {
                 }
             };
             let (mut rx, pumps) = pump_output(&mut child);
+            let step_span = tracing::info_span!("step", index, name = %name);
             let ended = {
-                let sup = supervise(&mut child, timeout, &ctx.cancel, self.kill_grace);
+                let sup = tracing::Instrument::instrument(
+                    supervise(&mut child, timeout, &ctx.cancel, self.kill_grace),
+                    step_span,
+                );
                 tokio::pin!(sup);
                 loop {
                     tokio::select! {

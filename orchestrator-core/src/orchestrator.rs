@@ -647,6 +647,7 @@ impl Orchestrator {
     }
 
     /// Promotes due retries and reaps expired leases.
+    #[tracing::instrument(name = "orchestrator.tick", skip_all, level = "debug")]
     pub async fn tick(&self) -> Result<TickReport> {
         let now = self.now();
         let report = match self.store.tick(Tick { retry_defaults: self.config.retry.clone(), limit: 10_000, now }).await
@@ -832,6 +833,7 @@ impl Orchestrator {
 
 #[async_trait]
 impl AgentApi for Orchestrator {
+    #[tracing::instrument(name = "orchestrator.claim", skip_all, fields(agent_id = %req.agent_id, max = req.max))]
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<Assignment>> {
         let claim = self.claim_params(req)?;
         let started = std::time::Instant::now();
@@ -858,14 +860,17 @@ impl AgentApi for Orchestrator {
         due.is_some_and(|at| self.now() >= at)
     }
 
+    #[tracing::instrument(name = "orchestrator.heartbeat", skip(self))]
     async fn heartbeat(&self, run_id: RunId, token: u64) -> Result<Lease> {
         Ok(self.store.lease_renew(LeaseRenew { run_id, token, ttl: None, now: self.now() }).await?)
     }
 
+    #[tracing::instrument(name = "orchestrator.start", skip(self))]
     async fn start(&self, run_id: RunId, token: u64) -> Result<Run> {
         Ok(self.store.run_start(RunStart { run_id, token, now: self.now() }).await?)
     }
 
+    #[tracing::instrument(name = "orchestrator.append_logs", skip(self, lines), fields(lines = lines.len()))]
     async fn append_logs(&self, run_id: RunId, token: u64, mut lines: Vec<NewLogLine>) -> Result<u64> {
         if lines.len() > 10_000 {
             return Err(Error::invalid("lines", "at most 10000 lines per call"));
@@ -883,6 +888,7 @@ impl AgentApi for Orchestrator {
         Ok(self.store.logs_append(LogAppend { run_id, token, lines, now: self.now() }).await?)
     }
 
+    #[tracing::instrument(name = "orchestrator.record_steps", skip(self, events), fields(events = events.len()))]
     async fn record_steps(&self, run_id: RunId, token: u64, events: Vec<NewStepEvent>) -> Result<Vec<StepEvent>> {
         if events.len() > 1000 {
             return Err(Error::invalid("events", "at most 1000 events per call"));
@@ -890,11 +896,13 @@ impl AgentApi for Orchestrator {
         Ok(self.store.step_events_append(StepEventsAppend { run_id, token, events, now: self.now() }).await?)
     }
 
+    #[tracing::instrument(name = "orchestrator.ask", skip(self, questions))]
     async fn ask(&self, run_id: RunId, token: u64, questions: Vec<NewInfoRequest>) -> Result<Vec<InfoRequest>> {
         check_questions(&questions)?;
         Ok(self.store.info_requests_create(InfoAsk { run_id, token, questions, now: self.now() }).await?)
     }
 
+    #[tracing::instrument(name = "orchestrator.complete", skip(self, outcome, usage))]
     async fn complete(
         &self,
         run_id: RunId,
@@ -922,12 +930,14 @@ impl AgentApi for Orchestrator {
         }
     }
 
+    #[tracing::instrument(name = "orchestrator.release", skip(self))]
     async fn release(&self, run_id: RunId, token: u64) -> Result<Run> {
         let run = self.store.runs_release(RunRelease { run_id, token, now: self.now() }).await?;
         self.meter.count("orchestrator_runs_released_total", &[], 1);
         Ok(run)
     }
 
+    #[tracing::instrument(name = "orchestrator.record_result", skip(self, result, patch))]
     async fn record_result(&self, run_id: RunId, token: u64, result: RunResult, patch: String) -> Result<()> {
         let (result, patch) = rules::check_run_result(result, patch)?;
         Ok(self.store.run_result_put(RunResultPut { run_id, token, result, patch, now: self.now() }).await?)

@@ -71,6 +71,26 @@ fn valid_request_id(v: &HeaderValue) -> Option<String> {
     ok.then(|| s.to_string())
 }
 
+/// Makes the request's span a child of the caller's trace (its W3C `traceparent` header, with the
+/// propagator the host installed; an agent's calls for a run carry the run's trace), and records the
+/// trace id on the span (JSON logs show it).
+fn join_callers_trace(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&opentelemetry_http::HeaderExtractor(headers)));
+    let remote = parent.span().span_context().clone();
+    if remote.is_valid() {
+        let _ = span.set_parent(parent);
+    }
+    // With an OpenTelemetry layer the span has its own context (in the caller's trace, or a new one).
+    let own = span.context().span().span_context().trace_id();
+    let trace_id = if own != opentelemetry::trace::TraceId::INVALID { own } else { remote.trace_id() };
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
+}
+
 /// Outermost middleware: request id (accepted or generated, echoed), a tracing span around everything
 /// that runs for the request, HTTP metrics by route pattern, and the JSON error body with the request id
 /// for every failure (including those produced by axum or tower-http layers).
@@ -86,10 +106,12 @@ pub(crate) async fn request_context(State(metrics): State<Arc<Metrics>>, mut req
     let span = tracing::info_span!(
         "request",
         request_id = %id,
+        trace_id = tracing::field::Empty,
         method = %method,
         route = route.as_deref().unwrap_or("unmatched"),
         path = %req.uri().path(),
     );
+    join_callers_trace(&span, req.headers());
     req.extensions_mut().insert(RequestId(id.clone()));
     let mut resp = next.run(req).instrument(span.clone()).await;
 

@@ -16,6 +16,7 @@ mod seed;
 mod serve;
 mod store_url;
 mod table;
+mod telemetry;
 mod tls;
 
 use clap::{Parser, Subcommand};
@@ -205,13 +206,6 @@ enum Command {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -244,15 +238,20 @@ fn main() -> ExitCode {
         let c = |r: Result<(), client::ClientError>| r.map_err(|e| e.to_string());
         match cli.command {
             Command::Serve(args) => {
-                init_logging();
+                let _telemetry = telemetry::init();
                 if let Ok(path) = &dotenv {
                     tracing::info!("read settings from {}", path.display());
                 }
-                serve::run(args).await
+                let r = serve::run(args).await;
+                // The exporter flushes on its own thread: off the runtime's workers.
+                tokio::task::spawn_blocking(move || drop(_telemetry)).await.ok();
+                r
             }
             Command::Agent { server, token } => {
-                init_logging();
-                agent_cmd::run(server, token).await.map_err(|e| e.to_string())
+                let _telemetry = telemetry::init();
+                let r = agent_cmd::run(server, token).await.map_err(|e| e.to_string());
+                tokio::task::spawn_blocking(move || drop(_telemetry)).await.ok();
+                r
             }
             Command::Seed { opts } => c(seed::run(&opts).await.map(|_| ())),
             Command::Project { opts, cmd } => c(cli::project(&opts, cmd).await),
