@@ -643,14 +643,7 @@ impl Store for MemoryStore {
 
     async fn project_create(&self, p: NewProject) -> StoreResult<Project> {
         let mut s = self.lock();
-        let pr = Project {
-            id: p.id,
-            name: p.name,
-            description: p.description,
-            repository: p.repository,
-            created_at: p.now,
-            updated_at: p.now,
-        };
+        let pr = p.to_project();
         if s.projects.contains_key(&pr.id) {
             return Err(StoreError::Duplicate { entity: EntityKind::Project, key: pr.id.to_string() });
         }

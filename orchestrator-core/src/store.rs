@@ -60,6 +60,20 @@ pub struct NewProject {
     pub now: DateTime<Utc>,
 }
 
+impl NewProject {
+    /// The project it creates.
+    pub fn to_project(&self) -> Project {
+        Project {
+            id: self.id,
+            name: self.name.clone(),
+            description: self.description.clone(),
+            repository: self.repository.clone(),
+            created_at: self.now,
+            updated_at: self.now,
+        }
+    }
+}
+
 /// Parameters of [`Store::project_update`].
 #[derive(Debug, Clone)]
 pub struct ProjectUpdate {

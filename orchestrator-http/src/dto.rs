@@ -44,19 +44,8 @@ pub struct SeqPage<T> {
     pub next: u64,
 }
 
-/// `POST /projects`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateProject {
-    /// Name.
-    pub name: String,
-    /// Description.
-    #[serde(default)]
-    pub description: String,
-    /// The git repository agents work on.
-    #[serde(default)]
-    pub repository: Option<Repository>,
-}
+/// `POST /projects`: the facade's input as it is.
+pub use orchestrator_core::orchestrator::CreateProject;
 
 /// `PATCH /projects/{id}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

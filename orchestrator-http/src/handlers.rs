@@ -135,12 +135,7 @@ pub(crate) async fn project_create(
     State(s): State<AppState>,
     Json(b): Json<CreateProject>,
 ) -> ApiResult<(StatusCode, J<Project>)> {
-    let p = orchestrator_core::orchestrator::CreateProject {
-        name: b.name,
-        description: b.description,
-        repository: b.repository,
-    };
-    Ok((StatusCode::CREATED, J(s.orch.create_project_with(p).await?)))
+    Ok((StatusCode::CREATED, J(s.orch.create_project_with(b).await?)))
 }
 
 pub(crate) async fn project_list(

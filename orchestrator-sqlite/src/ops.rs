@@ -85,14 +85,7 @@ fn i(v: u64) -> i64 {
 // ---------------------------------------------------------------- projects
 
 pub fn project_create(c: &Connection, p: NewProject) -> StoreResult<Project> {
-    let pr = Project {
-        id: p.id,
-        name: p.name,
-        description: p.description,
-        repository: p.repository,
-        created_at: p.now,
-        updated_at: p.now,
-    };
+    let pr = p.to_project();
     let repo = pr.repository.as_ref().map(json_text).transpose()?;
     let n = c
         .prepare_cached("INSERT INTO projects (id, name, description, created_at, updated_at, repository) VALUES (?1, ?2, ?3, ?4, ?4, ?5) ON CONFLICT DO NOTHING")

@@ -79,14 +79,7 @@ fn parse_state(s: &str) -> StoreResult<WorkItemState> {
 // ---------------------------------------------------------------- projects
 
 pub async fn project_create(c: &mut PgConnection, p: NewProject) -> StoreResult<Project> {
-    let pr = Project {
-        id: p.id,
-        name: p.name,
-        description: p.description,
-        repository: p.repository,
-        created_at: p.now,
-        updated_at: p.now,
-    };
+    let pr = p.to_project();
     let n = exec(
         c,
         q("INSERT INTO projects (id, name, description, created_at, updated_at, repository) VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT DO NOTHING")
