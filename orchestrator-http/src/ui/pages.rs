@@ -280,7 +280,7 @@ pub(crate) async fn project(
             section aria-labelledby="d-h" .card {
                 h2 #d-h { "Requirements" }
                 @if ctx.can_operate() {
-                    details open[drafts.is_empty()] {
+                    details {
                         summary { "Propose requirements" }
                         (api_form("POST", &format!("/projects/{id}/requirements"), "reload", "", html! {
                             (field("req-title", "Draft title (optional)", html! { input #req-title name="title" autocomplete="off"; }))
@@ -299,7 +299,7 @@ pub(crate) async fn project(
                             @if !d.work_item_ids.is_empty() {
                                 p { "Work items: " @for (i, w) in d.work_item_ids.iter().enumerate() { @if i > 0 { ", " } a href=(ctx.ui(&format!("/items/{w}"))) { (titles.get(w).copied().unwrap_or("item")) } } }
                             }
-                            @if ctx.can_operate() && d.state.as_str() == "pending" {
+                            @if ctx.can_operate() && d.state.as_str() == "proposed" {
                                 div .actions {
                                     (api_form("POST", &format!("/requirements/{}/approve", d.id), "reload", "inline", html! {
                                         button type="submit" { "Approve requirements" }
