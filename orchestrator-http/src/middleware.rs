@@ -250,7 +250,7 @@ pub(crate) async fn guard(State((state, access)): State<(AppState, Access)>, mut
             // No bearer token: the dashboard's session cookie (writes need its CSRF header).
             Ok(None) => match crate::session::authenticate(&state.sessions, &req) {
                 Ok(p) => Ok(p),
-                Err(refused) => return refused,
+                Err(refused) => return *refused,
             },
             Err(()) => Err("malformed Authorization header; expected `Bearer <token>`"),
         }

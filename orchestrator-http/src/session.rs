@@ -112,21 +112,23 @@ pub(crate) fn of_headers(sessions: &Sessions, headers: &HeaderMap) -> Option<Ses
 /// For the API guard, when the request has no bearer token: the session cookie's caller (`Ok(None)`
 /// without a cookie). An unknown or expired session answers 401; a write without the session's CSRF
 /// token answers 403.
-pub(crate) fn authenticate(sessions: &Sessions, req: &Request) -> Result<Option<Principal>, Response> {
+pub(crate) fn authenticate(sessions: &Sessions, req: &Request) -> Result<Option<Principal>, Box<Response>> {
     let Some(id) = cookie(req.headers(), COOKIE).filter(|v| !v.is_empty()) else {
         return Ok(None);
     };
     let Some(session) = sessions.get(id) else {
-        return Err(ApiError::unauthorized("the session has ended; sign in again").into_response());
+        return Err(Box::new(ApiError::unauthorized("the session has ended; sign in again").into_response()));
     };
     if !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         let sent = req.headers().get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !same_secret(sent.trim(), &session.csrf) {
             tracing::warn!(principal = %session.principal.name, "cookie-authenticated write without its CSRF token");
-            return Err(ApiError::forbidden(
-                "a write authenticated by the session cookie needs the session's X-CSRF-Token header",
-            )
-            .into_response());
+            return Err(Box::new(
+                ApiError::forbidden(
+                    "a write authenticated by the session cookie needs the session's X-CSRF-Token header",
+                )
+                .into_response(),
+            ));
         }
     }
     Ok(Some(session.principal))

@@ -113,7 +113,7 @@ pub(crate) async fn overview(
                 page: all(Page::MAX_LIMIT),
             })
             .await?;
-        failed.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+        failed.sort_by_key(|w| std::cmp::Reverse(w.updated_at));
         failed.truncate(10);
         let total_runs: u64 = stats.runs.values().sum();
         let rate = sampler.rate(total_runs);
@@ -239,7 +239,7 @@ pub(crate) async fn project(
         let store = s.orch.store();
         let p = store.project_get(id).await?;
         let mut versions = store.vision_list(id).await?;
-        versions.sort_by(|a, b| b.version.cmp(&a.version));
+        versions.sort_by_key(|v| std::cmp::Reverse(v.version));
         let drafts = store.draft_list(id, all(Page::MAX_LIMIT)).await?;
         let items = store
             .work_item_list(WorkItemFilter { project_id: Some(id), state: None, label: None, page: all(Page::MAX_LIMIT) })
