@@ -73,8 +73,11 @@ mod middleware;
 mod openapi;
 mod rate_limit;
 mod routes;
+mod session;
 mod sse;
 mod streams;
+#[cfg(feature = "ui")]
+mod ui;
 
 pub use config::{ConfigError, HttpConfig, Principal, Role};
 pub use error::ApiError;
@@ -106,6 +109,8 @@ pub(crate) struct AppState {
     /// Who created or changed each work item through this router (self-approval check).
     pub authors: Arc<authors::Authors>,
     pub openapi: Arc<String>,
+    /// The dashboard's browser sessions (the guard accepts their cookie).
+    pub sessions: Arc<session::Sessions>,
 }
 
 /// The API over `orch`, with [`Metrics::global`] counters. Nest it anywhere (`Router::nest("/api", ..)`).
@@ -174,6 +179,7 @@ pub fn router_with_metrics(orch: Arc<Orchestrator>, config: HttpConfig, metrics:
         log_bus: Arc::new(streams::RunNotifier::default()),
         authors: Arc::new(authors::Authors::default()),
         openapi,
+        sessions: Arc::new(session::Sessions::default()),
     };
     let mut r: Router<AppState> = Router::new();
     for def in table {
@@ -191,7 +197,11 @@ pub fn router_with_metrics(orch: Arc<Orchestrator>, config: HttpConfig, metrics:
     if let Some(cors) = cors {
         r = r.layer(cors);
     }
-    r.layer(from_fn_with_state(metrics, middleware::request_context)).with_state(state)
+    let r = r.layer(from_fn_with_state(metrics, middleware::request_context));
+    // The dashboard's HTML pages answer their own errors (outside the JSON error layer).
+    #[cfg(feature = "ui")]
+    let r = r.nest("/ui", ui::router(state.clone()));
+    r.with_state(state)
 }
 
 /// Runs `orch.tick()` every `interval` (promotes due retries, reaps expired leases, expires info-request

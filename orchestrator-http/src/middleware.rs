@@ -188,7 +188,7 @@ fn is_loopback_peer(addr: &SocketAddr) -> bool {
 }
 
 /// Without tokens every caller is an admin: only a loopback peer, naming a loopback host, is served.
-fn refuse_without_auth(req: &Request) -> Option<Response> {
+pub(crate) fn refuse_without_auth(req: &Request) -> Option<Response> {
     match peer_addr(req) {
         None => {
             return Some(
@@ -249,7 +249,7 @@ pub(crate) async fn guard(State((state, access)): State<(AppState, Access)>, mut
     if !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         if let Some(origin) = req.headers().get(header::ORIGIN) {
             let o = origin.to_str().unwrap_or("");
-            if !cfg.origin_allowed(o) {
+            if !cfg.origin_allowed(o) && !crate::session::same_origin(o, req.headers()) {
                 return ApiError::forbidden(format!("cross-origin requests from `{o}` are not allowed"))
                     .into_response();
             }
@@ -269,7 +269,11 @@ pub(crate) async fn guard(State((state, access)): State<(AppState, Access)>, mut
     } else {
         match bearer(&req) {
             Ok(Some(token)) => cfg.authenticate(token).cloned().map(Some).ok_or("unknown bearer token"),
-            Ok(None) => Ok(None),
+            // No bearer token: the dashboard's session cookie (writes need its CSRF header).
+            Ok(None) => match crate::session::authenticate(&state.sessions, &req) {
+                Ok(p) => Ok(p),
+                Err(refused) => return *refused,
+            },
             Err(()) => Err("malformed Authorization header; expected `Bearer <token>`"),
         }
     };

@@ -274,7 +274,9 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     // Log streams and long polls end on the same signal, so followers do not hold up the shutdown.
-    let app = orchestrator_http::router(orch.clone(), http_config.with_shutdown(stop_rx.clone()));
+    let app = orchestrator_http::router(orch.clone(), http_config.with_shutdown(stop_rx.clone()))
+        // The web dashboard (orchestrator-http's `ui` feature) is at /ui.
+        .route("/", axum::routing::get(|| async { axum::response::Redirect::to("/ui") }));
 
     let _background = match interval {
         Some(every) => {
@@ -342,6 +344,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     };
     let mut server = tokio::spawn(server);
     println!("orchestrator listening on {scheme}://{local}");
+    println!("dashboard: {scheme}://{local}/ui");
     if args.seed {
         let opts = crate::cli::ClientOpts {
             server: format!("{scheme}://{local}"),
