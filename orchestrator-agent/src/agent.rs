@@ -170,14 +170,31 @@ async fn cancellation_watcher(shared: Arc<Shared>) {
     }
 }
 
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Creates the workspace root as a private directory (0700) of this user: an existing directory is made
 /// private too, which fails when another user owns it.
 fn private_root(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
     let meta = std::fs::symlink_metadata(path)?;
     if !meta.is_dir() {
         return Err(std::io::Error::other("not a directory"));
+    }
+    let me = nix::unistd::getuid().as_raw();
+    if meta.uid() != me {
+        return Err(std::io::Error::other(format!(
+            "owned by uid {}, not by this agent's user (uid {me}): another user may have created it",
+            meta.uid()
+        )));
     }
     if meta.permissions().mode() & 0o077 != 0 {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
@@ -238,16 +255,11 @@ impl Agent {
         };
         let planners = self.planners.unwrap_or_else(|| default_planners(&config));
         let (kill_handle, kill) = Cancellation::new();
-        let workspaces = Workspaces::new(config.workspace_root.clone(), config.git.clone());
+        let workspaces =
+            Workspaces::new(config.workspace_root.clone(), config.git.clone(), config.env_passthrough.clone());
         let shared =
             Arc::new(Shared { api: self.api, config, executor, planners, kill, workspaces, held: HeldRuns::default() });
         let watcher = tokio::spawn(cancellation_watcher(shared.clone()));
-        struct AbortOnDrop(tokio::task::JoinHandle<()>);
-        impl Drop for AbortOnDrop {
-            fn drop(&mut self) {
-                self.0.abort();
-            }
-        }
         let _watcher = AbortOnDrop(watcher);
         let concurrency = shared.config.concurrency.max(1) as usize;
         tracing::info!(agent_id = %shared.config.agent_id, concurrency, executor = shared.executor.name(), "agent started");
@@ -398,12 +410,15 @@ async fn heartbeat_loop(shared: Arc<Shared>, control: Arc<RunControl>, ttl: Dura
     // When renewals keep failing (orchestrator unreachable), the lease runs out on the server's side and
     // the run may be handed to another agent: stop working on it then, rather than run it twice.
     let mut valid_until = tokio::time::Instant::now() + ttl;
+    let mut killed = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
-            _ = shared.kill.cancelled() => {
+            _ = shared.kill.cancelled(), if !killed => {
+                // The run stops; the lease is still renewed while it commits, pushes and is released.
+                killed = true;
                 control.stop(StopReason::Shutdown);
-                return;
+                continue;
             }
         }
         let sent = tokio::time::Instant::now();
@@ -461,6 +476,12 @@ pub fn missing_inputs(a: &Assignment) -> Vec<NewInfoRequest> {
 async fn run_one(shared: Arc<Shared>, a: Assignment) -> RunEnd {
     let (handle, cancel) = Cancellation::new();
     let control = Arc::new(RunControl::new(a.run_id(), a.token(), handle));
+    // Two runs of one work item on this agent (a requeue while the first is still being stopped) take
+    // turns with its worktree: the later waits until the earlier has cleaned up.
+    let _item = match &a.repository {
+        Some(_) => Some(shared.workspaces.lock_item(a.claimed.work_item.id).await),
+        None => None,
+    };
     shared.held.add(&control);
     let end = run_held(&shared, &control, a, cancel).await;
     shared.held.remove(control.run_id);
@@ -472,16 +493,18 @@ async fn run_held(shared: &Arc<Shared>, control: &Arc<RunControl>, a: Assignment
     let shared = shared.clone();
     let redactor = Redactor::from_answers(&a.answers);
     let sink = Arc::new(RunSink::new(shared.api.clone(), control.clone(), redactor, shared.config.log_batch_lines));
-    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone(), control.clone(), lease_ttl(&shared, &a)));
+    // Stopped when the run ends, and also when its task is dropped (the agent aborted): a lease is never
+    // renewed for a run nobody works on.
+    let heartbeat = AbortOnDrop(tokio::spawn(heartbeat_loop(shared.clone(), control.clone(), lease_ttl(&shared, &a))));
     let flusher = {
         let sink = sink.clone();
         let every = shared.config.log_flush_interval;
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 sink.flush().await;
             }
-        })
+        }))
     };
     let repository = a.repository.clone();
     let workspace = match &repository {
@@ -490,8 +513,8 @@ async fn run_held(shared: &Arc<Shared>, control: &Arc<RunControl>, a: Assignment
     };
     let scratch = shared.config.workspace_root.join("scratch").join(a.run_id().to_string());
     let end = drive(&shared, &control, &sink, a, cancel, &workspace, &scratch).await;
-    flusher.abort();
-    heartbeat.abort();
+    drop(flusher);
+    drop(heartbeat);
     let _ = tokio::fs::remove_dir_all(&scratch).await;
     let keep = match shared.config.keep_workspaces {
         KeepWorkspaces::Always => true,
@@ -554,8 +577,14 @@ async fn finish_checkout(
         sink.system(format!("no changes to commit on {}", checkout.branch)).await;
     }
     let mut push_error = None;
-    if shared.workspaces.settings().push && done.result.head_commit != done.result.base_commit {
-        match shared.workspaces.push(workspace, checkout).await {
+    let wanted = shared.workspaces.settings().push && done.result.head_commit != done.result.base_commit;
+    // A run taken away (cancelled, reclaimed) pushes nothing; a stopping agent pushes briefly.
+    if wanted && !control.lost() {
+        let timeout = match control.reason() {
+            StopReason::Shutdown => Duration::from_secs(20),
+            _ => Duration::from_secs(3600),
+        };
+        match shared.workspaces.push(workspace, checkout, timeout).await {
             Ok(()) => {
                 done.result.pushed = true;
                 sink.system(format!("pushed {} to {}", checkout.branch, checkout.url)).await;
@@ -577,15 +606,32 @@ async fn finish_checkout(
     ))
     .await;
     let patch = sink.redactor().redact(&done.patch).into_owned();
-    if let Err(e) = with_retry(control, || {
-        shared.api.record_result(control.run_id, control.token, done.result.clone(), patch.clone())
-    })
-    .await
-    {
-        if is_lease_lost(&e) {
-            control.stop(StopReason::LeaseLost);
-        } else {
-            tracing::warn!(run_id = %control.run_id, error = %e, "cannot record the run's result");
+    let record = |result: orchestrator_core::domain::RunResult, patch: String| {
+        with_retry(control, move || {
+            shared.api.record_result(control.run_id, control.token, result.clone(), patch.clone())
+        })
+    };
+    match record(done.result.clone(), patch.clone()).await {
+        Ok(()) => {}
+        Err(e) if is_lease_lost(&e) => control.stop(StopReason::LeaseLost),
+        Err(e) => {
+            // Too large for the server's request limit, say: keep the numbers, without the patch.
+            let why = sink.redactor().redact(&e.to_string()).into_owned();
+            sink.system(format!("the diff could not be recorded ({why}); recording the result without it")).await;
+            let mut result = done.result.clone();
+            result.patch_truncated = true;
+            let marker = format!(
+                "# orchestrator: the diff ({} bytes) could not be stored: see the branch {}\n",
+                patch.len(),
+                checkout.branch
+            );
+            if let Err(e) = record(result, marker).await {
+                if is_lease_lost(&e) {
+                    control.stop(StopReason::LeaseLost);
+                } else {
+                    tracing::warn!(run_id = %control.run_id, error = %e, "cannot record the run's result");
+                }
+            }
         }
     }
     match push_error {

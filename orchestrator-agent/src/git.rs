@@ -26,8 +26,8 @@ pub struct GitSettings {
     pub author_email: String,
     /// `AGENT_GIT_PUSH`: push the work item's branch to the repository's remote after each run.
     pub push: bool,
-    /// `AGENT_DIFF_MAX_BYTES`: the longest patch sent to the server (default 1 MiB); longer ones are cut
-    /// with a marker line.
+    /// `AGENT_DIFF_MAX_BYTES`: the longest patch sent to the server (default 512 KiB, so that it fits the
+    /// server's default 1 MiB request body once JSON-escaped); longer ones are cut with a marker line.
     pub diff_max_bytes: usize,
     /// Timeout of one git command that talks to the remote (clone, fetch, push).
     pub network_timeout: Duration,
@@ -40,7 +40,8 @@ impl Default for GitSettings {
             author_name: "orchestrator-agent".into(),
             author_email: "orchestrator-agent@localhost".into(),
             push: false,
-            diff_max_bytes: 1024 * 1024,
+            // Below the server's default request body limit (1 MiB) once JSON-escaped.
+            diff_max_bytes: 512 * 1024,
             network_timeout: Duration::from_secs(600),
         }
     }
@@ -65,62 +66,79 @@ struct Out {
     stderr: String,
 }
 
-/// Runs git in `dir` with a clean git environment (no `GIT_DIR` and the like from the agent's own, no
-/// prompts, no hooks, no system or global config that could point elsewhere).
-async fn git_raw(dir: &Path, args: &[&str], timeout: Duration) -> Result<Out, String> {
-    let mut cmd = tokio::process::Command::new("git");
-    cmd.arg("-c")
-        .arg("core.hooksPath=/dev/null")
-        .arg("-c")
-        .arg("protocol.file.allow=always")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(|k| k.starts_with("GIT_") && !GIT_ENV_KEPT.contains(&k)) {
-            cmd.env_remove(&k);
-        }
-    }
-    cmd.env("GIT_TERMINAL_PROMPT", "0").env("LC_ALL", "C");
-    let child = cmd.spawn().map_err(|e| format!("cannot start git: {e}"))?;
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(o)) => Ok(Out {
-            code: o.status.code(),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).trim().to_string(),
-        }),
-        Ok(Err(e)) => Err(format!("git {}: {e}", args.first().unwrap_or(&""))),
-        Err(_) => Err(format!("git {} timed out after {} s", args.join(" "), timeout.as_secs())),
-    }
+/// How the agent runs git: with the allow-list environment of steps (never the agent's tokens or keys:
+/// a step can plant hooks or an fsmonitor in the repository's config, and git passes its environment on)
+/// plus what reaching a remote needs (`SSH_AUTH_SOCK`, `GIT_SSH*`, `GIT_ASKPASS`, `GIT_SSL_CAINFO`, and
+/// `AGENT_ENV_PASSTHROUGH`), no prompts, no hooks, no fsmonitor. The user's own git config still applies
+/// (credential helpers live there).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Git {
+    passthrough: Vec<String>,
 }
 
-/// Variables git may keep from the agent's environment (how to reach a remote).
-const GIT_ENV_KEPT: &[&str] = &["GIT_SSH", "GIT_SSH_COMMAND", "GIT_ASKPASS", "GIT_SSL_CAINFO", "GIT_SSL_NO_VERIFY"];
+/// Variables git keeps from the agent's environment besides the steps' allow-list (how to reach a remote).
+const GIT_ENV_KEPT: &[&str] =
+    &["SSH_AUTH_SOCK", "GIT_SSH", "GIT_SSH_COMMAND", "GIT_ASKPASS", "SSH_ASKPASS", "GIT_SSL_CAINFO"];
 
 const LOCAL: Duration = Duration::from_secs(120);
 
-/// Runs git and returns its standard output, or an error with its standard error.
-async fn git(dir: &Path, args: &[&str], timeout: Duration) -> Result<String, String> {
-    let o = git_raw(dir, args, timeout).await?;
-    if o.code == Some(0) {
-        Ok(o.stdout)
-    } else {
-        let what = args.iter().take(3).copied().collect::<Vec<_>>().join(" ");
-        Err(format!("git {what} failed: {}", if o.stderr.is_empty() { o.stdout.trim() } else { &o.stderr }))
+impl Git {
+    fn command(&self, dir: &Path) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("git");
+        cmd.env_clear();
+        for (k, v) in std::env::vars_os() {
+            let keep = k
+                .to_str()
+                .is_some_and(|k| crate::process::env_allowed(k, &self.passthrough) || GIT_ENV_KEPT.contains(&k));
+            if keep {
+                cmd.env(k, v);
+            }
+        }
+        cmd.env("GIT_TERMINAL_PROMPT", "0").env("LC_ALL", "C");
+        cmd.args(["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "protocol.file.allow=always"])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
     }
-}
 
-/// Whether `git` exits with 0.
-async fn git_ok(dir: &Path, args: &[&str]) -> Result<bool, String> {
-    Ok(git_raw(dir, args, LOCAL).await?.code == Some(0))
-}
+    async fn raw(&self, dir: &Path, args: &[&str], timeout: Duration) -> Result<Out, String> {
+        let mut cmd = self.command(dir);
+        cmd.args(args);
+        let child = cmd.spawn().map_err(|e| format!("cannot start git: {e}"))?;
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(Ok(o)) => Ok(Out {
+                code: o.status.code(),
+                stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            }),
+            Ok(Err(e)) => Err(format!("git {}: {e}", args.first().unwrap_or(&""))),
+            Err(_) => Err(format!("git {} timed out after {} s", args.join(" "), timeout.as_secs())),
+        }
+    }
 
-async fn rev(dir: &Path, name: &str) -> Result<Option<String>, String> {
-    let o = git_raw(dir, &["rev-parse", "--verify", "--quiet", &format!("{name}^{{commit}}")], LOCAL).await?;
-    Ok((o.code == Some(0)).then(|| o.stdout.trim().to_string()))
+    /// Runs git and returns its standard output, or an error with its standard error.
+    async fn run(&self, dir: &Path, args: &[&str], timeout: Duration) -> Result<String, String> {
+        let o = self.raw(dir, args, timeout).await?;
+        if o.code == Some(0) {
+            Ok(o.stdout)
+        } else {
+            let what = args.iter().take(3).copied().collect::<Vec<_>>().join(" ");
+            Err(format!("git {what} failed: {}", if o.stderr.is_empty() { o.stdout.trim() } else { &o.stderr }))
+        }
+    }
+
+    /// Whether git exits with 0.
+    async fn ok(&self, dir: &Path, args: &[&str]) -> Result<bool, String> {
+        Ok(self.raw(dir, args, LOCAL).await?.code == Some(0))
+    }
+
+    async fn rev(&self, dir: &Path, name: &str) -> Result<Option<String>, String> {
+        let o = self.raw(dir, &["rev-parse", "--verify", "--quiet", &format!("{name}^{{commit}}")], LOCAL).await?;
+        Ok((o.code == Some(0)).then(|| o.stdout.trim().to_string()))
+    }
 }
 
 /// The repositories and worktrees of one agent, under its workspace root.
@@ -130,6 +148,9 @@ pub(crate) struct Workspaces {
     settings: GitSettings,
     /// One lock per mirror: fetches and worktree changes of one repository do not overlap.
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per work item: two runs of one item on this agent never share its worktree at once.
+    items: Mutex<HashMap<WorkItemId, Arc<tokio::sync::Mutex<()>>>>,
+    git: Git,
 }
 
 /// A checkout prepared for a run.
@@ -151,8 +172,24 @@ pub(crate) struct Finished {
 }
 
 impl Workspaces {
-    pub fn new(root: PathBuf, settings: GitSettings) -> Self {
-        Workspaces { root, settings, locks: Mutex::new(HashMap::new()) }
+    pub fn new(root: PathBuf, settings: GitSettings, env_passthrough: Vec<String>) -> Self {
+        Workspaces {
+            root,
+            settings,
+            locks: Mutex::new(HashMap::new()),
+            items: Mutex::new(HashMap::new()),
+            git: Git { passthrough: env_passthrough },
+        }
+    }
+
+    /// Holds the work item's worktree for one run (from checkout to cleanup).
+    pub async fn lock_item(&self, item: WorkItemId) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut m = self.items.lock().unwrap_or_else(|p| p.into_inner());
+            m.retain(|_, l| Arc::strong_count(l) > 1 || l.try_lock().is_err());
+            m.entry(item).or_default().clone()
+        };
+        lock.lock_owned().await
     }
 
     pub fn settings(&self) -> &GitSettings {
@@ -183,10 +220,12 @@ impl Workspaces {
             let tmp = parent.join(format!(".tmp-{}", uuid::Uuid::now_v7()));
             let init = async {
                 let t = tmp.to_string_lossy().into_owned();
-                git(&parent, &["init", "--bare", "--quiet", &t], LOCAL).await?;
-                git(&tmp, &["config", "remote.origin.url", url], LOCAL).await?;
-                git(&tmp, &["config", "remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*"], LOCAL).await?;
-                git(&tmp, &["config", "gc.auto", "0"], LOCAL).await?;
+                self.git.run(&parent, &["init", "--bare", "--quiet", &t], LOCAL).await?;
+                self.git.run(&tmp, &["config", "remote.origin.url", url], LOCAL).await?;
+                self.git
+                    .run(&tmp, &["config", "remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*"], LOCAL)
+                    .await?;
+                self.git.run(&tmp, &["config", "gc.auto", "0"], LOCAL).await?;
                 std::fs::rename(&tmp, &mirror).map_err(|e| format!("cannot move the new mirror in place: {e}"))
             };
             if let Err(e) = init.await {
@@ -196,15 +235,21 @@ impl Workspaces {
                 }
             }
         }
-        git(&mirror, &["fetch", "--prune", "--quiet", "origin"], self.settings.network_timeout)
+        // The project's URL itself, not the mirror's `origin` (a step can rewrite the mirror's config).
+        self.git
+            .run(
+                &mirror,
+                &["fetch", "--prune", "--quiet", url, "+refs/heads/*:refs/remotes/origin/*"],
+                self.settings.network_timeout,
+            )
             .await
             .map_err(|e| format!("cannot fetch {url}: {e}"))?;
         Ok(mirror)
     }
 
     /// The remote's default branch (what its `HEAD` points at).
-    async fn default_branch(&self, mirror: &Path) -> Result<String, String> {
-        let out = git(mirror, &["ls-remote", "--symref", "origin", "HEAD"], self.settings.network_timeout).await?;
+    async fn default_branch(&self, mirror: &Path, url: &str) -> Result<String, String> {
+        let out = self.git.run(mirror, &["ls-remote", "--symref", url, "HEAD"], self.settings.network_timeout).await?;
         for line in out.lines() {
             if let Some(rest) = line.strip_prefix("ref: refs/heads/") {
                 if let Some((b, _)) = rest.split_once('\t') {
@@ -213,7 +258,7 @@ impl Workspaces {
             }
         }
         for b in ["main", "master"] {
-            if rev(mirror, &format!("refs/remotes/origin/{b}")).await?.is_some() {
+            if self.git.rev(mirror, &format!("refs/remotes/origin/{b}")).await?.is_some() {
                 return Ok(b.to_string());
             }
         }
@@ -229,37 +274,63 @@ impl Workspaces {
         let mirror = self.mirror(&repo.url).await?;
         let base = match &repo.base_branch {
             Some(b) => b.clone(),
-            None => self.default_branch(&mirror).await?,
+            None => self.default_branch(&mirror, &repo.url).await?,
         };
         let base_ref = format!("refs/remotes/origin/{base}");
-        if rev(&mirror, &base_ref).await?.is_none() {
+        if self.git.rev(&mirror, &base_ref).await?.is_none() {
             return Err(format!("the repository has no branch `{base}`"));
         }
         let branch = format!("{}{}", self.settings.branch_prefix, item);
         let local_ref = format!("refs/heads/{branch}");
-        let remote = rev(&mirror, &format!("refs/remotes/origin/{branch}")).await?;
+        let remote = self.git.rev(&mirror, &format!("refs/remotes/origin/{branch}")).await?;
         let dir = self.item_dir(item);
-        git(&mirror, &["worktree", "prune"], LOCAL).await?;
         let reusable = dir.join(".git").exists()
-            && git(&dir, &["symbolic-ref", "--quiet", "HEAD"], LOCAL).await.is_ok_and(|h| h.trim() == local_ref);
+            && self
+                .git
+                .run(&dir, &["symbolic-ref", "--quiet", "HEAD"], LOCAL)
+                .await
+                .is_ok_and(|h| h.trim() == local_ref);
         let origin;
         if reusable {
+            // A retry continues from what was committed: changes a stopped attempt left uncommitted go.
+            self.git.run(&dir, &["reset", "--hard", "--quiet", "HEAD"], LOCAL).await?;
+            self.git.run(&dir, &["clean", "-ffd", "--quiet"], LOCAL).await?;
             origin = match &remote {
-                // Another agent pushed further: move on to it when ours is behind.
-                Some(r) if git_ok(&dir, &["merge-base", "--is-ancestor", "HEAD", r]).await? => {
-                    let _ = git(&dir, &["merge", "--ff-only", "--quiet", r], LOCAL).await;
+                Some(r) if self.git.ok(&dir, &["merge-base", "--is-ancestor", r, "HEAD"]).await? => {
+                    "its worktree of an earlier attempt".to_string()
+                }
+                // Another agent pushed further: move on to it.
+                Some(r) if self.git.ok(&dir, &["merge-base", "--is-ancestor", "HEAD", r]).await? => {
+                    self.git.run(&dir, &["merge", "--ff-only", "--quiet", r], LOCAL).await?;
                     "its worktree, fast-forwarded to the remote's copy".to_string()
                 }
-                _ => "its worktree of an earlier attempt".to_string(),
+                // Diverged (a push of ours failed while another agent pushed): the remote's copy wins;
+                // ours is kept under refs/orch-diverged/.
+                Some(r) => {
+                    let head = self.git.rev(&dir, "HEAD").await?.unwrap_or_default();
+                    let keep = format!("refs/orch-diverged/{branch}/{head}");
+                    self.git.run(&dir, &["update-ref", &keep, &head], LOCAL).await?;
+                    self.git.run(&dir, &["reset", "--hard", "--quiet", r], LOCAL).await?;
+                    format!("the remote's copy; this agent's diverged commits are kept as {keep}")
+                }
+                None => "its worktree of an earlier attempt".to_string(),
             };
         } else {
             if dir.exists() {
-                std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+                tokio::fs::remove_dir_all(&dir).await.map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
             }
-            let local = rev(&mirror, &local_ref).await?;
+            // Forget worktrees whose directories are gone (this one too).
+            self.git.run(&mirror, &["worktree", "prune"], LOCAL).await?;
+            let local = self.git.rev(&mirror, &local_ref).await?;
             let start = match (&local, &remote) {
-                (Some(l), Some(r)) if git_ok(&mirror, &["merge-base", "--is-ancestor", l, r]).await? => {
+                (Some(l), Some(r)) if self.git.ok(&mirror, &["merge-base", "--is-ancestor", l, r]).await? => {
                     origin = "the remote's copy".to_string();
+                    r.clone()
+                }
+                (Some(l), Some(r)) if !self.git.ok(&mirror, &["merge-base", "--is-ancestor", r, l]).await? => {
+                    let keep = format!("refs/orch-diverged/{branch}/{l}");
+                    self.git.run(&mirror, &["update-ref", &keep, l], LOCAL).await?;
+                    origin = format!("the remote's copy; this agent's diverged commits are kept as {keep}");
                     r.clone()
                 }
                 (Some(l), _) => {
@@ -272,16 +343,16 @@ impl Workspaces {
                 }
                 (None, None) => {
                     origin = format!("new, from {base}");
-                    rev(&mirror, &base_ref).await?.unwrap_or_default()
+                    self.git.rev(&mirror, &base_ref).await?.unwrap_or_default()
                 }
             };
-            git(&mirror, &["update-ref", &local_ref, &start], LOCAL).await?;
+            self.git.run(&mirror, &["update-ref", &local_ref, &start], LOCAL).await?;
             std::fs::create_dir_all(dir.parent().unwrap_or(&self.root))
                 .map_err(|e| format!("cannot create the worktree's directory: {e}"))?;
             let d = dir.to_string_lossy().into_owned();
-            git(&mirror, &["worktree", "add", "--quiet", &d, &branch], LOCAL).await?;
+            self.git.run(&mirror, &["worktree", "add", "--force", "--quiet", &d, &branch], LOCAL).await?;
         }
-        let start_commit = rev(&dir, "HEAD").await?.ok_or("the worktree has no commit")?;
+        let start_commit = self.git.rev(&dir, "HEAD").await?.ok_or("the worktree has no commit")?;
         Ok(Prepared {
             dir,
             checkout: Checkout { url: repo.url.clone(), base_branch: base, branch, start_commit },
@@ -291,23 +362,27 @@ impl Workspaces {
 
     /// Commits what changed in the worktree (when anything did) and measures the branch against its base.
     pub async fn finish(&self, dir: &Path, co: &Checkout, message: &str) -> Result<Finished, String> {
-        git(dir, &["add", "--all", "--", "."], LOCAL).await?;
-        let changed = !git_ok(dir, &["diff", "--cached", "--quiet"]).await?;
+        self.git.run(dir, &["add", "--all", "--", "."], LOCAL).await?;
+        let changed = !self.git.ok(dir, &["diff", "--cached", "--quiet"]).await?;
         let mut committed_files = Vec::new();
         if changed {
             let name = format!("user.name={}", self.settings.author_name);
             let email = format!("user.email={}", self.settings.author_email);
-            git(dir, &["-c", &name, "-c", &email, "commit", "--quiet", "--no-verify", "-m", message], LOCAL).await?;
-            committed_files = git(dir, &["diff", "--name-status", "HEAD~1", "HEAD"], LOCAL)
+            self.git
+                .run(dir, &["-c", &name, "-c", &email, "commit", "--quiet", "--no-verify", "-m", message], LOCAL)
+                .await?;
+            committed_files = self
+                .git
+                .run(dir, &["diff", "--name-status", "HEAD~1", "HEAD"], LOCAL)
                 .await?
                 .lines()
                 .map(str::to_string)
                 .collect();
         }
-        let head = rev(dir, "HEAD").await?.ok_or("the worktree has no commit")?;
+        let head = self.git.rev(dir, "HEAD").await?.ok_or("the worktree has no commit")?;
         let base_ref = format!("refs/remotes/origin/{}", co.base_branch);
-        let base = git(dir, &["merge-base", &base_ref, "HEAD"], LOCAL).await.map(|s| s.trim().to_string())?;
-        let numstat = git(dir, &["diff", "--numstat", "--no-renames", &base, &head], LOCAL).await?;
+        let base = self.git.run(dir, &["merge-base", &base_ref, "HEAD"], LOCAL).await.map(|s| s.trim().to_string())?;
+        let numstat = self.git.run(dir, &["diff", "--numstat", "--no-renames", &base, &head], LOCAL).await?;
         let (mut insertions, mut deletions, mut files) = (0u64, 0u64, Vec::new());
         for line in numstat.lines() {
             let mut parts = line.splitn(3, '\t');
@@ -343,14 +418,8 @@ impl Workspaces {
     /// The patch from `base` to `head`, read up to the size limit (the rest is not read).
     async fn patch(&self, dir: &Path, base: &str, head: &str) -> Result<(String, bool), String> {
         let max = self.settings.diff_max_bytes;
-        let mut cmd = tokio::process::Command::new("git");
-        cmd.args(["-c", "core.hooksPath=/dev/null", "diff", "--no-color", "--no-ext-diff", "--binary", base, head])
-            .current_dir(dir)
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
+        let mut cmd = self.git.command(dir);
+        cmd.args(["diff", "--no-color", "--no-ext-diff", "--binary", base, head]).stderr(Stdio::null());
         let mut child = cmd.spawn().map_err(|e| format!("cannot start git: {e}"))?;
         let mut out = child.stdout.take().ok_or("git diff has no output")?;
         let mut buf = Vec::with_capacity(max.min(1 << 20) + 1);
@@ -372,10 +441,12 @@ impl Workspaces {
         Ok((text, truncated))
     }
 
-    /// Pushes the work item's branch to the repository's remote.
-    pub async fn push(&self, dir: &Path, co: &Checkout) -> Result<(), String> {
+    /// Pushes the work item's branch to the project's repository URL (not the mirror's `origin`, which a
+    /// step could rewrite), within `timeout` at most.
+    pub async fn push(&self, dir: &Path, co: &Checkout, timeout: Duration) -> Result<(), String> {
         let refspec = format!("HEAD:refs/heads/{}", co.branch);
-        git(dir, &["push", "--quiet", "origin", &refspec], self.settings.network_timeout)
+        self.git
+            .run(dir, &["push", "--quiet", &co.url, &refspec], timeout.min(self.settings.network_timeout))
             .await
             .map(|_| ())
             .map_err(|e| format!("cannot push {} to {}: {e}", co.branch, co.url))
@@ -385,10 +456,10 @@ impl Workspaces {
     pub async fn remove(&self, dir: &Path, url: &str) {
         let mirror = self.mirror_path(url);
         let d = dir.to_string_lossy().into_owned();
-        if let Err(e) = git(&mirror, &["worktree", "remove", "--force", &d], LOCAL).await {
+        if let Err(e) = self.git.run(&mirror, &["worktree", "remove", "--force", &d], LOCAL).await {
             tracing::debug!(path = %d, error = %e, "git worktree remove failed; removing the directory");
-            let _ = std::fs::remove_dir_all(dir);
-            let _ = git(&mirror, &["worktree", "prune"], LOCAL).await;
+            let _ = tokio::fs::remove_dir_all(dir).await;
+            let _ = self.git.run(&mirror, &["worktree", "prune"], LOCAL).await;
         }
     }
 }

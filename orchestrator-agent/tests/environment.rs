@@ -45,3 +45,31 @@ async fn a_step_sees_the_allow_list_and_its_run_not_the_agents_secrets() {
     }
     assert!(env.contains("PASSED_ON=chosen-by-the-operator"));
 }
+
+/// git runs with the same allow-list: a step that plants a clean filter (run by the agent's own
+/// `git add`) sees none of the agent's secrets either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_git_does_not_hand_its_secrets_to_what_a_step_plants() {
+    std::env::set_var("OPENAI_API_KEY", "sk-agent-secret");
+    std::env::set_var("ORCH_SECRET_KEY", "server-key-secret");
+    let h = Harness::new().await;
+    let bare = h.bare_repo("remote");
+    h.use_repository(bare.to_str().unwrap(), None).await;
+    let leak = h.path("leak.txt");
+    let recipe = h
+        .recipe(&format!(
+            "name: plant\nsteps:\n  - git config filter.spy.clean \"sh -c 'env >> {leak}; cat'\" && echo '* filter=spy' > .gitattributes && echo x > x.txt\n",
+            leak = leak.display()
+        ))
+        .await;
+    let item = h.item("plant a filter", "", Some(recipe)).await;
+    let agent = h.start(h.config("a1"));
+    let w = h.wait_state(item, &[WorkItemState::Succeeded, WorkItemState::Failed]).await;
+    agent.shutdown().await;
+    assert_eq!(w.state, WorkItemState::Succeeded, "{:?}", w.last_error);
+    let seen = std::fs::read_to_string(&leak).expect("the agent's git add ran the planted filter");
+    for secret in ["sk-agent-secret", "server-key-secret"] {
+        assert!(!seen.contains(secret), "git handed {secret} to a planted filter: {seen}");
+    }
+    assert!(seen.contains("PATH="), "{seen}");
+}

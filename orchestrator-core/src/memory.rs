@@ -1272,7 +1272,10 @@ impl Store for MemoryStore {
         let run = s.fenced_run(p.run_id, p.token, p.now)?;
         run.state.transition(RunState::WaitingInput)?;
         let wid = run.work_item_id;
-        s.item(wid)?.state.transition(WorkItemState::Queued)?;
+        let item_state = s.item(wid)?.state;
+        if item_state != WorkItemState::Running {
+            return Err(StoreError::conflict(format!("work item {wid} is {item_state}, not running")));
+        }
         let r = s.runs.get_mut(&p.run_id).ok_or_else(|| StoreError::not_found(EntityKind::Run, p.run_id))?;
         r.state = RunState::WaitingInput;
         r.lease_expires_at = None;

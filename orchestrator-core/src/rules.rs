@@ -534,6 +534,9 @@ pub fn normalize_repository(r: crate::domain::Repository) -> Result<crate::domai
     if url.starts_with('-') {
         return bad("must not start with `-`");
     }
+    if url.contains("::") {
+        return bad("git remote helpers (`transport::address`) are not accepted");
+    }
     if let Some((scheme, rest)) = url.split_once("://") {
         match scheme.to_ascii_lowercase().as_str() {
             "file" => {
@@ -550,8 +553,13 @@ pub fn normalize_repository(r: crate::domain::Repository) -> Result<crate::domai
                 if host.is_empty() || host.starts_with(':') {
                     return bad("the URL has no host");
                 }
-                if userinfo.is_some_and(|u| u.contains(':')) && scheme != "ssh" {
-                    return bad("must not contain a password: configure a git credential helper on the agents instead");
+                if userinfo.is_some() && scheme != "ssh" {
+                    return bad(
+                        "must not contain credentials (user or token before `@`): configure a git credential helper on the agents instead",
+                    );
+                }
+                if userinfo.is_some_and(|u| u.contains(':')) {
+                    return bad("must not contain a password: use the agents' SSH keys");
                 }
                 if rest.len() <= authority.len() + 1 {
                     return bad("the URL has no repository path");
@@ -661,6 +669,9 @@ mod repository_tests {
             "https://",
             "https://host",
             "https://user:pw@host/x.git",
+            "https://ghp_token@git.example.com/team/app.git",
+            "ext::sh -c touch% /tmp/pwned",
+            "hg::https://hg.example.com/repo",
             "ftp://host/x",
             "file://relative",
             "with space/x",

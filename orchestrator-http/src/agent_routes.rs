@@ -8,6 +8,7 @@ use crate::handlers::J;
 use crate::middleware::CallerKey;
 use crate::AppState;
 use axum::extract::{Extension, State};
+use axum::http::StatusCode;
 use orchestrator_core::agent::{AgentApi, ClaimRequest};
 use orchestrator_core::domain::{Lease, Run};
 use orchestrator_core::ids::RunId;
@@ -201,7 +202,9 @@ pub(crate) async fn cancellations(
         match own_run(&s, &caller, r.run_id).await {
             Ok(()) => held.push((r.run_id, r.token)),
             // Another agent's run, or one that is gone: not held by this caller.
-            Err(_) => gone.push(r.run_id),
+            Err(e) if matches!(e.status, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND) => gone.push(r.run_id),
+            // The store cannot answer now (a database restart): the agent asks again; its runs go on.
+            Err(e) => return Err(e),
         }
     }
     if !gone.is_empty() {

@@ -1519,7 +1519,9 @@ pub fn runs_release(c: &Connection, p: &RunRelease) -> StoreResult<Run> {
         .query_row([b(r.work_item_id)], |row| row.get(0))
         .q()?;
     let item_state: WorkItemState = item_state.parse().map_err(StoreError::backend)?;
-    item_state.transition(WorkItemState::Queued)?;
+    if item_state != WorkItemState::Running {
+        return Err(StoreError::conflict(format!("work item {} is {item_state}, not running", r.work_item_id)));
+    }
     c.prepare_cached("UPDATE work_items SET state = 'queued', run_at = ?2, updated_at = ?2 WHERE id = ?1")
         .q()?
         .execute(params![b(r.work_item_id), ts(p.now)])

@@ -1662,12 +1662,7 @@ pub async fn runs_release(c: &mut PgConnection, p: &RunRelease) -> StoreResult<R
     .await?;
     if n == 0 {
         let item = work_item_get(c, r.work_item_id).await?;
-        return Err(item
-            .state
-            .transition(WorkItemState::Queued)
-            .err()
-            .map(StoreError::InvalidTransition)
-            .unwrap_or_else(|| StoreError::conflict(format!("work item {} is {}", item.id, item.state))));
+        return Err(StoreError::conflict(format!("work item {} is {}, not running", item.id, item.state)));
     }
     one(
         c,
