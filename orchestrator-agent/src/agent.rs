@@ -690,7 +690,8 @@ async fn release(shared: &Shared, control: &RunControl, sink: &RunSink) -> RunEn
     sink.system(format!("agent {} is shutting down: the run is handed back (no attempt used)", shared.config.agent_id))
         .await;
     sink.flush().await;
-    match with_retry(control, || shared.api.release(control.run_id, control.token)).await {
+    let usage = sink.take_usage();
+    match with_retry(control, || shared.api.release_with_usage(control.run_id, control.token, usage.clone())).await {
         Ok(_) => {
             tracing::info!(run_id = %control.run_id, "run released");
             RunEnd::Released
@@ -724,7 +725,12 @@ async fn ask(shared: &Shared, control: &RunControl, sink: &RunSink, questions: V
     if control.lost() {
         return RunEnd::Lost;
     }
-    match with_retry(control, || shared.api.ask(control.run_id, control.token, questions.clone())).await {
+    let usage = sink.take_usage();
+    match with_retry(control, || {
+        shared.api.ask_with_usage(control.run_id, control.token, questions.clone(), usage.clone())
+    })
+    .await
+    {
         Ok(reqs) => {
             tracing::info!(run_id = %control.run_id, questions = reqs.len(), "run waits for input");
             RunEnd::WaitingInput

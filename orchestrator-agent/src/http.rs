@@ -287,7 +287,27 @@ impl AgentApi for HttpAgentApi {
     }
 
     async fn release(&self, run_id: RunId, token: u64) -> Result<Run, Error> {
-        self.run_post(run_id, "release", token, &json!({})).await
+        self.release_with_usage(run_id, token, None).await
+    }
+
+    async fn release_with_usage(&self, run_id: RunId, token: u64, usage: Option<Usage>) -> Result<Run, Error> {
+        self.run_post(run_id, "release", token, &json!({ "usage": usage })).await
+    }
+
+    async fn ask_with_usage(
+        &self,
+        run_id: RunId,
+        token: u64,
+        questions: Vec<NewInfoRequest>,
+        usage: Option<Usage>,
+    ) -> Result<Vec<InfoRequest>, Error> {
+        #[derive(Deserialize)]
+        struct Asked {
+            info_requests: Vec<InfoRequest>,
+        }
+        let body = json!({ "questions": questions, "usage": usage });
+        let v: Asked = self.run_post(run_id, "info-requests", token, &body).await?;
+        Ok(v.info_requests)
     }
 
     async fn record_result(&self, run_id: RunId, token: u64, result: RunResult, patch: String) -> Result<(), Error> {

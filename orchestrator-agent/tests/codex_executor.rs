@@ -259,6 +259,8 @@ async fn codex_asks_a_person_and_its_session_is_resumed_with_the_answer() {
     let w = h.wait_state(item, &[WorkItemState::WaitingInput, WorkItemState::Failed]).await;
     assert_eq!(w.state, WorkItemState::WaitingInput, "{:?}", w.last_error);
     let run_id = h.runs(item).await[0].id;
+    // The turn that ended in the question is counted.
+    assert_eq!(h.runs(item).await[0].usage.input_tokens, 1000);
     let questions = h
         .orch
         .store()

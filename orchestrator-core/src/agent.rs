@@ -93,6 +93,18 @@ pub trait AgentApi: Send + Sync {
         -> Result<Vec<StepEvent>, Error>;
     /// Asks humans for input; the run then waits without holding a lease.
     async fn ask(&self, run_id: RunId, token: u64, questions: Vec<NewInfoRequest>) -> Result<Vec<InfoRequest>, Error>;
+    /// [`AgentApi::ask`], recording the run's usage so far (a codex turn that ended in a question). The
+    /// default drops the usage.
+    async fn ask_with_usage(
+        &self,
+        run_id: RunId,
+        token: u64,
+        questions: Vec<NewInfoRequest>,
+        usage: Option<Usage>,
+    ) -> Result<Vec<InfoRequest>, Error> {
+        let _ = usage;
+        self.ask(run_id, token, questions).await
+    }
     /// Completes the run.
     async fn complete(
         &self,
@@ -104,6 +116,11 @@ pub trait AgentApi: Send + Sync {
     /// Hands the run back without using up an attempt (a graceful stop): it is claimable at once and the
     /// next claim resumes it.
     async fn release(&self, run_id: RunId, token: u64) -> Result<Run, Error>;
+    /// [`AgentApi::release`], recording the run's usage so far. The default drops the usage.
+    async fn release_with_usage(&self, run_id: RunId, token: u64, usage: Option<Usage>) -> Result<Run, Error> {
+        let _ = usage;
+        self.release(run_id, token).await
+    }
     /// Records what the run changed in its repository (branch, commits, diff stats) and its patch.
     async fn record_result(&self, run_id: RunId, token: u64, result: RunResult, patch: String) -> Result<(), Error>;
     /// Waits until one of `held` (run id, fencing token) is no longer held by that token (cancelled,

@@ -1279,6 +1279,9 @@ impl Store for MemoryStore {
         let r = s.runs.get_mut(&p.run_id).ok_or_else(|| StoreError::not_found(EntityKind::Run, p.run_id))?;
         r.state = RunState::WaitingInput;
         r.lease_expires_at = None;
+        if let Some(u) = p.usage.clone() {
+            r.usage = u;
+        }
         let run = r.clone();
         s.unindex(wid);
         let it = s.item_mut(wid)?;
@@ -1402,6 +1405,9 @@ impl Store for MemoryStore {
         let r = s.runs.get_mut(&run.id).ok_or_else(|| StoreError::not_found(EntityKind::Run, run.id))?;
         r.state = RunState::WaitingInput;
         r.lease_expires_at = None;
+        if let Some(u) = p.usage {
+            r.usage = u;
+        }
         s.set_state(wid, WorkItemState::WaitingInput, p.now)?;
         Ok(out)
     }

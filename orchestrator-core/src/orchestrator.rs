@@ -896,10 +896,20 @@ impl AgentApi for Orchestrator {
         Ok(self.store.step_events_append(StepEventsAppend { run_id, token, events, now: self.now() }).await?)
     }
 
-    #[tracing::instrument(name = "orchestrator.ask", skip(self, questions))]
     async fn ask(&self, run_id: RunId, token: u64, questions: Vec<NewInfoRequest>) -> Result<Vec<InfoRequest>> {
+        self.ask_with_usage(run_id, token, questions, None).await
+    }
+
+    #[tracing::instrument(name = "orchestrator.ask", skip(self, questions, usage))]
+    async fn ask_with_usage(
+        &self,
+        run_id: RunId,
+        token: u64,
+        questions: Vec<NewInfoRequest>,
+        usage: Option<Usage>,
+    ) -> Result<Vec<InfoRequest>> {
         check_questions(&questions)?;
-        Ok(self.store.info_requests_create(InfoAsk { run_id, token, questions, now: self.now() }).await?)
+        Ok(self.store.info_requests_create(InfoAsk { run_id, token, questions, usage, now: self.now() }).await?)
     }
 
     #[tracing::instrument(name = "orchestrator.complete", skip(self, outcome, usage))]
@@ -930,9 +940,13 @@ impl AgentApi for Orchestrator {
         }
     }
 
-    #[tracing::instrument(name = "orchestrator.release", skip(self))]
     async fn release(&self, run_id: RunId, token: u64) -> Result<Run> {
-        let run = self.store.runs_release(RunRelease { run_id, token, now: self.now() }).await?;
+        self.release_with_usage(run_id, token, None).await
+    }
+
+    #[tracing::instrument(name = "orchestrator.release", skip(self, usage))]
+    async fn release_with_usage(&self, run_id: RunId, token: u64, usage: Option<Usage>) -> Result<Run> {
+        let run = self.store.runs_release(RunRelease { run_id, token, usage, now: self.now() }).await?;
         self.meter.count("orchestrator_runs_released_total", &[], 1);
         Ok(run)
     }

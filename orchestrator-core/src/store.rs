@@ -496,12 +496,14 @@ pub struct Cancel {
 }
 
 /// Parameters of [`Store::runs_release`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunRelease {
     /// The run.
     pub run_id: RunId,
     /// Fencing token.
     pub token: u64,
+    /// Usage so far, recorded on the run when given (replaces the previous report).
+    pub usage: Option<Usage>,
     /// Now.
     pub now: DateTime<Utc>,
 }
@@ -588,6 +590,8 @@ pub struct InfoAsk {
     pub token: u64,
     /// Questions (at least one).
     pub questions: Vec<NewInfoRequest>,
+    /// Usage so far, recorded on the run when given (replaces the previous report).
+    pub usage: Option<Usage>,
     /// Now.
     pub now: DateTime<Utc>,
 }

@@ -148,7 +148,7 @@ pub(crate) async fn ask(
     Json(b): Json<AskBody>,
 ) -> ApiResult<J<Asked>> {
     own_run(&s, &caller, id).await?;
-    Ok(J(Asked { info_requests: s.orch.ask(id, b.token, b.questions).await? }))
+    Ok(J(Asked { info_requests: s.orch.ask_with_usage(id, b.token, b.questions, b.usage).await? }))
 }
 
 pub(crate) async fn complete(
@@ -168,10 +168,10 @@ pub(crate) async fn release(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<RunId>,
-    Json(b): Json<TokenBody>,
+    Json(b): Json<ReleaseBody>,
 ) -> ApiResult<J<Run>> {
     own_run(&s, &caller, id).await?;
-    let run = s.orch.release(id, b.token).await?;
+    let run = s.orch.release_with_usage(id, b.token, b.usage).await?;
     s.log_bus.notify(id);
     tracing::info!(run_id = %id, "run released");
     Ok(J(run))

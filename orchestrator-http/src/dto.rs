@@ -446,6 +446,19 @@ pub struct AskBody {
     pub token: u64,
     /// The questions.
     pub questions: Vec<NewInfoRequest>,
+    /// The run's usage so far, recorded on it.
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+/// `POST /runs/{id}/release`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseBody {
+    /// The fencing token.
+    pub token: u64,
+    /// The run's usage so far, recorded on it.
+    #[serde(default)]
+    pub usage: Option<Usage>,
 }
 
 /// Answer of `POST /runs/{id}/info-requests`.

@@ -716,7 +716,14 @@ fn schemas() -> Value {
         ("LogsAppended", obj(&["last_seq"], vec![("last_seq", uint())])),
         ("RecordSteps", obj(&["token", "events"], vec![("token", uint()), ("events", arr(rf("NewStepEvent")))])),
         ("StepsRecorded", obj(&["events"], vec![("events", arr(rf("StepEvent")))])),
-        ("AskBody", obj(&["token", "questions"], vec![("token", uint()), ("questions", arr(rf("NewInfoRequest")))])),
+        (
+            "AskBody",
+            obj(
+                &["token", "questions"],
+                vec![("token", uint()), ("questions", arr(rf("NewInfoRequest"))), ("usage", null(rf("Usage")))],
+            ),
+        ),
+        ("ReleaseBody", obj(&["token"], vec![("token", uint()), ("usage", null(rf("Usage")))])),
         ("Asked", obj(&["info_requests"], vec![("info_requests", arr(rf("InfoRequest")))])),
         (
             "RunOutcome",

@@ -339,7 +339,7 @@ pub(crate) fn table() -> Vec<RouteDef> {
             "Hand the run back without using an attempt (graceful stop); the next claim resumes it",
             agent::release,
         )
-        .body("TokenBody")
+        .body("ReleaseBody")
         .resp(200, "Run"),
         r(Post, "/runs/{id}/result", Agent, "Record what the run changed and its patch", agent::record_result)
             .body("RecordResult")

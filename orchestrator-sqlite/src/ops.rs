@@ -1527,10 +1527,10 @@ pub fn runs_release(c: &Connection, p: &RunRelease) -> StoreResult<Run> {
         .execute(params![b(r.work_item_id), ts(p.now)])
         .q()?;
     c.prepare_cached(&format!(
-        "UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL WHERE id = ?1 RETURNING {RUN_COLS}"
+        "UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL, usage = COALESCE(?2, usage) WHERE id = ?1 RETURNING {RUN_COLS}"
     ))
     .q()?
-    .query_row(params![b(r.id)], run)
+    .query_row(params![b(r.id), p.usage.as_ref().map(to_json).transpose()?], run)
     .q()
 }
 
@@ -2008,10 +2008,12 @@ pub fn info_requests_create(c: &Connection, p: InfoAsk) -> StoreResult<Vec<InfoR
             .q()?;
         out.push(ir);
     }
-    c.prepare_cached("UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL WHERE id = ?1")
-        .q()?
-        .execute([b(r.id)])
-        .q()?;
+    c.prepare_cached(
+        "UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL, usage = COALESCE(?2, usage) WHERE id = ?1",
+    )
+    .q()?
+    .execute(params![b(r.id), p.usage.as_ref().map(to_json).transpose()?])
+    .q()?;
     set_item_state(c, r.work_item_id, WorkItemState::WaitingInput, p.now)?;
     Ok(out)
 }

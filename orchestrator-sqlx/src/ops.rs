@@ -1666,8 +1666,9 @@ pub async fn runs_release(c: &mut PgConnection, p: &RunRelease) -> StoreResult<R
     }
     one(
         c,
-        q(sql!("UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL WHERE id = $1 RETURNING {RUN_COLS}"))
-            .bind(r.id.0),
+        q(sql!("UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL, usage = COALESCE($2, usage) WHERE id = $1 RETURNING {RUN_COLS}"))
+            .bind(r.id.0)
+            .bind(p.usage.as_ref().map(Json)),
         run,
     )
     .await
@@ -2166,7 +2167,13 @@ pub async fn info_requests_create(c: &mut PgConnection, p: InfoAsk) -> StoreResu
         .await?;
         out.push(ir);
     }
-    exec(c, q("UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL WHERE id = $1").bind(r.id.0)).await?;
+    exec(
+        c,
+        q("UPDATE runs SET state = 'waiting_input', lease_expires_at = NULL, usage = COALESCE($2, usage) WHERE id = $1")
+            .bind(r.id.0)
+            .bind(p.usage.as_ref().map(Json)),
+    )
+    .await?;
     set_item_state(c, r.work_item_id, WorkItemState::WaitingInput, p.now).await?;
     Ok(out)
 }

@@ -456,3 +456,30 @@ pub async fn run_result_is_fenced_and_read_back(store: Arc<dyn Store>) {
     assert_eq!(h.orch.run_result(a.run_id()).await.unwrap().unwrap().patch, patch);
     assert!(matches!(h.store.run_result_get(crate::ids::RunId::new()).await, Err(StoreError::NotFound { .. })));
 }
+
+/// A run that asks or is released records the usage it reports (a codex turn that ended in a question).
+pub async fn ask_and_release_record_usage(store: Arc<dyn Store>) {
+    use crate::agent::AgentApi;
+    use crate::domain::Usage;
+    use crate::recipe::InputKind;
+    let h = Harness::new(store);
+    let p = h.project().await;
+    h.queued(p.id, "asks", 0, &[]).await;
+    let a = h.claim_one("a1").await;
+    let asked = Usage { input_tokens: 1000, cached_input_tokens: 10, output_tokens: 50, cost_usd: None };
+    let q =
+        NewInfoRequest { key: "K".into(), prompt: "k?".into(), kind: InputKind::Text, choices: vec![], deadline: None };
+    h.orch.ask_with_usage(a.run_id(), a.token(), vec![q], Some(asked.clone())).await.unwrap();
+    assert_eq!(h.store.run_get(a.run_id()).await.unwrap().usage, asked);
+    let req = h.store.info_request_list(InfoRequestFilter { run_id: Some(a.run_id()), ..Default::default() }).await;
+    h.orch.answer_info_request(req.unwrap()[0].id, "v", "ann").await.unwrap();
+    let b = h.claim_one("a2").await;
+    assert_eq!(b.run_id(), a.run_id());
+    // Nothing reported: the usage stays.
+    h.orch.release_with_usage(b.run_id(), b.token(), None).await.unwrap();
+    assert_eq!(h.store.run_get(a.run_id()).await.unwrap().usage, asked);
+    let c = h.claim_one("a3").await;
+    let more = Usage { input_tokens: 3000, cached_input_tokens: 0, output_tokens: 90, cost_usd: Some(0.5) };
+    h.orch.release_with_usage(c.run_id(), c.token(), Some(more.clone())).await.unwrap();
+    assert_eq!(h.store.run_get(a.run_id()).await.unwrap().usage, more);
+}

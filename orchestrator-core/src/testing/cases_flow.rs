@@ -971,7 +971,13 @@ pub async fn flow_info_choice_and_validation(store: Arc<dyn Store>) {
     // The store itself refuses an empty question list.
     let e = h
         .store
-        .info_requests_create(InfoAsk { run_id: a.run_id(), token: a.token(), questions: vec![], now: h.clock.now() })
+        .info_requests_create(InfoAsk {
+            run_id: a.run_id(),
+            token: a.token(),
+            questions: vec![],
+            usage: None,
+            now: h.clock.now(),
+        })
         .await
         .unwrap_err();
     assert!(matches!(e, StoreError::Invalid { .. }), "{e:?}");

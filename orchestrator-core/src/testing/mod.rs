@@ -151,6 +151,7 @@ macro_rules! store_conformance_tests {
             project_repository_round_trip,
             release_hands_the_run_back_without_an_attempt,
             run_result_is_fenced_and_read_back,
+            ask_and_release_record_usage,
         );
         $crate::__sched_cases!($factory);
         $crate::__flow_cases!($factory);
