@@ -754,9 +754,11 @@ impl Orchestrator {
     /// and again.
     async fn assign_all(&self, claimed: Vec<ClaimedRun>) -> Vec<Assignment> {
         let mut out = Vec::with_capacity(claimed.len());
+        // One read per project of the batch, not per run (a claim's runs are mostly of few projects).
+        let mut repositories: BTreeMap<ProjectId, Option<Repository>> = BTreeMap::new();
         for c in claimed {
             let (run_id, token) = (c.run.id, c.lease.token);
-            match self.assignment(c).await {
+            match self.assignment(c, &mut repositories).await {
                 Ok(a) => out.push(a),
                 Err(e) => {
                     tracing::error!(run_id = %run_id, error = %e, "claimed run cannot be assigned");
@@ -812,7 +814,11 @@ impl Orchestrator {
         String::from_utf8(bytes).map(Some).map_err(|_| Error::invalid("answer", "stored answer is not UTF-8"))
     }
 
-    async fn assignment(&self, claimed: ClaimedRun) -> Result<Assignment> {
+    async fn assignment(
+        &self,
+        claimed: ClaimedRun,
+        repositories: &mut BTreeMap<ProjectId, Option<Repository>>,
+    ) -> Result<Assignment> {
         let recipe = match claimed.work_item.recipe_id {
             Some(r) => Some(self.store.recipe_get(r).await?.spec),
             None => None,
@@ -826,7 +832,15 @@ impl Orchestrator {
                 }
             }
         }
-        let repository = self.store.project_get(claimed.work_item.project_id).await?.repository;
+        let project = claimed.work_item.project_id;
+        let repository = match repositories.get(&project) {
+            Some(r) => r.clone(),
+            None => {
+                let r = self.store.project_get(project).await?.repository;
+                repositories.insert(project, r.clone());
+                r
+            }
+        };
         Ok(Assignment { claimed, recipe, answers, repository })
     }
 }

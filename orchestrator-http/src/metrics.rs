@@ -93,8 +93,11 @@ fn describe(r: &Shared) {
 impl Metrics {
     /// A registry of its own (not the process's global `metrics` recorder).
     pub fn new() -> Arc<Self> {
-        let recorder =
-            PrometheusBuilder::new().set_buckets(&BUCKETS).expect("the bucket list is not empty").build_recorder();
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&BUCKETS)
+            // Refused only for an empty list: the exporter's summaries then.
+            .unwrap_or_else(|_| PrometheusBuilder::new())
+            .build_recorder();
         let handle = recorder.handle();
         let recorder = Shared(Arc::new(recorder));
         describe(&recorder);

@@ -45,10 +45,10 @@ fn digest(id: &str) -> [u8; 32] {
 }
 
 /// 32 bytes from the operating system's generator, as 64 hex digits.
-pub(crate) fn random_hex() -> String {
+pub(crate) fn random_hex() -> Result<String, getrandom::Error> {
     let mut b = [0u8; 32];
-    getrandom::getrandom(&mut b).expect("the operating system's random number generator failed");
-    hex::encode(b)
+    getrandom::getrandom(&mut b)?;
+    Ok(hex::encode(b))
 }
 
 /// Compares without an early exit (the CSRF token is a secret).
@@ -57,10 +57,11 @@ pub(crate) fn same_secret(a: &str, b: &str) -> bool {
 }
 
 impl Sessions {
-    /// Creates a session for `principal`; returns its cookie value and the session.
-    pub fn create(&self, principal: Principal) -> (String, Session) {
-        let id = random_hex();
-        let session = Session { principal, csrf: random_hex(), created: Instant::now() };
+    /// Creates a session for `principal`; returns its cookie value and the session, or why the system's
+    /// random number generator could not make its secrets.
+    pub fn create(&self, principal: Principal) -> Result<(String, Session), getrandom::Error> {
+        let id = random_hex()?;
+        let session = Session { principal, csrf: random_hex()?, created: Instant::now() };
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, s| s.created.elapsed() < LIFETIME);
         if map.len() >= MAX_SESSIONS {
@@ -69,7 +70,7 @@ impl Sessions {
             }
         }
         map.insert(digest(&id), session.clone());
-        (id, session)
+        Ok((id, session))
     }
 
     /// The live session of a cookie value.
@@ -153,7 +154,7 @@ mod tests {
     #[test]
     fn sessions_and_cookies() {
         let s = Sessions::default();
-        let (id, sess) = s.create(Principal { name: "a".into(), role: Role::Viewer });
+        let (id, sess) = s.create(Principal { name: "a".into(), role: Role::Viewer }).unwrap();
         assert_eq!(id.len(), 64);
         assert_ne!(id, sess.csrf);
         assert_eq!(s.get(&id).unwrap().principal.name, "a");

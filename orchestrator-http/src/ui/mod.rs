@@ -182,33 +182,42 @@ async fn sign_in_page(State(state): State<AppState>, req: Request) -> Response {
     Html(sign_in_markup(&prefix, &next, None).into_string()).into_response()
 }
 
-fn sign_in_markup(prefix: &str, next: &str, error: Option<&str>) -> Markup {
+/// A page without the navigation (sign-in, errors before a session): the document shell around `main`.
+fn bare_page(prefix: &str, title: &str, main: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
-                title { "Sign in · orchestrator" }
+                title { (title) " · orchestrator" }
                 link rel="stylesheet" href={(prefix) "/ui/assets/app.css"};
             }
-            body {
-                main #main .signin {
-                    h1 { "orchestrator" }
-                    p { "Sign in with your API token (" code { "ORCH_API_TOKENS" } "). The token is checked once; the browser keeps only a session cookie." }
-                    @if let Some(e) = error {
-                        p .error role="alert" { (e) }
-                    }
-                    form method="post" action={(prefix) "/ui/sign-in"} {
-                        input type="hidden" name="next" value=(next);
-                        label for="token" { "API token" }
-                        input #token type="password" name="token" autocomplete="current-password" required autofocus;
-                        button type="submit" { "Sign in" }
-                    }
-                }
-            }
+            body { (main) }
         }
     }
+}
+
+fn sign_in_markup(prefix: &str, next: &str, error: Option<&str>) -> Markup {
+    bare_page(
+        prefix,
+        "Sign in",
+        html! {
+            main #main .signin {
+                h1 { "orchestrator" }
+                p { "Sign in with your API token (" code { "ORCH_API_TOKENS" } "). The token is checked once; the browser keeps only a session cookie." }
+                @if let Some(e) = error {
+                    p .error role="alert" { (e) }
+                }
+                form method="post" action={(prefix) "/ui/sign-in"} {
+                    input type="hidden" name="next" value=(next);
+                    label for="token" { "API token" }
+                    input #token type="password" name="token" autocomplete="current-password" required autofocus;
+                    button type="submit" { "Sign in" }
+                }
+            }
+        },
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -259,7 +268,14 @@ async fn sign_in(State(state): State<AppState>, OriginalUri(original): OriginalU
         return (StatusCode::UNAUTHORIZED, Html(page.into_string())).into_response();
     };
     tracing::info!(principal = %principal.name, role = %principal.role, "dashboard sign-in");
-    let (id, _) = state.sessions.create(principal);
+    let id = match state.sessions.create(principal) {
+        Ok((id, _)) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot make a session id");
+            let page = sign_in_markup(&prefix, &next, Some("The server cannot make a session now; try again."));
+            return (StatusCode::INTERNAL_SERVER_ERROR, Html(page.into_string())).into_response();
+        }
+    };
     let secure = origin.is_some_and(|o| o.starts_with("https://"));
     let cookie = format!(
         "{}={id}; Path={}; HttpOnly; SameSite=Strict; Max-Age={}{}",
@@ -315,18 +331,11 @@ async fn sign_out(
 }
 
 fn error_page_markup(prefix: &str, message: &str) -> Markup {
-    html! {
-        (DOCTYPE)
-        html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { "Error · orchestrator" }
-                link rel="stylesheet" href={(prefix) "/ui/assets/app.css"};
-            }
-            body { main #main { p .error role="alert" { (message) } p { a href={(prefix) "/ui"} { "Back to the overview" } } } }
-        }
-    }
+    bare_page(
+        prefix,
+        "Error",
+        html! { main #main { p .error role="alert" { (message) } p { a href={(prefix) "/ui"} { "Back to the overview" } } } },
+    )
 }
 
 // ---- layout ----
